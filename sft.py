@@ -1,0 +1,327 @@
+"""Supervised fine-tuning (SFT) of a causal language model, in one file.
+
+    python sft.py                                   # toy task: trains the toy GPT-2 from scratch, CPU, ~2 minutes
+    python sft.py --help                            # every option, explained
+    python sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --no-from_scratch --dataset my.jsonl --learning_rate 2e-5
+    torchrun --nproc_per_node 8 sft.py ...          # many GPUs (FSDP2)
+
+Stage one of RLHF (seeds 000, 003): teach the policy the format of good answers. The PPO that follows can only
+re-weight what this model samples (seed 002), so the script also reports how large its sampling space is.
+
+Math: loss = -(1 / N) * sum_{i, t in completion} log pi(y_{i,t} | x_i, y_{i,<t}), N = number of completion tokens in
+the global batch (all micro-batches and all ranks), so N processes reproduce one process with the same global batch.
+
+Data (JSON lines): {"prompt": str, "completion": str} (completions carry their leading space and no EOS text; the
+EOS token is appended here) or {"messages": [{"role": ..., "content": ...}, ...]} (the tokenizer's chat template
+renders all but the last message as the prompt; the last, an assistant message, is the completion).
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import tyro
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import common
+
+
+@dataclass
+class Config:
+    model_name_or_path: str = "data/toy/base_model"
+    """model to start from: Hugging Face hub id or local directory (the toy default holds a config and tokenizer only)"""
+    from_scratch: bool = True
+    """initialise the weights randomly from the config of model_name_or_path (the toy). It is an error to combine it
+    with a checkpoint that holds weights: pass --no-from_scratch to fine-tune a real model"""
+    dataset: str = "data/toy/sft_train.jsonl"
+    """training data, JSON lines: {"prompt","completion"} or {"messages":[...]}"""
+    eval_dataset: str = "data/toy/sft_eval.jsonl"
+    """held-out data for eval loss / perplexity and for the prompts of sample generations"""
+    output_dir: str = "runs/sft"
+    """where the checkpoint (model + tokenizer), metrics.jsonl and eval.json are written"""
+    max_length: int = 64
+    """longest prompt + completion (tokens); see `truncation`"""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """over-long samples: cut the completion at max_length (it then has no EOS) or drop the sample; either is counted"""
+    completion_only_loss: bool = True
+    """train on completion tokens only (prompt tokens masked); False trains on the whole sequence"""
+    num_epochs: float = 2.0
+    """passes over the training data (fractions allowed)"""
+    per_device_batch_size: int = 64
+    """sequences per micro-batch on each process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimiser step; global batch = per_device_batch_size * this * world size"""
+    learning_rate: float = 2e-3
+    """peak AdamW learning rate (the toy trains from scratch; use ~1e-5 to 2e-5 for pretrained models)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after the warmup"""
+    warmup_ratio: float = 0.05
+    """fraction of the optimiser steps spent in linear warmup"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (global L2 norm)"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    eval_every: int = 100
+    """evaluate every this many optimiser steps (and at the end)"""
+    log_every: int = 20
+    """log training metrics every this many optimiser steps"""
+    num_eval_generations: int = 128
+    """completions sampled from eval prompts at each evaluation (diagnostics of the sampling space)"""
+    max_new_tokens: int = 24
+    """maximum completion length when sampling"""
+    temperature: float = 1.0
+    """sampling temperature of the evaluation generations"""
+    top_p: float = 1.0
+    """nucleus sampling threshold of the evaluation generations"""
+    eval_reward_fn: str = "auto"
+    """module:function (prompts, completions) -> list[float] scoring eval samples; "auto" = toy_task:gold_reward when
+    the dataset is under data/toy, "none" to disable"""
+    seed: int = 1
+    """seed of initialisation, data order and sampling"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the `tensorboard` package)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (needs `wandb`)"""
+
+
+def tokenize_example(row: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids + [eos]) of one row. Prompt and completion are tokenised separately, so the loss
+    mask is exact even when the tokenizer would merge tokens across the boundary."""
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{where}: 'messages' must be a non-empty list ending with an assistant message")
+        prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        completion = messages[-1]["content"]
+    else:
+        prompt, completion = row["prompt"], row["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError(f"{where}: 'prompt' and 'completion' must be strings")
+        prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
+    if not completion.strip():
+        raise ValueError(f"{where}: empty completion")
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
+
+
+def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """Tokenised (input_ids, labels) pairs and counts of the truncation policy."""
+    rows = common.load_jsonl(path, alternatives=(("prompt", "completion"), ("messages",)))
+    examples, counts = [], {"truncated": 0, "dropped": 0}
+    for i, row in enumerate(rows):
+        prompt_ids, completion_ids = tokenize_example(row, tokenizer, f"{path}:{i + 1}")
+        if len(prompt_ids) + len(completion_ids) > cfg.max_length:
+            if cfg.truncation == "drop" or len(prompt_ids) >= cfg.max_length:
+                counts["dropped"] += 1
+                continue
+            completion_ids = completion_ids[: cfg.max_length - len(prompt_ids)]
+            counts["truncated"] += 1
+        labels = ([-100] * len(prompt_ids) if cfg.completion_only_loss else prompt_ids) + completion_ids
+        examples.append((prompt_ids + completion_ids, labels))
+    if not examples:
+        raise ValueError(f"{path}: every example was dropped (max_length={cfg.max_length})")
+    return examples, counts
+
+
+def collate(batch, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 on prompt (if masked) and padding."""
+    input_ids = common.right_pad([ids for ids, _ in batch], pad_token_id, device)
+    labels = common.right_pad([lab for _, lab in batch], -100, device)
+    attention_mask = common.right_pad([[1] * len(ids) for ids, _ in batch], 0, device)
+    return input_ids, attention_mask, labels
+
+
+def token_nll_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over label tokens, number of label tokens) for a right-padded batch."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logprobs = common.logprobs_from_logits(logits, targets.clamp(min=0))
+    return -(logprobs * mask).sum(), mask.sum()
+
+
+def load_model(cfg: Config, device):
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the model could never learn to stop")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos would mask the EOS labels out of the loss together with the padding, so the model never learns
+        # to stop; a dedicated pad token keeps them apart (its embedding is never trained, it is always masked)
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    has_weights = os.path.isdir(cfg.model_name_or_path) and any(
+        f.endswith((".safetensors", ".bin")) for f in os.listdir(cfg.model_name_or_path))
+    if cfg.from_scratch:
+        if not os.path.isdir(cfg.model_name_or_path) or has_weights:
+            raise SystemExit(f"error: --from_scratch would discard the weights of {cfg.model_name_or_path}; "
+                             "pass --no-from_scratch to fine-tune them")
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        print(f"initialising {type(model).__name__} from random weights (--from_scratch) with the config of "
+              f"{cfg.model_name_or_path}", flush=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                                     torch_dtype=torch.float32, use_safetensors=None)
+    if len(tokenizer) > model.get_input_embeddings().weight.size(0):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device), tokenizer
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_examples, eval_rows, cfg: Config, device, amp_dtype, reward_fn, rank, world_size):
+    """Eval loss / perplexity on held-out data, and the sampling space of completions of held-out prompts."""
+    model.eval()
+    nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    shard = eval_examples[rank::world_size]
+    for i in range(0, len(shard), cfg.per_device_batch_size):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            s, n = token_nll_sum(model, *collate(shard[i:i + cfg.per_device_batch_size], tokenizer.pad_token_id, device))
+        nll, count = nll + s.float(), count + n
+    nll, count = common.all_reduce_sum(nll), common.all_reduce_sum(count)
+    metrics = {"eval/loss": (nll / count).item(), "eval/perplexity": math.exp(min(20.0, (nll / count).item()))}
+
+    # completions of held-out prompts: each rank samples its share; all ranks decode the same number of steps
+    prompts = sorted({row["prompt"] for row in eval_rows if "prompt" in row})
+    if prompts:
+        n = cfg.num_eval_generations // world_size
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 + rank)
+        batch_prompts = [prompts[(rank * n + i) % len(prompts)] for i in range(n)]
+        prompt_ids, prompt_mask = common.left_pad([tokenizer(p)["input_ids"] for p in batch_prompts],
+                                                  tokenizer.pad_token_id, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            responses, response_mask = common.generate(
+                model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                cfg.temperature, 0, cfg.top_p, gen, sync_ranks=True)
+            seq = torch.cat([prompt_ids, responses], 1)
+            seq_mask = torch.cat([prompt_mask, response_mask], 1)
+            logits = model(input_ids=seq, attention_mask=seq_mask, position_ids=common.position_ids_from_mask(seq_mask),
+                           use_cache=False).logits[:, prompt_ids.size(1) - 1:-1]
+        diag = common.sampling_diagnostics(logits, responses, response_mask, cfg.temperature)
+        eos = (responses == tokenizer.eos_token_id).any(1).float()
+        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        local = {k: torch.tensor(v * n, device=device) for k, v in diag.items()}  # sums over samples for reduction
+        local["eos_rate"] = eos.sum()
+        local["response_length"] = response_mask.sum().float()
+        if reward_fn is not None:
+            gold = torch.tensor(reward_fn(batch_prompts, completions), device=device, dtype=torch.float32)
+            local["gold_reward_mean"], local["gold_sq"] = gold.sum(), (gold ** 2).sum()
+        total = n * world_size
+        for k, v in local.items():
+            metrics[k if k.startswith(("gold", "eos")) else f"eval/{k}".replace("eval/sampling/", "sampling/")] = \
+                common.all_reduce_sum(v).item() / total
+        if reward_fn is not None:
+            metrics["gold_reward_std"] = math.sqrt(max(0.0, metrics.pop("gold_sq") - metrics["gold_reward_mean"] ** 2))
+        metrics["distinct_completions"] = common.distinct_fraction(completions)  # of rank 0's samples
+        metrics["num_samples"] = total
+        metrics["samples"] = [p + " |" + c for p, c in zip(batch_prompts[:4], completions[:4])]
+    model.train()
+    return metrics
+
+
+def main(cfg: Config) -> dict:
+    rank, world_size, device = common.setup_distributed()
+    common.set_seed(cfg.seed)
+    amp_dtype = common.autocast_dtype(device, cfg.bf16)
+
+    # 1. model and data
+    model, tokenizer = load_model(cfg, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    examples, counts = build_dataset(cfg.dataset, tokenizer, cfg)
+    eval_rows = common.load_jsonl(cfg.eval_dataset, alternatives=(("prompt", "completion"), ("messages",)))
+    eval_examples, _ = build_dataset(cfg.eval_dataset, tokenizer, cfg)
+    reward_fn_spec = cfg.eval_reward_fn
+    if reward_fn_spec == "auto":
+        reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.dataset) else "none"
+    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec)
+    if rank == 0:
+        print(f"model: {n_params / 1e6:.2f}M parameters | train examples: {len(examples)} "
+              f"(truncated {counts['truncated']}, dropped {counts['dropped']}, max_length {cfg.max_length}) | "
+              f"world size {world_size}", flush=True)
+    model = common.shard_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
+
+    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch ({global_batch})")
+    total_steps = max(1, int(cfg.num_epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # same on every rank: all agree on the global batch
+
+    # 2. training loop
+    model.train()
+    order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
+    tokens_seen, t_start, train_time = 0, time.time(), 0.0
+    for step in range(1, total_steps + 1):
+        if pos + global_batch > len(order):
+            order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
+        batch_idx = order[pos:pos + global_batch]
+        pos += global_batch
+        # this rank's micro-batches; the loss is normalised by the label tokens of the whole global batch
+        local = batch_idx[rank::world_size]
+        micro = [local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)]
+        batches = [collate([examples[j] for j in mb], tokenizer.pad_token_id, device) for mb in micro]
+        local_tokens = sum((lab[:, 1:] != -100).sum() for _, _, lab in batches)
+        global_tokens = common.all_reduce_sum(torch.as_tensor(local_tokens, device=device).float())
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        for input_ids, attention_mask, labels in batches:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                nll, _ = token_nll_sum(model, input_ids, attention_mask, labels)
+            # FSDP averages gradients over ranks, hence * world_size: the result is d(sum nll / global_tokens)
+            (nll / global_tokens * world_size).backward()
+            loss_sum += nll.detach().float()
+            tokens_seen += int(attention_mask.sum()) * world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.time() - t0
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            loss = (common.all_reduce_sum(loss_sum) / global_tokens).item()
+            logger.log(step, {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                              "epoch": step / steps_per_epoch, "tokens_per_s": tokens_seen / max(1e-9, train_time)},
+                       ("loss", "lr", "epoch", "tokens_per_s"))
+        if step % cfg.eval_every == 0 or step == total_steps:
+            metrics = evaluate(model, tokenizer, eval_examples, eval_rows, cfg, device, amp_dtype, reward_fn, rank,
+                               world_size)
+            samples = metrics.pop("samples", [])
+            logger.log(step, metrics, ("eval/loss", "eos_rate", "gold_reward_mean", "sampling/entropy",
+                                       "distinct_completions"))
+            if rank == 0:
+                for s in samples:
+                    print("   sample:", s)
+
+    # 3. save
+    common.save_checkpoint(model, tokenizer, cfg.output_dir)
+    final = {**metrics, "train_loss": loss, "train_steps": total_steps, "tokens_per_s": tokens_seen / train_time,
+             "wall_time_s": time.time() - t_start, "num_parameters": n_params, **counts}
+    if rank == 0:
+        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), final)
+        print(f"saved {cfg.output_dir} | eval loss {final['eval/loss']:.4f} | eos rate {final.get('eos_rate', 0):.3f}"
+              f" | gold reward {final.get('gold_reward_mean', float('nan')):.3f}", flush=True)
+    logger.close()
+    common.cleanup_distributed()
+    return final
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

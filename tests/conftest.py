@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random checkpoints of several architectures (built here, never downloaded) and a tiny SFT
+checkpoint of the toy task. Tests call each script's main(Config(...)) in-process to keep the suite fast."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.chdir(ROOT)  # scripts default to data/toy/... relative paths
+torch.set_num_threads(1)  # small models: threads only add overhead, and CI has 2 cores
+
+import toy_task  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def toy_tokenizer_with_chat():
+    tok = toy_task.build_tokenizer()
+    tok.add_tokens(["user", "assistant", "system", ":"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def bpe_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer trained on the toy text: no pad token, bos == eos, sub-word merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [p + c for p in toy_task.PROMPTS[:20] for c in [" very good .", " not bad but the battery is ugly !"]]
+    texts += toy_task.vocabulary()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE.replace("<eos>", "<|endoftext|>")
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, tok):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2, **ids)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=128, **ids)
+    raise ValueError(arch)
+
+
+ARCHS = ["gpt2", "llama", "qwen2", "gpt_neox"]
+
+
+def make_tiny_checkpoint(path: str, arch: str, tokenizer=None) -> str:
+    """A randomly initialised causal LM of `arch` + tokenizer saved as a normal HF checkpoint (safetensors).
+    gpt2 gets the GPT-2-style BPE tokenizer (no pad, bos == eos); the others the toy word tokenizer + chat tokens."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer or (bpe_tokenizer() if arch == "gpt2" else toy_tokenizer_with_chat())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), tok))
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{arch: path} of tiny random causal LMs, one per architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_checkpoint(str(root / arch), arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def toy_sft_checkpoint(tmp_path_factory):
+    """A toy SFT checkpoint after a few steps of sft.py (seconds): the starting point of later stages in tests."""
+    import sft
+
+    out = str(tmp_path_factory.mktemp("runs") / "sft")
+    sft.main(sft.Config(output_dir=out, num_epochs=0.05, eval_every=10_000, num_eval_generations=8, log_every=5))
+    return out

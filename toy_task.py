@@ -1,0 +1,322 @@
+"""The built-in toy task: a tiny review language with a known gold reward.
+
+    python toy_task.py generate            # (re)write data/toy/ deterministically from the seed
+    python toy_task.py report              # compare runs/sft, best-of-N, runs/ppo, runs/dpo on held-out prompts
+
+No weights or datasets can be downloaded on the first machine of a user (or in CI), and RLHF should be seen working in
+minutes on a laptop. So, in the spirit of the sentiment task of seed 003 ("this movie was ..." continued by the policy
+and scored for sentiment), the project ships a closed-vocabulary review language:
+
+    prompt      "honestly the camera was"
+    completion  " not very good but the battery is excellent ."
+
+and a deterministic **gold reward** r*(prompt, completion) that plays the role of the human. Everything an RLHF run
+produces can be measured against it; the learned reward model is only a proxy of it.
+
+Gold reward (`gold_reward`), on the words of the completion:
+    sentiment   S = sum over polarity words w of  polarity(w) * intensifier * (-0.5 if negated)
+                (intensifier: the word right before it, e.g. "very" x1.5; negated: "not"/"never" within the 3 words
+                before it in the same clause), squashed as 3 * tanh(S / 3): two strong positives are nearly as good
+                as five.
+    relevance   +0.5 per aspect that fits the subject ("the battery" of a phone), -0.5 per one that does not
+                (a movie's battery), clipped to [-1, 1]
+    repetition  -1 for every repeated content word (polarity or aspect word)
+    ending      -2 if the completion does not end with "." or "!" (cut off, never finished)
+    length      -0.25 per word beyond 14
+    empty       -3 for an empty completion
+The squashing, the repetition, relevance and length terms are structure that the SFT data rarely shows off (it never
+repeats or rambles), so a learned reward model that only picked up "positive words are good" can be exploited:
+"amazing amazing amazing ..." scores high under a naive proxy and low under the gold reward. That is the
+over-optimisation that the KL penalty of PPO / DPO is there to hold back (Gao et al. 2022, seed 002).
+
+Preferences are labelled like humans would, with Bradley-Terry noise: P(a preferred over b) = sigmoid(r*(a) - r*(b)).
+The gold reward itself only reaches a certain accuracy on such labels (the *ceiling*, reported in data/toy/stats.json).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+
+SEED = 1234
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy")
+BASE_MODEL_DIR = os.path.join(DATA_DIR, "base_model")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The language
+# ---------------------------------------------------------------------------------------------------------------------
+CATEGORIES = {
+    "media": (["movie", "film", "book", "album", "show", "concert", "game", "podcast"],
+              ["plot", "ending", "story", "acting", "music", "characters"]),
+    "device": (["phone", "laptop", "camera", "headphones", "tablet", "watch", "keyboard", "speaker"],
+               ["battery", "screen", "sound", "design", "keys", "charger"]),
+    "place": (["hotel", "restaurant", "cafe", "pizza", "coffee", "burger", "salad", "bakery"],
+              ["staff", "taste", "location", "menu", "portions", "room"]),
+}
+SUBJECT_CATEGORY = {n: c for c, (nouns, _) in CATEGORIES.items() for n in nouns}
+ASPECT_CATEGORIES = {a: c for c, (_, aspects) in CATEGORIES.items() for a in aspects}
+PROMPT_TEMPLATES = ["the {} was", "this {} is", "honestly the {} was", "i think the {} is", "my new {} is",
+                    "overall the {} was"]
+POLARITY = {
+    # positive
+    "good": 1.0, "great": 1.5, "excellent": 2.0, "amazing": 2.0, "wonderful": 2.0, "nice": 1.0, "fine": 0.5,
+    "decent": 0.5, "solid": 1.0, "fantastic": 2.0, "perfect": 2.0, "lovely": 1.5, "fun": 1.0, "enjoyable": 1.0,
+    "impressive": 1.5, "pleasant": 1.0, "brilliant": 2.0, "superb": 2.0, "charming": 1.0,
+    # negative
+    "bad": -1.0, "terrible": -2.0, "awful": -2.0, "poor": -1.0, "boring": -1.0, "disappointing": -1.5,
+    "horrible": -2.0, "mediocre": -0.5, "dull": -1.0, "annoying": -1.5, "broken": -2.0, "cheap": -0.5, "slow": -1.0,
+    "noisy": -1.0, "bland": -1.0, "weak": -1.0, "ugly": -1.5, "useless": -2.0, "overpriced": -1.0,
+    # opinion verbs
+    "loved": 2.0, "liked": 1.0, "enjoyed": 1.0, "like": 1.0, "enjoy": 1.0, "hated": -2.0, "disliked": -1.0,
+    "regret": -1.5,
+}
+NEUTRAL = ["okay", "average", "ordinary", "different", "small", "big", "expensive", "simple", "new", "long"]
+ADJECTIVES = [w for w in POLARITY if w not in {"loved", "liked", "enjoyed", "like", "enjoy", "hated", "disliked",
+                                               "regret"}]
+INTENSIFIERS = {"very": 1.5, "really": 1.5, "extremely": 2.0, "incredibly": 2.0, "quite": 1.2, "pretty": 1.2,
+                "somewhat": 0.5, "slightly": 0.5, "fairly": 0.8}
+NEGATIONS = {"not", "never"}
+CONNECTIVES = ["and", "but", "so", "because", "although"]
+OPINIONS = ["loved", "liked", "enjoyed", "hated", "disliked", "regret", "did not like", "did not enjoy",
+            "really loved", "really hated", "never liked"]
+CLAUSE_BREAKS = set(CONNECTIVES) | {".", "!", ","}
+ENDINGS = {".", "!"}
+CONTENT_WORDS = set(POLARITY) | set(ASPECT_CATEGORIES)
+
+PROMPTS = [t.format(n) for t in PROMPT_TEMPLATES for n in SUBJECT_CATEGORY]  # 6 * 24 = 144 distinct prompts
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def vocabulary() -> list[str]:
+    """Every word the toy language can produce (sorted, so the token ids are deterministic)."""
+    words = set()
+    for text in PROMPTS + ADJECTIVES + NEUTRAL + list(INTENSIFIERS) + list(NEGATIONS) + CONNECTIVES + OPINIONS:
+        words.update(text.split())
+    words.update(ASPECT_CATEGORIES)
+    words.update(["the", "i", "it", "is", "was", "did", ".", "!", ","])
+    return SPECIAL_TOKENS + sorted(words)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The gold reward
+# ---------------------------------------------------------------------------------------------------------------------
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z']+|[.!?,]", text.lower())
+
+
+def prompt_subject(prompt: str) -> str | None:
+    for w in words_of(prompt):
+        if w in SUBJECT_CATEGORY:
+            return w
+    return None
+
+
+def gold_reward_one(prompt: str, completion: str) -> float:
+    """r*(prompt, completion); see the module docstring for the definition of each term."""
+    words = words_of(completion)
+    if not words:
+        return -3.0
+    sentiment, clause_start = 0.0, 0
+    for i, w in enumerate(words):
+        if w in CLAUSE_BREAKS:
+            clause_start = i + 1
+        elif w in POLARITY:
+            value = POLARITY[w]
+            if i - 1 >= clause_start and words[i - 1] in INTENSIFIERS:
+                value *= INTENSIFIERS[words[i - 1]]
+            if any(words[k] in NEGATIONS for k in range(max(clause_start, i - 3), i)):
+                value *= -0.5
+            sentiment += value
+    reward = 3.0 * math.tanh(sentiment / 3.0)
+
+    subject = prompt_subject(prompt)
+    relevance = 0.0
+    for w in words:
+        if w in ASPECT_CATEGORIES and subject is not None:
+            relevance += 0.5 if ASPECT_CATEGORIES[w] == SUBJECT_CATEGORY[subject] else -0.5
+    reward += max(-1.0, min(1.0, relevance))
+
+    content = [w for w in words if w in CONTENT_WORDS]
+    reward -= 1.0 * (len(content) - len(set(content)))
+    if words[-1] not in ENDINGS:
+        reward -= 2.0
+    reward -= 0.25 * max(0, len(words) - 14)
+    return round(reward, 6)
+
+
+def gold_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The toy task's gold reward for a batch; signature of `--reward_fn` / `--eval_reward_fn` (module:function)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(completions)} completions")
+    return [gold_reward_one(p, c) for p, c in zip(prompts, completions)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The generator of data (the "human demonstrations" and "human labels")
+# ---------------------------------------------------------------------------------------------------------------------
+def split_prompts(rng: random.Random) -> tuple[list[str], list[str]]:
+    """A quarter of the prompts are held out: never used in any training file."""
+    prompts = list(PROMPTS)
+    rng.shuffle(prompts)
+    n_eval = len(prompts) // 4
+    return sorted(prompts[n_eval:]), sorted(prompts[:n_eval])
+
+
+def sample_adjective_phrase(rng: random.Random) -> str:
+    adj = rng.choice(ADJECTIVES) if rng.random() < 0.85 else rng.choice(NEUTRAL)
+    parts = []
+    if rng.random() < 0.15:
+        parts.append("not")
+    if rng.random() < 0.4:
+        parts.append(rng.choice(list(INTENSIFIERS)))
+    return " ".join(parts + [adj])
+
+
+def sample_completion(rng: random.Random, prompt: str) -> str:
+    """A human-like continuation: mixed sentiment, many distinct forms (PPO can only re-weight what SFT samples)."""
+    subject = prompt_subject(prompt)
+    text = [sample_adjective_phrase(rng)]
+    u = rng.random()
+    if u < 0.45:
+        category = SUBJECT_CATEGORY[subject] if rng.random() < 0.8 else rng.choice(list(CATEGORIES))
+        aspect = rng.choice(CATEGORIES[category][1])
+        text += [rng.choice(CONNECTIVES), "the", aspect, rng.choice(["is", "was"]), sample_adjective_phrase(rng)]
+    elif u < 0.65:
+        text += [rng.choice(CONNECTIVES), "i", rng.choice(OPINIONS), "it"]
+    text.append("!" if rng.random() < 0.2 else ".")
+    return " " + " ".join(text)  # leading space: trainers join prompt + completion as plain strings
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def sample_preference(rng: random.Random, prompt: str) -> tuple[dict, float]:
+    """One labelled pair, P(a > b) = sigmoid(r*(a) - r*(b)); returns the row and the gold reward's P(correct)."""
+    a = sample_completion(rng, prompt)
+    b = sample_completion(rng, prompt)
+    while b == a:
+        b = sample_completion(rng, prompt)
+    ra, rb = gold_reward_one(prompt, a), gold_reward_one(prompt, b)
+    p_a = sigmoid(ra - rb)
+    chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+    # the gold reward agrees with the label with probability sigmoid(|ra - rb|); 1/2 on a tie
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, sigmoid(abs(ra - rb))
+
+
+def sample_ranking(rng: random.Random, prompt: str, k: int) -> dict:
+    """K completions ordered best..worst by Plackett-Luce sampling with the gold reward (Bradley-Terry for K = 2)."""
+    pool = set()
+    while len(pool) < k:
+        pool.add(sample_completion(rng, prompt))
+    pool = sorted(pool)
+    ranked = []
+    while pool:
+        weights = [math.exp(gold_reward_one(prompt, c)) for c in pool]
+        pick = rng.choices(range(len(pool)), weights=weights)[0]
+        ranked.append(pool.pop(pick))
+    return {"prompt": prompt, "completions": ranked}
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def generate_data(out_dir: str = DATA_DIR, seed: int = SEED) -> dict:
+    """Writes every toy file into out_dir; deterministic given the seed. Returns the statistics written to stats.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed)
+    train_prompts, eval_prompts = split_prompts(rng)
+    files = {
+        "sft_train": [{"prompt": p, "completion": sample_completion(rng, p)}
+                      for p in (rng.choice(train_prompts) for _ in range(20000))],
+        "sft_eval": [{"prompt": p, "completion": sample_completion(rng, p)}
+                     for p in (rng.choice(eval_prompts) for _ in range(1000))],
+        "prompts_train": [{"prompt": p} for p in train_prompts],
+        "prompts_eval": [{"prompt": p} for p in eval_prompts],
+    }
+    stats = {"seed": seed, "num_prompts_train": len(train_prompts), "num_prompts_eval": len(eval_prompts)}
+    for split, n, pool in [("train", 10000, train_prompts), ("eval", 1000, eval_prompts)]:
+        rows, p_correct = [], []
+        for _ in range(n):
+            row, p = sample_preference(rng, rng.choice(pool))
+            rows.append(row)
+            p_correct.append(p)
+        files[f"preferences_{split}"] = rows
+        labels_agree = [gold_reward_one(r["prompt"], r["chosen"]) > gold_reward_one(r["prompt"], r["rejected"])
+                        for r in rows]
+        # ceiling: the accuracy that the gold reward itself is expected to reach on these noisy labels
+        stats[f"preferences_{split}_ceiling_accuracy"] = round(sum(p_correct) / n, 4)
+        stats[f"preferences_{split}_gold_accuracy"] = round(sum(labels_agree) / n, 4)
+    files["rankings_train"] = [sample_ranking(rng, rng.choice(train_prompts), 4) for _ in range(3000)]
+    files["rankings_eval"] = [sample_ranking(rng, rng.choice(eval_prompts), 4) for _ in range(300)]
+    for name, rows in files.items():
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
+    sft_gold = [gold_reward_one(r["prompt"], r["completion"]) for r in files["sft_eval"]]
+    mean = sum(sft_gold) / len(sft_gold)
+    stats["sft_eval_gold_reward_mean"] = round(mean, 4)
+    stats["sft_eval_gold_reward_std"] = round((sum((g - mean) ** 2 for g in sft_gold) / len(sft_gold)) ** 0.5, 4)
+    stats["files_sha256"] = {f"{name}.jsonl": hashlib.sha256(open(os.path.join(out_dir, f"{name}.jsonl"), "rb").read())
+                             .hexdigest() for name in sorted(files)}
+    with open(os.path.join(out_dir, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+        f.write("\n")
+    write_base_model(os.path.join(out_dir, "base_model"))
+    return stats
+
+
+def build_tokenizer():
+    """Word-level tokenizer of the toy vocabulary as a standard PreTrainedTokenizerFast (pad != eos != bos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", vocab["<bos>"])])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False, model_max_length=64)
+
+
+def build_config(tokenizer):
+    """A small GPT-2 (about 1.3 M parameters) sized for 2 CPU cores; its weights are trained from scratch by sft.py."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=160, n_layer=4, n_head=5,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def write_base_model(out_dir: str) -> None:
+    """Tokenizer + config only, no weights: `sft.py --from_scratch` (its default) initialises the weights."""
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out_dir)
+    build_config(tokenizer).save_pretrained(out_dir)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="write data/toy/ from the seed")
+    g.add_argument("--out_dir", default=DATA_DIR)
+    g.add_argument("--seed", type=int, default=SEED)
+    r = sub.add_parser("report", help="compare the pipeline's stages on held-out prompts")
+    r.add_argument("--runs_dir", default="runs")
+    r.add_argument("--best_of_n", default="1,2,4,8,16", help="comma-separated N for best-of-N sampling from SFT")
+    r.add_argument("--num_prompts", type=int, default=0, help="held-out prompts to use (0 = all)")
+    r.add_argument("--samples_per_prompt", type=int, default=8)
+    args = parser.parse_args()
+    if args.command == "generate":
+        print(json.dumps(generate_data(args.out_dir, args.seed), indent=2))
+    else:
+        from report import main as report_main  # noqa: E402  (heavy imports only for the report)
+
+        sys.exit(report_main(args))
