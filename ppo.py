@@ -1,0 +1,550 @@
+"""PPO for language models (RLHF stage three), in one file: actor, critic, frozen reward model, frozen reference.
+
+    python ppo.py                       # toy task: runs/sft + runs/reward_model, CPU, ~4 minutes
+    python ppo.py --help                # every option, explained
+    python ppo.py --reward_fn toy_task:gold_reward          # a rule-based / verifiable reward instead of a model
+    torchrun --nproc_per_node 8 ppo.py --model_name_or_path ... --reward_model_path ... --prompts my_prompts.jsonl
+
+One iteration (seeds 000, 001, 003, 004):
+  1. rollout   y ~ pi_old(. | x) for a batch of prompts x; logprobs = log pi_old(y_t | x, y_<t) at the same temperature
+  2. score     s = RM(x, y) read at the EOS token (or a reward function); penalty if the response never ended
+  3. rewards   r_t = -beta * KL_t  (+ s on the last response token, the EOS itself, never on padding after it)
+               KL_t from one of  k1 = log pi/pi_ref,  k2 = (log pi/pi_ref)^2 / 2,  k3 = pi_ref/pi - 1 - log pi_ref/pi
+  4. GAE       delta_t = r_t + gamma V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma lambda A_{t+1};  returns = A + V
+  5. update    ratio = exp(logprobs_new - logprobs_old)
+               L_pg = mean_t max(-A_t ratio, -A_t clip(ratio, 1 - eps, 1 + eps))
+               L_V  = 1/2 mean_t max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+               loss = L_pg + vf_coef L_V - entropy_coef H, means over real response tokens only
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+
+
+@dataclass
+class Config:
+    model_name_or_path: str = "runs/sft"
+    """policy to start from (the SFT checkpoint); a frozen copy is the KL reference"""
+    reward_model_path: str = "runs/reward_model"
+    """frozen reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the output of reward_model.py"""
+    reward_fn: str | None = None
+    """module:function (prompts, completions) -> list[float] used instead of the reward model (rule-based or
+    verifiable rewards, e.g. toy_task:gold_reward)"""
+    critic_init: Literal["reward_model", "sft"] = "reward_model"
+    """initialise the critic (value model) from the reward model (OpenRLHF's default) or from the SFT model with a
+    fresh value head"""
+    prompts: str = "data/toy/prompts_train.jsonl"
+    """training prompts, JSON lines {"prompt": str} or {"messages": [...]} (chat template, generation prompt added)"""
+    eval_prompts: str = "data/toy/prompts_eval.jsonl"
+    """held-out prompts for the periodic evaluation"""
+    eval_reward_fn: str = "auto"
+    """module:function scoring evaluation samples (the gold reward); "auto" = toy_task:gold_reward when the prompts
+    are under data/toy, "none" to disable"""
+    output_dir: str = "runs/ppo"
+    """where the policy (HF format + tokenizer), metrics.jsonl and eval.json are written"""
+    num_iterations: int = 150
+    """rollout + update iterations"""
+    rollout_batch_size: int = 64
+    """prompts per iteration (global, over all ranks)"""
+    num_samples_per_prompt: int = 1
+    """responses sampled per prompt (N > 1 enables the per-prompt score normalisation)"""
+    max_prompt_length: int = 48
+    """longer prompts are cut from the left (the end of a prompt matters most for its continuation); counted"""
+    max_new_tokens: int = 16
+    """longest response"""
+    temperature: float = 1.0
+    """sampling temperature; training log-probs use the same temperature so the first-epoch ratio is 1"""
+    top_k: int = 0
+    """top-k sampling (0 = off). Log-probs are of the full temperature-scaled distribution, as in TRL"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0 = off)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of responses that never emit EOS (cut off at max_new_tokens)"""
+    kl_coef: float = 0.05
+    """beta in r_t = -beta * KL_t; larger keeps the policy closer to the reference (initial value if adaptive)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token KL estimator in the reward (Schulman's k1 / k2 / k3)"""
+    adaptive_kl: bool = False
+    """adapt beta to keep the KL near target_kl (Ziegler et al. 2019)"""
+    target_kl: float = 4.0
+    """target per-sequence KL for the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon (in episodes) of the adaptive controller"""
+    score_norm: Literal["none", "running", "per_prompt"] = "none"
+    """score normalisation: running whitening over all scores seen so far, or seed 002's per-prompt
+    r - mean(r of the same prompt) + global mean (needs num_samples_per_prompt > 1)"""
+    score_clip: float = 0.0
+    """clip scores to [-score_clip, score_clip] after normalisation (0 = off)"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    whiten_advantages: bool = True
+    """normalise advantages over the real response tokens of the batch (all ranks)"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    num_minibatches: int = 2
+    """minibatches per PPO epoch (one optimiser step each)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per minibatch"""
+    cliprange: float = 0.2
+    """policy ratio clip epsilon"""
+    cliprange_value: float = 0.2
+    """value clip epsilon (around the rollout values)"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    entropy_coef: float = 0.0
+    """weight of the entropy bonus"""
+    learning_rate: float = 5e-5
+    """actor learning rate"""
+    critic_learning_rate: float = 2e-4
+    """critic learning rate"""
+    shared_optimizer: bool = False
+    """one AdamW over actor and critic (with learning_rate) instead of one optimiser each"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    """learning-rate decay after warmup"""
+    warmup_ratio: float = 0.0
+    """fraction of optimiser steps in linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    eval_every: int = 25
+    """evaluate on held-out prompts every this many iterations (and before and after training)"""
+    eval_samples_per_prompt: int = 8
+    """samples per held-out prompt in each evaluation"""
+    sample_every: int = 25
+    """print a few rollout completions every this many iterations"""
+    log_every: int = 5
+    """print metrics every this many iterations (metrics.jsonl gets every iteration)"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward (actor and critic)"""
+    seed: int = 1
+    """seed (each rank samples with seed + rank)"""
+    trust_remote_code: bool = False
+    """allow model code from the hub"""
+    tensorboard: bool = False
+    """also log to TensorBoard"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The math, as small pure functions (tested against naive loops in tests/test_ppo.py)
+# ---------------------------------------------------------------------------------------------------------------------
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples y_t ~ pi, (B, R) -> (B, R). With log_ratio = log pi - log pi_ref:
+    k1 = log_ratio (unbiased, can be negative), k2 = log_ratio^2 / 2 (biased, low variance),
+    k3 = exp(-log_ratio) - 1 + log_ratio (unbiased, always >= 0)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator}")
+
+
+def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float):
+    """r_t = -beta * KL_t on real response tokens, plus the score on the last real one (the EOS token itself when the
+    response ended, else its last token), never on padding after it. scores (B,), kl/response_mask (B, R) -> (B, R)."""
+    non_score = -kl_coef * kl * response_mask
+    last = response_mask.sum(1).long().clamp(min=1) - 1  # (B,) index of the last real response token
+    rewards = non_score.clone()
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, non_score
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens, (B, R) -> advantages, returns (B, R).
+
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V = 0 after the last real token
+    (the episode ends at EOS), returns = A + V. Padding positions get 0."""
+    values = values * response_mask
+    rewards = rewards * response_mask
+    R = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(R)):
+        next_values = values[:, t + 1] if t + 1 < R else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, token_count):
+    """Clipped surrogate: sum_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) / token_count over real tokens.
+
+    token_count: the number of real tokens the mean is over (the global minibatch's, for multi-process runs).
+    Returns (loss, stats) with approx KL (k2 of new vs old) and the clip fraction."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = common.masked_sum(torch.max(pg_losses, pg_losses_clipped), mask) / token_count
+    with torch.no_grad():
+        stats = {"approxkl": common.masked_sum(0.5 * log_ratio ** 2, mask),
+                 "clipfrac": common.masked_sum((pg_losses_clipped > pg_losses).float(), mask)}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float, token_count):
+    """1/2 sum_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) / token_count over real tokens."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * common.masked_sum(torch.max(losses, losses_clipped), mask) / token_count
+    with torch.no_grad():
+        stats = {"clipfrac": common.masked_sum((losses_clipped > losses).float(), mask)}
+    return loss, stats
+
+
+def per_prompt_normalize(scores: torch.Tensor, group_size: int, global_mean: torch.Tensor | None = None):
+    """Seed 002: r - mean(r of the same prompt) + global mean, for scores (B,) laid out as consecutive groups of
+    group_size samples of one prompt. global_mean: the batch mean over all ranks (default: of these scores)."""
+    grouped = scores.view(-1, group_size)
+    global_mean = scores.mean() if global_mean is None else global_mean
+    return (grouped - grouped.mean(1, keepdim=True) + global_mean).view(-1)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_episodes / horizon)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        proportional_error = np.clip(current_kl / self.target - 1, -0.2, 0.2)
+        self.value *= 1 + proportional_error * n_episodes / self.horizon
+
+
+class RunningMoments:
+    """Running mean / std of all scores seen so far (parallel Welford update; statistics over all ranks)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        count = torch.tensor(float(x.numel()), device=x.device)  # on x's device: stack (and NCCL) need one device
+        stats = common.all_reduce_sum(torch.stack([x.sum(), (x ** 2).sum(), count]).double())
+        n = stats[2].item()
+        batch_mean = stats[0].item() / n
+        batch_var = max(stats[1].item() / n - batch_mean ** 2, 0.0)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / (self.var ** 0.5 + 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------------------------------
+def load_prompts(path: str, tokenizer, max_prompt_length: int) -> tuple[list[str], list[list[int]], int]:
+    """(prompt texts, token ids, number cut) of a prompts file; chat rows are rendered with the chat template."""
+    rows = common.load_jsonl(path, alternatives=(("prompt",), ("messages",)))
+    texts, ids, cut = [], [], 0
+    for i, row in enumerate(rows):
+        if "messages" in row:
+            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            text = row["prompt"]
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{i + 1}: field 'prompt' must be a non-empty string")
+            tokens = tokenizer(text)["input_ids"]
+        if len(tokens) > max_prompt_length:
+            tokens, cut = tokens[-max_prompt_length:], cut + 1
+        texts.append(text)
+        ids.append(tokens)
+    return texts, ids, cut
+
+
+def load_models(cfg: Config, device):
+    """actor (trained), ref (frozen), reward model (frozen, or None with --reward_fn), critic (trained)."""
+    common.require_checkpoint(cfg.model_name_or_path, "sft.py")
+    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{cfg.model_name_or_path}: the tokenizer needs a pad token distinct from EOS (sft.py adds one)")
+    actor = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kw)
+    ref = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kw)
+    reward_model = reward_tokenizer = None
+    if cfg.reward_fn is None:
+        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
+        reward_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model_path, num_labels=1, **kw)
+        reward_tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.critic_init == "reward_model":
+        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
+        critic = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model_path, num_labels=1, **kw)
+        if not common.same_tokenizer(AutoTokenizer.from_pretrained(cfg.reward_model_path), tokenizer):
+            raise ValueError("--critic_init reward_model needs the reward model to share the policy's tokenizer; "
+                             "use --critic_init sft")
+    else:
+        critic = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path, num_labels=1, **kw)
+        hidden = critic.score.weight.size(1)
+        torch.nn.init.normal_(critic.score.weight, std=1 / np.sqrt(hidden + 1))
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    for model in (actor, ref, reward_model, critic):
+        if model is not None:
+            common.disable_dropout(model)  # dropout would make the rollout log-probs differ from the training ones
+    for model in (ref, reward_model):
+        if model is not None:
+            model.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        actor.gradient_checkpointing_enable()
+        critic.gradient_checkpointing_enable()
+    models = [common.shard_model(m.to(device)) if m is not None else None for m in (actor, ref, reward_model, critic)]
+    return (*models, tokenizer, reward_tokenizer)
+
+
+def critic_values(critic, input_ids, attention_mask, context_length: int) -> torch.Tensor:
+    """V(s_t) for every response token t: the value head at the position just before the token, (B, R)."""
+    return common.head_outputs(critic, input_ids, attention_mask)[:, context_length - 1:-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+def main(cfg: Config) -> dict:
+    rank, world_size, device = common.setup_distributed()
+    common.set_seed(cfg.seed)
+    amp_dtype = common.autocast_dtype(device, cfg.bf16)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    if cfg.score_norm == "per_prompt" and cfg.num_samples_per_prompt < 2:
+        raise ValueError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
+    if cfg.rollout_batch_size % world_size:
+        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} is not divisible by world size {world_size}")
+    local_batch = cfg.rollout_batch_size // world_size * cfg.num_samples_per_prompt  # sequences per rank
+    if local_batch % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
+        raise ValueError(f"{local_batch} sequences per rank do not split into {cfg.num_minibatches} minibatches of "
+                         f"{cfg.gradient_accumulation_steps} micro-batches")
+
+    # 1. models, data
+    actor, ref, reward_model, critic, tokenizer, reward_tokenizer = load_models(cfg, device)
+    reward_fn = common.load_function(cfg.reward_fn) if cfg.reward_fn else None
+    eval_spec = cfg.eval_reward_fn
+    if eval_spec == "auto":
+        eval_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.prompts) else "none"
+    eval_reward_fn = None if eval_spec == "none" else common.load_function(eval_spec)
+    prompt_texts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
+    eval_texts, eval_ids, _ = load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
+    if rank == 0:
+        print(f"PPO: {len(prompt_texts)} prompts ({n_cut} cut to {cfg.max_prompt_length} tokens), "
+              f"{cfg.num_iterations} iterations x {cfg.rollout_batch_size * cfg.num_samples_per_prompt} episodes, "
+              f"reward: {cfg.reward_fn or cfg.reward_model_path}, world size {world_size}", flush=True)
+
+    if cfg.shared_optimizer:
+        optimizers = [torch.optim.AdamW(list(actor.parameters()) + list(critic.parameters()), lr=cfg.learning_rate,
+                                        weight_decay=cfg.weight_decay, eps=1e-5)]
+    else:
+        optimizers = [torch.optim.AdamW(actor.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5),
+                      torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate,
+                                        weight_decay=cfg.weight_decay, eps=1e-5)]
+    total_updates = cfg.num_iterations * cfg.ppo_epochs * cfg.num_minibatches
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: common.cosine_schedule(
+        s, total_updates, int(cfg.warmup_ratio * total_updates), cfg.lr_scheduler)) for o in optimizers]
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    kl_coef = cfg.kl_coef
+    score_moments = RunningMoments()
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # per-rank sampling seed
+    prompt_gen = torch.Generator().manual_seed(cfg.seed)  # same on all ranks: they agree on the global batch
+
+    def evaluate(iteration: int) -> dict:
+        m = common.evaluate_policy(actor, tokenizer, eval_texts, device, ref_policy=ref, reward_model=reward_model,
+                                   reward_tokenizer=reward_tokenizer, reward_fn=eval_reward_fn,
+                                   samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   seed=cfg.seed + 10_000, amp_dtype=amp_dtype, prompt_token_ids=eval_ids)
+        per_sample = m.pop("per_sample")
+        logger.log(iteration, {f"eval/{k}": v for k, v in m.items()},
+                   ("eval/gold_reward_mean", "eval/proxy_reward_mean", "eval/kl_to_ref", "eval/gold_proxy_agreement",
+                    "eval/eos_rate"))
+        m["samples"] = [{"prompt": p, "completion": c, "gold": g, "proxy": s} for p, c, g, s in
+                        zip(*(per_sample[k][:: max(1, len(per_sample["prompt"]) // 6)][:6]
+                              for k in ("prompt", "completion", "gold", "proxy")))]
+        return m
+
+    initial_eval = evaluate(0)
+    t_start, episodes = time.time(), 0
+    order, pos = [], 0
+    for iteration in range(1, cfg.num_iterations + 1):
+        # ---- 1. rollout: each rank takes its share of the global prompt batch, N samples each --------------------
+        t0 = time.time()
+        if pos + cfg.rollout_batch_size > len(order):
+            order, pos = torch.randperm(len(prompt_texts), generator=prompt_gen).tolist() * \
+                max(1, -(-cfg.rollout_batch_size // len(prompt_texts))), 0
+        batch_idx = order[pos:pos + cfg.rollout_batch_size][rank::world_size]
+        pos += cfg.rollout_batch_size
+        batch_idx = [i for i in batch_idx for _ in range(cfg.num_samples_per_prompt)]  # groups of N per prompt
+        batch_prompts = [prompt_texts[i] for i in batch_idx]
+        query, query_mask = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id, device)
+        actor.eval()
+        with autocast():
+            responses, response_mask = common.generate(
+                actor, query, query_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                cfg.temperature, cfg.top_k, cfg.top_p, sample_gen, sync_ranks=True)
+        actor.train()
+        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        P = query.size(1)
+        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
+        mask = response_mask.float()  # (B, R)
+        t_generate = time.time() - t0
+
+        # ---- 2. score, reference log-probs, values (no grad) -----------------------------------------------------
+        t0 = time.time()
+        with torch.no_grad(), autocast():
+            out = actor(input_ids=seq, attention_mask=seq_mask, position_ids=common.position_ids_from_mask(seq_mask),
+                        use_cache=False)
+            logits = out.logits[:, P - 1:-1]
+            logprobs = common.logprobs_from_logits(logits, responses, cfg.temperature)  # (B, R) = rollout log-probs
+            sampling = common.sampling_diagnostics(logits, responses, mask, cfg.temperature)
+            del out, logits
+            ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)
+            values = critic_values(critic, seq, seq_mask, P).float() * mask
+            if reward_fn is not None:
+                scores = torch.tensor(reward_fn(batch_prompts, completions), dtype=torch.float32, device=device)
+            else:
+                scores = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask,
+                                                responses, response_mask, batch_prompts, completions).float()
+        raw_scores = scores.clone()
+        ended = (responses == tokenizer.eos_token_id).any(1)
+        scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
+        if cfg.score_norm == "running":
+            score_moments.update(scores)
+            scores = score_moments.whiten(scores)
+        elif cfg.score_norm == "per_prompt":
+            global_mean = common.all_reduce_sum(scores.sum()) / (scores.numel() * world_size)
+            scores = per_prompt_normalize(scores, cfg.num_samples_per_prompt, global_mean)
+        if cfg.score_clip > 0:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        t_score = time.time() - t0
+
+        # ---- 3. per-token rewards, 4. advantages -------------------------------------------------------------------
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
+        rewards, non_score = compute_rewards(scores, kl, mask, kl_coef)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = common.masked_whiten(advantages, mask, distributed=True)
+
+        # ---- 5. PPO epochs over shuffled minibatches -------------------------------------------------------------
+        t0 = time.time()
+        stats = {k: torch.zeros((), device=device) for k in
+                 ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "entropy", "tokens")}
+        B = seq.size(0)
+        mb_size = B // cfg.num_minibatches
+        micro_size = mb_size // cfg.gradient_accumulation_steps
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=prompt_gen).tolist()
+            for start in range(0, B, mb_size):
+                mb = perm[start:start + mb_size]
+                # token-mean over the real tokens of the global minibatch; * world_size undoes FSDP's gradient mean
+                token_count = common.all_reduce_sum(mask[mb].sum()) / world_size
+                for mstart in range(0, mb_size, micro_size):
+                    idx = torch.tensor(mb[mstart:mstart + micro_size], device=device)
+                    m = mask[idx]
+                    with autocast():
+                        new_logprobs, entropy = common.sequence_logprobs(actor, seq[idx], seq_mask[idx], P,
+                                                                         cfg.temperature, return_entropy=True)
+                        new_values = critic_values(critic, seq[idx], seq_mask[idx], P).float()
+                    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange,
+                                                    token_count)
+                    vf_loss, vf_stats = value_loss(new_values, values[idx], returns[idx], m, cfg.cliprange_value,
+                                                   token_count)
+                    entropy_sum = common.masked_sum(entropy, m)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy_sum / token_count
+                    loss.backward()
+                    stats["pg_loss"] += pg_loss.detach() * token_count
+                    stats["vf_loss"] += vf_loss.detach() * token_count
+                    stats["approxkl"] += pg_stats["approxkl"]
+                    stats["clipfrac"] += pg_stats["clipfrac"]
+                    stats["vf_clipfrac"] += vf_stats["clipfrac"]
+                    stats["entropy"] += entropy_sum.detach()
+                    stats["tokens"] += m.sum()
+                torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                for opt, sched in zip(optimizers, schedulers):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+        t_train = time.time() - t0
+
+        # ---- 6. log --------------------------------------------------------------------------------------------
+        episodes += cfg.rollout_batch_size * cfg.num_samples_per_prompt
+        stats = {k: common.all_reduce_sum(v) for k, v in stats.items()}
+        n_tok = stats.pop("tokens").clamp(min=1)
+        kl_seq = common.all_reduce_sum(torch.stack([kl.sum(), non_score.sum(), mask.sum(), ended.float().sum()]))
+        n_seq = B * world_size
+        all_raw = torch.cat(common.gather_lists([raw_scores.cpu()]))
+        all_scores = torch.cat(common.gather_lists([scores.cpu()]))
+        mean_kl = kl_seq[0].item() / n_seq
+        var_returns = common.masked_var(returns, mask, distributed=True)
+        var_residual = common.masked_var(returns - values, mask, distributed=True)
+        metrics = {
+            "objective/scores": all_raw.mean().item(), "objective/scores_std": all_raw.std().item(),
+            **{f"objective/scores_p{q}": float(np.percentile(all_raw.numpy(), q)) for q in (10, 50, 90)},
+            "objective/normalized_scores": all_scores.mean().item(),
+            "objective/kl": mean_kl, "objective/non_score_reward": kl_seq[1].item() / n_seq,
+            "objective/rlhf_reward": all_scores.mean().item() + kl_seq[1].item() / n_seq,
+            "objective/entropy": (stats["entropy"] / n_tok).item(),
+            "policy/approxkl": (stats["approxkl"] / n_tok).item(), "policy/clipfrac": (stats["clipfrac"] / n_tok).item(),
+            "loss/policy": (stats["pg_loss"] / n_tok).item(), "loss/value": (stats["vf_loss"] / n_tok).item(),
+            "val/clipfrac": (stats["vf_clipfrac"] / n_tok).item(),
+            "val/explained_variance": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),
+            **sampling,  # of rank 0's rollout batch
+            "response_length": kl_seq[2].item() / n_seq, "eos_rate": kl_seq[3].item() / n_seq,
+            "beta": kl_coef, "lr": schedulers[0].get_last_lr()[0], "episodes": episodes,
+            "episodes_per_s": episodes / (time.time() - t_start),
+            "time/generate": t_generate, "time/score": t_score, "time/train": t_train,
+        }
+        logger.log(iteration, metrics, ("objective/scores", "objective/kl", "policy/clipfrac", "val/explained_variance",
+                                        "eos_rate", "beta") if iteration % cfg.log_every == 0 else ())
+        if iteration % cfg.sample_every == 0 and rank == 0:
+            for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
+                print(f"   sample [{s:+.2f}] {p} |{c}")
+        if kl_ctl is not None:
+            kl_ctl.update(mean_kl, cfg.rollout_batch_size * cfg.num_samples_per_prompt)
+            kl_coef = kl_ctl.value
+        if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
+            evaluate(iteration)
+
+    # ---- 7. final evaluation, save ---------------------------------------------------------------------------------
+    final_eval = evaluate(cfg.num_iterations)
+    common.save_checkpoint(actor, tokenizer, cfg.output_dir)
+    result = {k: v for k, v in final_eval.items() if k != "samples"}
+    result.update({"sft_" + k: v for k, v in initial_eval.items() if k != "samples"})
+    result.update({"samples": final_eval["samples"], "episodes": episodes, "wall_time_s": time.time() - t_start,
+                   "episodes_per_s": episodes / (time.time() - t_start)})
+    if rank == 0:
+        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), result)
+        print(f"saved {cfg.output_dir}\n"
+              f"held-out gold reward: SFT {initial_eval['gold_reward_mean']:.3f} (std {initial_eval['gold_reward_std']:.3f})"
+              f" -> PPO {final_eval['gold_reward_mean']:.3f} | proxy reward {initial_eval['proxy_reward_mean']:.3f} -> "
+              f"{final_eval['proxy_reward_mean']:.3f} | KL to SFT {final_eval['kl_to_ref']:.3f} | "
+              f"eos rate {final_eval['eos_rate']:.3f}", flush=True)
+        for s in final_eval["samples"]:
+            print(f"   [{s['gold']:+.2f} gold, {s['proxy']:+.2f} proxy] {s['prompt']} |{s['completion']}")
+    logger.close()
+    common.cleanup_distributed()
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
