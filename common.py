@@ -152,6 +152,11 @@ def save_checkpoint(model, tokenizer, out_dir: str, extra_config: dict | None = 
     if os.path.exists(out_dir):
         old = tempfile.mkdtemp(prefix=".old_", dir=parent)
         os.rename(out_dir, os.path.join(old, "ckpt"))
+        # the run's logs live next to the checkpoint (MetricsLogger keeps metrics.jsonl open): carry them over; a
+        # rename keeps the inode, so the open file goes on receiving lines
+        for name in os.listdir(os.path.join(old, "ckpt")):
+            if name in ("metrics.jsonl", "eval.json") or name.startswith("events.out.tfevents"):
+                os.rename(os.path.join(old, "ckpt", name), os.path.join(tmp, name))
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old)
@@ -350,12 +355,18 @@ def head_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     """Scalar head on every position of an AutoModelForSequenceClassification (num_labels=1): (B, T).
 
     The per-token output is the critic's value V(s_t); the output at the last real token is the reward model's
-    score. We run the backbone and the `score` head ourselves instead of the model's forward, because that forward
-    reads the score at the last non-pad *token id*, which is wrong when pad == eos or a response ends in padding."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()
+    score. We read the `score` head's per-token output with a forward hook instead of the model's pooled output,
+    because that is taken at the last non-pad *token id*, which is wrong when pad == eos or a response ends in padding.
+    The call must still go through the model's own forward: under FSDP2 only the root forward gathers the parameters
+    outside the blocks (embeddings, final norm, score head) and reduces their gradients."""
+    outputs = []
+    handle = model.score.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              use_cache=False)
+    finally:
+        handle.remove()
+    return outputs[0].squeeze(-1).float()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -407,9 +418,10 @@ class MetricsLogger:
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
-        keys = console_keys or tuple(metrics)
-        shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
-        print(f"[{time.time() - self.start:6.0f}s] step {step} {shown}", flush=True)
+        keys = tuple(metrics) if console_keys is None else console_keys  # () logs to the file only
+        if keys:
+            shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
+            print(f"[{time.time() - self.start:6.0f}s] step {step} {shown}", flush=True)
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 if self.tb is not None:
@@ -537,8 +549,11 @@ def gather_lists(local: list) -> list:
 def evaluate_policy(policy, tokenizer, prompts: list[str], device, *, ref_policy=None, reward_model=None,
                     reward_tokenizer=None, reward_fn=None, samples_per_prompt: int = 4, max_new_tokens: int = 24,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                    amp_dtype=None) -> dict:
+                    amp_dtype=None, prompt_token_ids: list[list[int]] | None = None) -> dict:
     """Sample `samples_per_prompt` completions of every prompt from the policy and measure them.
+
+    prompt_token_ids: the token ids of each prompt, when they are not `tokenizer(prompt)` with its special tokens
+    (e.g. prompts rendered by a chat template, which already hold them).
 
     Returns flat metrics: gold_reward_mean/std (reward_fn, e.g. the toy gold reward), proxy_reward_mean/std (the
     reward model, normalised), kl_to_ref (mean over samples of sum_t log pi(y_t) - log pi_ref(y_t): the k1 estimate
@@ -550,6 +565,9 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], device, *, ref_policy
     world = dist.get_world_size() if dist.is_initialized() else 1
     was_training = policy.training
     policy.eval()
+    if prompt_token_ids is None:
+        prompt_token_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids_of = dict(zip(prompts, prompt_token_ids))
     work = [p for p in prompts for _ in range(samples_per_prompt)][rank::world]
     gen = torch.Generator(device=device).manual_seed(seed + rank)
     n_batches = math.ceil(len(work) / batch_size)
@@ -559,7 +577,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], device, *, ref_policy
     for b in range(n_batches):
         batch = work[b * batch_size:(b + 1) * batch_size] or work[:1] or prompts[:1]  # dummy batch keeps ranks in step
         real = b * batch_size < len(work)
-        prompt_ids, prompt_mask = left_pad([tokenizer(p)["input_ids"] for p in batch], tokenizer.pad_token_id, device)
+        prompt_ids, prompt_mask = left_pad([ids_of[p] for p in batch], tokenizer.pad_token_id, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             responses, response_mask = generate(policy, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id, temperature, top_k, top_p, gen,

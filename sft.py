@@ -93,16 +93,29 @@ class Config:
     """also log to this Weights & Biases project (needs `wandb`)"""
 
 
+def render_chat_prompt(messages: list, tokenizer) -> str:
+    """The prompt text of a conversation: every message but the last, plus the assistant generation prompt."""
+    return tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+
+
 def tokenize_example(row: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids + [eos]) of one row. Prompt and completion are tokenised separately, so the loss
-    mask is exact even when the tokenizer would merge tokens across the boundary."""
+    """(prompt_ids, completion_ids ending with EOS) of one row. Prompt and completion are tokenised separately, so
+    the loss mask is exact even when the tokenizer would merge tokens across the boundary.
+
+    Conversations: the completion is what the chat template renders after the prompt (the assistant message with the
+    template's own end-of-turn text, as in TRL); EOS is appended unless the rendering already ends with it."""
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            raise ValueError(f"{where}: 'messages' must be a non-empty list ending with an assistant message")
-        prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        completion = messages[-1]["content"]
+        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{where}: 'messages' must be a list of at least 2 messages ending with an assistant one")
+        prompt_text = render_chat_prompt(messages, tokenizer)
+        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError(f"{where}: the chat template does not render the conversation as prompt + completion")
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the template holds BOS etc.
+        completion = full_text[len(prompt_text):]
+        if not str(messages[-1].get("content", "")).strip():
+            raise ValueError(f"{where}: empty assistant message")
     else:
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -110,7 +123,10 @@ def tokenize_example(row: dict, tokenizer, where: str) -> tuple[list[int], list[
         prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
     if not completion.strip():
         raise ValueError(f"{where}: empty completion")
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion_ids = tokenizer(completion.rstrip() if "messages" in row else completion,
+                               add_special_tokens=False)["input_ids"]
+    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
+        completion_ids.append(tokenizer.eos_token_id)
     return prompt_ids, completion_ids
 
 
@@ -170,7 +186,7 @@ def load_model(cfg: Config, device):
               f"{cfg.model_name_or_path}", flush=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                                     torch_dtype=torch.float32, use_safetensors=None)
+                                                     dtype=torch.float32, use_safetensors=None)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -194,12 +210,19 @@ def evaluate(model, tokenizer, eval_examples, eval_rows, cfg: Config, device, am
     metrics = {"eval/loss": (nll / count).item(), "eval/perplexity": math.exp(min(20.0, (nll / count).item()))}
 
     # completions of held-out prompts: each rank samples its share; all ranks decode the same number of steps
-    prompts = sorted({row["prompt"] for row in eval_rows if "prompt" in row})
+    prompt_ids_of = {}  # prompt text -> token ids, for plain and chat rows alike
+    for row in eval_rows:
+        if "messages" in row:
+            text = render_chat_prompt(row["messages"], tokenizer)
+            prompt_ids_of[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids_of[row["prompt"]] = tokenizer(row["prompt"])["input_ids"]
+    prompts = sorted(prompt_ids_of)
     if prompts:
         n = cfg.num_eval_generations // world_size
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 + rank)
         batch_prompts = [prompts[(rank * n + i) % len(prompts)] for i in range(n)]
-        prompt_ids, prompt_mask = common.left_pad([tokenizer(p)["input_ids"] for p in batch_prompts],
+        prompt_ids, prompt_mask = common.left_pad([prompt_ids_of[p] for p in batch_prompts],
                                                   tokenizer.pad_token_id, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             responses, response_mask = common.generate(
