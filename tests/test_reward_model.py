@@ -1,0 +1,307 @@
+"""reward_model.py: losses against hand / naive computations, score read-out under padding, data formats and bad rows,
+normalisation stored in the checkpoint, end-to-end runs (toy, ranking, tiny architectures, 2 processes)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+import reward_model as rm
+import toy_task
+from conftest import ROOT
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses and metrics
+# ---------------------------------------------------------------------------------------------------------------------
+def test_pairwise_loss_hand_computed():
+    chosen, rejected = torch.tensor([1.0, 0.0, -2.0, 30.0]), torch.tensor([0.0, 0.0, 1.0, -30.0])
+    expected = [-math.log(sigmoid(1.0)), math.log(2.0), -math.log(sigmoid(-3.0)), math.log1p(math.exp(-60.0))]
+    torch.testing.assert_close(rm.pairwise_loss(chosen, rejected), torch.tensor(expected))
+    margin = torch.tensor([0.5, 1.0, 0.0, 0.0])
+    expected_m = [-math.log(sigmoid(0.5)), -math.log(sigmoid(-1.0)), -math.log(sigmoid(-3.0)),
+                  math.log1p(math.exp(-60.0))]
+    torch.testing.assert_close(rm.pairwise_loss(chosen, rejected, margin), torch.tensor(expected_m))
+    # stable far in the tails, where log(sigmoid(x)) underflows to -inf
+    assert torch.isfinite(rm.pairwise_loss(torch.tensor([-200.0]), torch.tensor([0.0]))).all()
+
+
+def test_ranking_loss_is_mean_over_all_pairs():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 4)
+    naive = []
+    for s in scores.tolist():
+        pair_losses = [-math.log(sigmoid(s[i] - s[j])) for i in range(4) for j in range(i + 1, 4)]
+        assert len(pair_losses) == 6  # K (K - 1) / 2
+        naive.append(sum(pair_losses) / len(pair_losses))
+    torch.testing.assert_close(rm.ranking_loss(scores), torch.tensor(naive))
+    # ragged lists: a list of 3 inside a K = 4 batch averages over its own 3 pairs only
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    s = scores[:2].tolist()
+    naive_3 = sum(-math.log(sigmoid(s[0][i] - s[0][j])) for i in range(3) for j in range(i + 1, 3)) / 3
+    torch.testing.assert_close(rm.ranking_loss(scores[:2], mask), torch.tensor([naive_3, naive[1]]))
+    # K = 2 is the pairwise loss
+    torch.testing.assert_close(rm.ranking_loss(scores[:, :2]), rm.pairwise_loss(scores[:, 0], scores[:, 1]))
+
+
+def test_centering_penalty_and_pair_differences():
+    scores = torch.tensor([[1.0, -3.0], [0.5, 0.25]])
+    torch.testing.assert_close(rm.centering_penalty(scores), torch.tensor([4.0, 0.5625]))  # (r_c + r_r)^2
+    lists = torch.tensor([[3.0, 1.0, 2.0], [1.0, 5.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    torch.testing.assert_close(rm.centering_penalty(lists, mask), torch.tensor([36.0, 36.0]))
+    torch.testing.assert_close(rm.pair_differences(lists, mask), torch.tensor([2.0, 1.0, -1.0, -4.0]))
+
+
+def test_preference_metrics_against_naive():
+    diffs = [2.0, -0.1, 0.0, 0.3, 5.0, -3.0]
+    scores = [1.0, -1.0, 2.0, 0.0]
+    m = rm.preference_metrics(diffs, scores)
+    assert m["accuracy"] == pytest.approx(3 / 6)  # the tie is a miss
+    assert m["ties"] == pytest.approx(1 / 6)
+    assert m["margin"] == pytest.approx(sum(diffs) / 6)
+    assert m["reward/mean"] == pytest.approx(0.5) and m["reward/std"] == pytest.approx(np.std(scores))
+    assert (m["reward/min"], m["reward/max"]) == (-1.0, 2.0)
+    # confidence sigmoid(|d|): 0.88, 0.525, 0.5, 0.574, 0.993, 0.953
+    assert m["pairs_by_confidence/0.5-0.6"] == pytest.approx(3 / 6)
+    assert m["accuracy_by_confidence/0.5-0.6"] == pytest.approx(1 / 3)  # -0.1 and 0.0 miss, 0.3 hits
+    assert m["accuracy_by_confidence/0.8-0.9"] == 1.0
+    assert m["accuracy_by_confidence/0.9-1.0"] == pytest.approx(1 / 2)
+    assert math.isnan(m["accuracy_by_confidence/0.6-0.7"]) and m["pairs_by_confidence/0.6-0.7"] == 0.0
+
+
+def test_gold_ceiling_matches_stats_json():
+    """The ceiling computed from the gold reward equals the one the data generator wrote (same definition)."""
+    stats = json.load(open(os.path.join(ROOT, "data/toy/stats.json")))
+    examples, _ = rm.build_dataset("data/toy/preferences_eval.jsonl", toy_task.build_tokenizer(), rm.Config(),
+                                   toy_task.gold_reward)
+    gold = rm.gold_label_stats([ex["gold"] for ex in examples])
+    assert round(gold["ceiling_accuracy"], 4) == stats["preferences_eval_ceiling_accuracy"]
+    assert round(gold["gold_accuracy"], 4) == stats["preferences_eval_gold_accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Score read-out: last real token, whatever the padding
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scores_at_last_real_token_any_padding(tiny_checkpoints, arch):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoints[arch], num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
+    pad = model.config.pad_token_id = tok.eos_token_id  # pad == eos: the worst case for reading by token id
+    examples = [{"prompt_ids": tok("the movie was")["input_ids"], "completions": [
+        tok(" very good .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+        tok(" bad", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]], "margin": 0.0},
+        {"prompt_ids": tok("my new phone is")["input_ids"], "completions": [
+            tok(" not bad but the battery is ugly !", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+            tok(" fine .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]], "margin": 0.0}]
+    seqs = [ex["prompt_ids"] + c for ex in examples for c in ex["completions"]]
+    with torch.no_grad():
+        alone = torch.stack([model.score(getattr(model, model.base_model_prefix)(input_ids=torch.tensor([s]))
+                                         .last_hidden_state)[0, -1, 0] for s in seqs])  # no padding at all
+        ids_l, mask_l = common.left_pad(seqs, pad)
+        torch.testing.assert_close(common.get_scores(model, ids_l, mask_l, normalize=False), alone,
+                                   rtol=1e-5, atol=1e-5)
+        scores, _, _ = rm.example_scores_and_losses(model, examples, rm.Config(), torch.device("cpu"), None, pad)
+    torch.testing.assert_close(scores.reshape(-1), alone, rtol=1e-5, atol=1e-5)  # right-padded, (B, K) best first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data formats and bad rows
+# ---------------------------------------------------------------------------------------------------------------------
+def write_rows(tmp_path, rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_implicit_prompt_split():
+    assert rm.split_shared_prefix("the movie was good .", "the movie was great !", "f:1") == \
+        ("the movie was", " good .", " great !")
+    assert rm.split_shared_prefix("the movie was good", "the movie was good indeed", "f:1") == \
+        ("the movie was", " good", " good indeed")
+    assert rm.split_shared_prefix("good", "bad", "f:1") == ("", "good", "bad")
+    user = {"role": "user", "content": "how was it"}
+    a, b = {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
+    assert rm.split_shared_prefix([user, a], [user, b], "f:1") == ([user], [a], [b])
+
+
+def test_formats_tokenise_alike(tmp_path):
+    """Explicit, implicit and (with the toy chat template) conversational rows give the expected token ids."""
+    from conftest import toy_tokenizer_with_chat
+
+    tok = toy_tokenizer_with_chat()
+    rows = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad .", "margin": 1.5},
+            {"chosen": "the movie was good .", "rejected": "the movie was bad ."},
+            {"prompt": [{"role": "user", "content": "the movie was"}],
+             "chosen": [{"role": "assistant", "content": "good ."}], "rejected": "bad ."},
+            {"chosen": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "good ."}],
+             "rejected": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "bad ."}]}]
+    examples, counts = rm.build_dataset(write_rows(tmp_path, rows), tok, rm.Config())
+    assert counts == {"skipped_identical": 0, "truncated": 0, "dropped": 0}
+    eos = tok.eos_token_id
+    good = tok("good .", add_special_tokens=False)["input_ids"]
+    bad = tok("bad .", add_special_tokens=False)["input_ids"]
+    for ex in examples:
+        assert ex["completions"] == [good + [eos], bad + [eos]]
+    assert examples[0]["prompt_ids"] == examples[1]["prompt_ids"] == tok("the movie was")["input_ids"]
+    assert (examples[0]["margin"], examples[1]["margin"]) == (1.5, 0.0)
+    chat_prompt = tok("user : the movie was <eos> assistant :", add_special_tokens=False)["input_ids"]
+    assert examples[2]["prompt_ids"] == examples[3]["prompt_ids"] == chat_prompt
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "the movie was", "chosen": " good ."}, "missing field 'rejected'"),
+    ({"prompt": "the movie was", "chosen": "", "rejected": " bad ."}, "field 'chosen' is empty"),
+    ({"prompt": "the movie was", "chosen": " good .", "rejected": "   "}, "field 'rejected' is empty"),
+    ({"prompt": "the movie was", "chosen": " good .", "rejected": 3}, "field 'rejected' must be a string"),
+    ({"prompt": "the movie was", "chosen": " good .", "rejected": " bad .", "margin": "big"}, "field 'margin'"),
+    ({"prompt": 7, "chosen": " good .", "rejected": " bad ."}, "field 'prompt'"),
+    ({"chosen": " good .", "rejected": [{"role": "assistant", "content": "x"}]}, "both be strings"),
+])
+def test_bad_rows_name_file_line_field(tmp_path, row, message):
+    good = {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."}
+    path = write_rows(tmp_path, [good, row])
+    with pytest.raises(ValueError) as err:
+        rm.build_dataset(path, toy_task.build_tokenizer(), rm.Config())
+    assert f"{path}:2" in str(err.value) and message in str(err.value)
+
+
+def test_identical_completions_skipped_and_counted(tmp_path):
+    rows = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
+            {"prompt": "the movie was", "chosen": " good .", "rejected": " good ."},
+            {"chosen": "the movie was good .", "rejected": "the movie was good ."}]
+    examples, counts = rm.build_dataset(write_rows(tmp_path, rows), toy_task.build_tokenizer(), rm.Config())
+    assert len(examples) == 1 and counts["skipped_identical"] == 2
+    ranking = [{"prompt": "the movie was", "completions": [" good .", " fine .", " good ."]},
+               {"prompt": "the movie was", "completions": [" good .", " fine .", " bad ."]}]
+    examples, counts = rm.build_dataset(write_rows(tmp_path, ranking, "r.jsonl"), toy_task.build_tokenizer(),
+                                        rm.Config(loss="ranking"))
+    assert len(examples) == 1 and counts["skipped_identical"] == 1 and len(examples[0]["completions"]) == 3
+    with pytest.raises(ValueError, match=r"r1\.jsonl:1: field 'completions' must be a list of at least 2"):
+        rm.build_dataset(write_rows(tmp_path, [{"prompt": "x", "completions": [" good ."]}], "r1.jsonl"),
+                         toy_task.build_tokenizer(), rm.Config(loss="ranking"))
+
+
+def test_over_long_policy(tmp_path):
+    tok = toy_task.build_tokenizer()
+    prompt = "honestly the camera was"  # <bos> + 4 words
+    rows = [{"prompt": prompt, "chosen": " good .", "rejected": " very good and the battery was bad ."},
+            {"prompt": prompt, "chosen": " good .", "rejected": " bad ."}]
+    path = write_rows(tmp_path, rows)
+    # longest completion of row 1: 8 words + EOS = 9 tokens; 5 + 9 = 14 > 12
+    examples, counts = rm.build_dataset(path, tok, rm.Config(max_length=12))
+    assert counts["dropped"] == 1 and len(examples) == 1
+    examples, counts = rm.build_dataset(path, tok, rm.Config(max_length=12, truncation="truncate_prompt"))
+    assert counts["truncated"] == 1 and len(examples) == 2
+    assert examples[0]["prompt_ids"] == tok(prompt)["input_ids"][-3:]  # cut from the start, completions whole
+    assert max(len(examples[0]["prompt_ids"]) + len(c) for c in examples[0]["completions"]) == 12
+    examples, counts = rm.build_dataset(path, tok, rm.Config(max_length=9, truncation="truncate_prompt"))
+    assert counts["dropped"] == 1  # the completion alone does not fit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------------
+def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_path):
+    out = str(tmp_path / "rm")
+    cfg = rm.Config(model_name_or_path=toy_sft_checkpoint, output_dir=out, num_epochs=0.06, per_device_batch_size=32,
+                    learning_rate=1e-3, eval_every=10_000, log_every=5, normalize_samples=48, normalize_scale=True,
+                    agreement_samples_per_prompt=1, max_new_tokens=12)
+    final = rm.main(cfg)
+    assert final["loss"] < math.log(2)  # held-out loss below chance after ~18 steps
+    assert final["ceiling_accuracy"] == pytest.approx(0.7974, abs=1e-4)
+    assert 0 <= final["gold_proxy_agreement"] <= 1 and final["agreement_num_samples"] == 36
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert {"loss", "accuracy", "margin", "reward/mean", "reward/std", "pairs_per_s"} <= set(lines[0])
+    assert {"eval/accuracy", "eval/ceiling_accuracy", "eval/accuracy_by_confidence/0.5-0.6"} <= set(lines[-1])
+
+    # plain transformers loads it; the stored statistics are those of the policy's samples and get_scores applies them
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert (model.config.reward_mean, model.config.reward_std) == (final["reward_mean"], final["reward_std"])
+    policy = rm.load_policy(toy_sft_checkpoint, tok, cfg, torch.device("cpu"))
+    prompts = sorted({tuple(tok(r["prompt"])["input_ids"]) for r in common.load_jsonl(
+        "data/toy/preferences_train.jsonl")})
+    raw = rm.policy_sample_scores(policy, model, tok, [list(p) for p in prompts], 48, cfg, torch.device("cpu"), None,
+                                  0, 1)
+    assert np.mean(raw) == pytest.approx(model.config.reward_mean, abs=1e-5)
+    assert np.std(raw) == pytest.approx(model.config.reward_std, abs=1e-5)
+    ex, _ = rm.build_dataset(write_rows(tmp_path, [{"prompt": "the movie was", "chosen": " good .",
+                                                    "rejected": " not bad but the battery is ugly !"}]), tok, cfg)
+    ids, mask, *_ = rm.collate(ex, tok.pad_token_id, None)  # right-padded
+    with torch.no_grad():
+        raw_scores = common.get_scores(model, ids, mask, normalize=False)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:, 0], raw_scores)
+        torch.testing.assert_close(common.get_scores(model, ids, mask),
+                                   (raw_scores - final["reward_mean"]) / final["reward_std"])
+
+
+def test_ranking_loss_end_to_end(toy_sft_checkpoint, tmp_path):
+    final = rm.main(rm.Config(model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "rm"), loss="ranking",
+                              num_epochs=0.1, per_device_batch_size=16, learning_rate=1e-3, eval_every=10_000,
+                              normalize_samples=16, agreement_samples_per_prompt=0))
+    # 300 eval lists of 4: 6 comparisons each; the ceiling of Plackett-Luce labels lies strictly between 1/2 and 1
+    assert final["num_eval_examples"] == 300 and 0.5 < final["ceiling_accuracy"] < 1
+    assert final["loss"] < math.log(2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
+def test_tiny_architectures_conversational(tiny_checkpoints, tmp_path, arch):
+    subjects = ["movie", "phone", "cafe", "book", "laptop", "pizza", "game", "watch"]
+    rows = []
+    for i, s in enumerate(subjects):
+        user = {"role": "user", "content": f"how was the {s} ?"}
+        good, bad = {"role": "assistant", "content": "very good ."}, {"role": "assistant", "content": "bad !"}
+        rows.append({"prompt": [user], "chosen": [good], "rejected": [bad]} if i % 2 else
+                    {"chosen": [user, good], "rejected": [user, bad]})
+    data = write_rows(tmp_path, rows)
+    out = str(tmp_path / "rm")
+    final = rm.main(rm.Config(model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data,
+                              output_dir=out, per_device_batch_size=4, num_epochs=1, normalize_samples=4,
+                              max_new_tokens=4, learning_rate=1e-3))
+    assert final["num_train_examples"] == 8 and math.isfinite(final["loss"]) and math.isfinite(final["reward_mean"])
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id  # gpt2's BPE had no pad token
+    ex, _ = rm.build_dataset(data, tok, rm.Config())
+    ids, mask, *_ = rm.collate(ex[:2], tok.pad_token_id, None)
+    with torch.no_grad():  # the plain forward reads the same token as get_scores on right padding
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:, 0],
+                                   common.get_scores(model, ids, mask, normalize=False))
+
+
+def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
+    train = write_rows(tmp_path, common.load_jsonl("data/toy/preferences_train.jsonl")[:64], "train.jsonl")
+    evals = write_rows(tmp_path, common.load_jsonl("data/toy/preferences_eval.jsonl")[:37], "eval.jsonl")  # odd
+    args = dict(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, num_epochs=1.0,
+                learning_rate=1e-3, normalize_samples=0, log_every=1)
+    one = rm.main(rm.Config(output_dir=str(tmp_path / "one"), per_device_batch_size=16, **args))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "reward_model.py",
+           "--output_dir", str(tmp_path / "two"), "--per_device_batch_size", "8"]
+    cmd += [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "eval.json"))
+    for key in ("loss", "accuracy", "margin", "reward/mean", "reward/std", "train_loss", "train_accuracy"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)
