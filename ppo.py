@@ -51,7 +51,7 @@ class Config:
     are under data/toy, "none" to disable"""
     output_dir: str = "runs/ppo"
     """where the policy (HF format + tokenizer), metrics.jsonl and eval.json are written"""
-    num_iterations: int = 150
+    num_iterations: int = 100
     """rollout + update iterations"""
     rollout_batch_size: int = 64
     """prompts per iteration (global, over all ranks)"""
@@ -104,8 +104,8 @@ class Config:
     """weight of the value loss"""
     entropy_coef: float = 0.0
     """weight of the entropy bonus"""
-    learning_rate: float = 5e-5
-    """actor learning rate"""
+    learning_rate: float = 1e-4
+    """actor learning rate (the toy model is tiny; use ~1e-6 to 1e-5 for pretrained models)"""
     critic_learning_rate: float = 2e-4
     """critic learning rate"""
     shared_optimizer: bool = False
@@ -118,11 +118,11 @@ class Config:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    eval_every: int = 25
+    eval_every: int = 20
     """evaluate on held-out prompts every this many iterations (and before and after training)"""
     eval_samples_per_prompt: int = 8
     """samples per held-out prompt in each evaluation"""
-    sample_every: int = 25
+    sample_every: int = 20
     """print a few rollout completions every this many iterations"""
     log_every: int = 5
     """print metrics every this many iterations (metrics.jsonl gets every iteration)"""

@@ -1,0 +1,564 @@
+"""Direct Preference Optimization (DPO) and its common variants, in one file.
+
+    python dpo.py                                   # toy task: starts from runs/sft, CPU, ~2 minutes
+    python dpo.py --help                            # every option, explained
+    python dpo.py --model_name_or_path my-sft-model --dataset prefs.jsonl --eval_dataset none --eval_prompts none \
+        --beta 0.1 --learning_rate 5e-7
+    torchrun --nproc_per_node 8 dpo.py ...          # many GPUs (FSDP2)
+
+The reward-model-free alternative to PPO (seed 001, section 3). The KL-regularised RLHF objective
+max_pi E[r(x, y)] - beta * KL(pi || pi_ref) has the closed-form optimum
+pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + beta * log Z(x).
+Put into the Bradley-Terry likelihood of a preference y_w > y_l, Z(x) cancels and the policy is trained directly on
+the pairs:
+
+    h    = (log pi(y_w|x) - log pi(y_l|x)) - (log pi_ref(y_w|x) - log pi_ref(y_l|x))
+    loss = -log sigmoid(beta * h)                                   (sigmoid, Rafailov et al. 2023)
+
+log pi(y|x) is the sum of the token log-probs of the response only. Variants: ipo (h - 1/(2 beta))^2 (Azar et al.
+2023), hinge max(0, 1 - beta h) (SLiC, Zhao et al. 2023), label smoothing eps (conservative DPO, Mitchell 2023) and
+robust DPO (Chowdhury et al. 2024), both for labels flipped with probability eps; plus an optional SFT term
+rpo_alpha * (-log pi(y_w|x) / |y_w|) (RPO, Pang et al. 2024). The implicit reward beta * log(pi / pi_ref) is logged.
+
+Data (JSON lines), as in TRL: {"prompt", "chosen", "rejected"} strings (responses carry their leading space; the EOS
+token is appended here), implicit-prompt {"chosen", "rejected"} full texts (the shared beginning, cut at a word
+boundary, is the prompt), or conversational message lists: {"prompt": [...], "chosen": [assistant message],
+"rejected": [...]} or {"chosen": [...], "rejected": [...]} full conversations that differ only in the last (assistant)
+message; the tokenizer's chat template renders the prompt.
+"""
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+
+
+@dataclass
+class Config:
+    model_name_or_path: str = "runs/sft"
+    """policy to start from (Hugging Face checkpoint: hub id or local directory); `python sft.py` makes the toy's"""
+    ref_model_name_or_path: str | None = None
+    """frozen reference pi_ref (default: model_name_or_path, the usual choice); must share the policy's tokenizer"""
+    dataset: str = "data/toy/preferences_train.jsonl"
+    """training preference pairs, JSON lines (formats in the module docstring)"""
+    eval_dataset: str = "data/toy/preferences_eval.jsonl"
+    """held-out preference pairs for eval loss and implicit-reward accuracy ("none" to skip)"""
+    eval_prompts: str = "data/toy/prompts_eval.jsonl"
+    """held-out prompts {"prompt": ...} sampled from at the start and the end to measure gold/proxy reward and KL to
+    the reference, with the same evaluation as ppo.py ("none" to skip)"""
+    output_dir: str = "runs/dpo"
+    """where the policy (model + tokenizer), metrics.jsonl and eval.json are written"""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid: DPO; ipo: (h - 1/(2 beta))^2; hinge: max(0, 1 - beta h); robust: unbiased under label flips"""
+    beta: float = 0.1
+    """strength of the implicit KL penalty: larger keeps the policy closer to the reference (ipo: target margin
+    1/(2 beta))"""
+    label_smoothing: float = 0.0
+    """eps, the assumed probability that a label is flipped (sigmoid: conservative DPO; robust: robust DPO); 0 = DPO"""
+    rpo_alpha: float = 0.0
+    """weight of an SFT term, the length-normalised NLL of the chosen response (0 disables it)"""
+    precompute_ref_log_probs: bool = False
+    """compute the reference log-probs of every training pair once before training and free the reference model
+    (saves its memory and a forward pass per step; it is reloaded at the end for the KL of the final evaluation)"""
+    max_length: int = 64
+    """longest prompt + response (tokens); see `truncation`"""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """over-long pairs: cut the responses at max_length (they then have no EOS) or drop the pair; either is counted.
+    A pair whose prompt alone is max_length or longer is always dropped"""
+    num_epochs: float = 1.0
+    """passes over the training pairs (fractions allowed)"""
+    per_device_batch_size: int = 64
+    """pairs per micro-batch on each process (one forward pass holds 2x as many sequences)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimiser step; global batch = per_device_batch_size * this * world size"""
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate, tuned for the tiny toy model (on the toy, 1e-4 moves the policy too little in one
+    epoch and 5e-4 drifts further from the reference); use ~5e-7 to 1e-6 for pretrained LLMs"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after the warmup"""
+    warmup_ratio: float = 0.1
+    """fraction of the optimiser steps spent in linear warmup"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (global L2 norm)"""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    eval_every: int = 50
+    """evaluate held-out preferences every this many optimiser steps (and at the end)"""
+    log_every: int = 10
+    """log training metrics (averaged over the steps since the last log) every this many optimiser steps"""
+    eval_samples_per_prompt: int = 16
+    """completions sampled per held-out prompt in the start / end evaluation"""
+    max_new_tokens: int = 24
+    """maximum completion length when sampling"""
+    temperature: float = 1.0
+    """sampling temperature of the evaluation (the KL to the reference is measured at it)"""
+    eval_reward_fn: str = "auto"
+    """module:function (prompts, completions) -> list[float] scoring eval samples; "auto" = toy_task:gold_reward when
+    the dataset is under data/toy, "none" to disable"""
+    reward_model_path: str = "auto"
+    """reward model (from reward_model.py) also scoring the eval samples (proxy reward); "auto" = runs/reward_model if
+    it exists, "none" to disable. DPO never trains on it"""
+    seed: int = 1
+    """seed of data order and evaluation sampling"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the `tensorboard` package)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (needs `wandb`)"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses: pure functions of the sequence log-probs, (B,) -> (B,) per-pair losses
+# ---------------------------------------------------------------------------------------------------------------------
+def logratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+    """h = (log pi(y_w|x) - log pi(y_l|x)) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)), (B,): how much more the policy
+    prefers the chosen response than the reference does. beta * h is the implicit-reward margin."""
+    return (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+
+
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO: -log sigmoid(beta h). With label smoothing eps (conservative DPO): the expected loss when each label is
+    flipped with probability eps, -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h); its optimum is a finite
+    margin, so the policy stops pushing once beta h = log((1 - eps) / eps)."""
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def robust_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024):
+    ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps), an unbiased estimate of the
+    clean-label DPO loss when labels are flipped with probability eps (< 1/2)."""
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) \
+        / (1 - 2 * label_smoothing)
+
+
+def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023): (h - 1/(2 beta))^2, a regression of the log-ratio margin onto a finite target, so that
+    deterministic preferences cannot drive the policy infinitely far from the reference (DPO's failure mode).
+    h uses summed sequence log-probs as in the paper (TRL averages them over tokens instead)."""
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """SLiC-HF style hinge (Zhao et al. 2023): max(0, 1 - beta h); no gradient once the margin exceeds 1 / beta."""
+    return torch.relu(1 - beta * h)
+
+
+def preference_loss(h: torch.Tensor, loss_type: str, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss (B,) of the chosen variant."""
+    if loss_type == "sigmoid":
+        return sigmoid_loss(h, beta, label_smoothing)
+    if loss_type == "robust":
+        return robust_loss(h, beta, label_smoothing)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not to {loss_type}")
+    if loss_type == "ipo":
+        return ipo_loss(h, beta)
+    if loss_type == "hinge":
+        return hinge_loss(h, beta)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def sft_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """-log pi(y_w|x) / |y_w|, (B,): the NLL per token of the chosen response (RPO's SFT term). DPO alone can lower
+    the likelihood of both responses as long as the rejected one falls faster; this keeps the chosen one likely."""
+    return -chosen_logps / chosen_lengths.clamp(min=1)
+
+
+def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)): the reward the policy is optimal for, up to beta log Z(x)."""
+    return beta * (logps - ref_logps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: preference rows -> (prompt_ids, chosen_ids, rejected_ids)
+# ---------------------------------------------------------------------------------------------------------------------
+def split_implicit_prompt(chosen, rejected, where: str):
+    """(prompt, chosen_response, rejected_response) from two full texts or two full conversations.
+
+    Texts: the longest common prefix, cut back to the last whitespace so that no word is split (the responses keep
+    their leading space). Conversations: the common leading messages; each side must then be one assistant message."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        cut = max((i for i in range(n) if chosen[i].isspace()), default=0)
+        while cut > 0 and chosen[cut - 1].isspace():
+            cut -= 1
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    if len(chosen) - n != 1 or len(rejected) - n != 1:
+        raise ValueError(f"{where}: implicit-prompt conversations must share every message but the last "
+                         f"(they differ in {len(chosen) - n} and {len(rejected) - n} messages)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def assistant_content(messages, where: str, field: str) -> str:
+    if not (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
+            and messages[0].get("role") == "assistant" and isinstance(messages[0].get("content"), str)):
+        raise ValueError(f"{where}: '{field}' must be a list holding one assistant message "
+                         '[{"role": "assistant", "content": "..."}]')
+    return messages[0]["content"]
+
+
+def tokenize_pair(row: dict, tokenizer, where: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids + [eos], rejected_ids + [eos]) of one row. Prompt and responses are tokenised
+    separately, so the response mask is exact even where the tokenizer would merge tokens across the boundary."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row:
+        prompt = row["prompt"]
+    else:
+        if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
+            raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
+    if isinstance(prompt, list):  # conversational
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{where}: conversational row but the tokenizer has no chat template")
+        if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            raise ValueError(f"{where}: 'prompt' must be a non-empty list of {{'role', 'content'}} messages")
+        chosen = assistant_content(chosen, where, "chosen")
+        rejected = assistant_content(rejected, where, "rejected")
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    else:
+        for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: '{field}' must be a string (or every field a message list), "
+                                 f"got {type(value).__name__}")
+        prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value.strip():
+            raise ValueError(f"{where}: empty '{field}' response")
+    if not prompt_ids:  # the first response token must be conditioned on something
+        raise ValueError(f"{where}: empty prompt (and the tokenizer adds no BOS token)")
+    eos = [tokenizer.eos_token_id]
+    return (prompt_ids, tokenizer(chosen, add_special_tokens=False)["input_ids"] + eos,
+            tokenizer(rejected, add_special_tokens=False)["input_ids"] + eos)
+
+
+def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int], list[int]]], dict]:
+    """Tokenised pairs and the counts of the skip / truncation policy."""
+    rows = common.load_jsonl(path, required=("chosen", "rejected"))
+    examples, counts = [], {"truncated": 0, "dropped": 0, "identical": 0}
+    for i, row in enumerate(rows):
+        prompt_ids, chosen_ids, rejected_ids = tokenize_pair(row, tokenizer, f"{path}:{i + 1}")
+        if chosen_ids == rejected_ids:  # no preference to learn (zero gradient); counted, not an error
+            counts["identical"] += 1
+            continue
+        if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > cfg.max_length:
+            if cfg.truncation == "drop" or len(prompt_ids) >= cfg.max_length:
+                counts["dropped"] += 1
+                continue
+            keep = cfg.max_length - len(prompt_ids)
+            chosen_ids, rejected_ids = chosen_ids[:keep], rejected_ids[:keep]
+            counts["truncated"] += 1
+        examples.append((prompt_ids, chosen_ids, rejected_ids))
+    if not examples:
+        raise ValueError(f"{path}: no usable pair (max_length={cfg.max_length}, counts {counts})")
+    return examples, counts
+
+
+def collate_pairs(examples, pad_token_id: int, device):
+    """One batch of 2B rows: the chosen responses (rows :B), then the rejected ones (rows B:) of the same prompts, so
+    that a single forward pass scores both (and FSDP gathers each block once, not twice).
+
+    Prompts are left-padded to P columns and responses right-padded after them: every response starts at column P,
+    which is the layout of common.sequence_logprobs (shared with ppo.py); positions count from each row's first real
+    token, so the padding changes nothing. Returns input_ids (2B, P + R), attention_mask (2B, P + R),
+    response_mask (2B, R) (1 on real response tokens, incl. EOS) and P."""
+    prompts = [p for p, _, _ in examples] * 2
+    responses = [c for _, c, _ in examples] + [r for _, _, r in examples]
+    prompt_ids, prompt_mask = common.left_pad(prompts, pad_token_id, device)
+    response_ids = common.right_pad(responses, pad_token_id, device)
+    response_mask = common.right_pad([[1] * len(r) for r in responses], 0, device)
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    return input_ids, attention_mask, response_mask, prompt_ids.size(1)
+
+
+def concatenated_logps(model, input_ids, attention_mask, response_mask, context_length):
+    """Sequence log-probs log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens only (prompt and padding
+    masked), for a collate_pairs batch. Returns (chosen_logps (B,), rejected_logps (B,))."""
+    token_logprobs = common.sequence_logprobs(model, input_ids, attention_mask, context_length)  # (2B, R)
+    logps = common.masked_sum(token_logprobs, response_mask, dim=1)  # (2B,)
+    B = logps.size(0) // 2
+    return logps[:B], logps[B:]
+
+
+@torch.no_grad()
+def all_pair_logps(model, examples, batch_size: int, pad_token_id: int, device, amp_dtype) -> torch.Tensor:
+    """(N, 2) [chosen, rejected] sequence log-probs of every pair, on every rank. Each rank scores a strided share;
+    all ranks run the same number of forward passes (FSDP needs every rank in every forward)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    was_training = model.training
+    model.eval()
+    share = list(range(len(examples)))[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    local = []
+    for b in range(n_batches):
+        idx = share[b * batch_size:(b + 1) * batch_size]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            c, r = concatenated_logps(model, *collate_pairs([examples[i] for i in idx or [0]], pad_token_id, device))
+        local += [(i, float(lc), float(lr)) for i, lc, lr in zip(idx, c.float().tolist(), r.float().tolist())]
+    model.train(was_training)
+    out = torch.empty(len(examples), 2)
+    for i, c, r in common.gather_lists(local):
+        out[i, 0], out[i, 1] = c, r
+    return out.to(device)
+
+
+def pair_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, losses, beta) -> dict:
+    """Sums over the pairs (divided by the global pair count by the caller), TRL's names."""
+    chosen_rewards = implicit_rewards(chosen_logps, ref_chosen_logps, beta).detach()
+    rejected_rewards = implicit_rewards(rejected_logps, ref_rejected_logps, beta).detach()
+    return {
+        "loss": losses.detach().sum(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),  # strict: a tie is not a success
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
+    }
+
+
+def evaluate_preferences(policy, examples, ref_logps, cfg: Config, pad_token_id, device, amp_dtype) -> dict:
+    """Held-out loss and implicit-reward accuracy / margin over all held-out pairs (prefix eval_)."""
+    logps = all_pair_logps(policy, examples, cfg.per_device_batch_size, pad_token_id, device, amp_dtype)
+    c, r, rc, rr = logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1]
+    losses = preference_loss(logratio_margin(c, r, rc, rr), cfg.loss_type, cfg.beta, cfg.label_smoothing)
+    return {f"eval_{k}": v.item() / len(examples) for k, v in pair_metrics(c, r, rc, rr, losses, cfg.beta).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+def load_tokenizer(cfg: Config):
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{cfg.model_name_or_path}: tokenizer has no EOS token")
+    if tokenizer.pad_token_id is None:
+        # padding is always masked (attention and response masks come from lengths, never from token ids), so
+        # reusing EOS as pad is safe here and avoids growing the vocabulary away from the reference's
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool):
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                                 dtype=torch.float32)
+    if model.get_input_embeddings().weight.size(0) < len(tokenizer):
+        raise ValueError(f"{path}: {model.get_input_embeddings().weight.size(0)} token embeddings but the tokenizer "
+                         f"of {cfg.model_name_or_path} has {len(tokenizer)} tokens; policy and reference must share it")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    common.disable_dropout(model)  # the implicit reward compares two forward passes: they must be deterministic
+    if trainable:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+    else:
+        model.eval().requires_grad_(False)
+    return common.shard_model(model.to(device))
+
+
+def load_reward_model(cfg: Config, device):
+    path = cfg.reward_model_path
+    if path == "auto":
+        path = "runs/reward_model" if os.path.isdir("runs/reward_model") else "none"
+    if path == "none":
+        return None, None
+    reward_model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                                                      dtype=torch.float32)
+    common.disable_dropout(reward_model)
+    reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    return common.shard_model(reward_model.eval().requires_grad_(False).to(device)), reward_tokenizer
+
+
+def toy_ceiling(eval_dataset: str) -> float | None:
+    """The accuracy that the gold reward itself reaches on the toy's noisy held-out labels (data/toy/stats.json)."""
+    stats = os.path.join(os.path.dirname(os.path.abspath(eval_dataset)), "stats.json")
+    if os.path.basename(eval_dataset) != "preferences_eval.jsonl" or not os.path.exists(stats):
+        return None
+    with open(stats) as f:
+        return json.load(f).get("preferences_eval_ceiling_accuracy")
+
+
+def main(cfg: Config) -> dict:
+    rank, world_size, device = common.setup_distributed()
+    common.set_seed(cfg.seed)
+    amp_dtype = common.autocast_dtype(device, cfg.bf16)
+    ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    common.require_checkpoint(cfg.model_name_or_path, "sft.py")
+    common.require_checkpoint(ref_path, "sft.py")
+    t_start = time.time()
+
+    # 1. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
+    tokenizer = load_tokenizer(cfg)
+    policy = load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, trainable=True)
+    ref_model = load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False)
+    reward_model, reward_tokenizer = load_reward_model(cfg, device)
+    n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the full size under FSDP
+
+    # 2. data
+    examples, counts = build_dataset(cfg.dataset, tokenizer, cfg)
+    eval_examples = None if cfg.eval_dataset == "none" else build_dataset(cfg.eval_dataset, tokenizer, cfg)[0]
+    eval_prompts = [] if cfg.eval_prompts == "none" else \
+        [row["prompt"] for row in common.load_jsonl(cfg.eval_prompts, required=("prompt",))]
+    reward_fn_spec = cfg.eval_reward_fn
+    if reward_fn_spec == "auto":
+        reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.dataset) else "none"
+    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec)
+    if rank == 0:
+        print(f"policy {cfg.model_name_or_path}, reference {ref_path} | train pairs: {len(examples)} ({counts}, "
+              f"max_length {cfg.max_length}) | loss {cfg.loss_type}, beta {cfg.beta} | world size {world_size}",
+              flush=True)
+
+    def evaluate_samples(ref):
+        """Samples from the policy on held-out prompts: gold / proxy reward and KL to the reference (as in ppo.py)."""
+        metrics = common.evaluate_policy(
+            policy, tokenizer, eval_prompts, device, ref_policy=ref, reward_model=reward_model,
+            reward_tokenizer=reward_tokenizer, reward_fn=reward_fn, samples_per_prompt=cfg.eval_samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.per_device_batch_size,
+            seed=cfg.seed, amp_dtype=amp_dtype)
+        rows = metrics["per_sample"]
+        samples = [p + " |" + c for p, c in zip(rows["prompt"], rows["completion"])][::cfg.eval_samples_per_prompt][:4]
+        del metrics["per_sample"]
+        return metrics, samples
+
+    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.dataset}: {len(examples)} pairs is fewer than one global batch ({global_batch})")
+    total_steps = max(1, int(cfg.num_epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    # the optimiser must hold FSDP2's sharded parameters: built before any forward pass, since after a forward that no
+    # backward follows (the evaluation below) the root module's parameters() are its temporary gathered copies
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+
+    # the starting policy, measured exactly like the final one (same prompts and sampling seed), so they compare
+    start = evaluate_samples(ref_model)[0] if eval_prompts else {}
+    # reference log-probs never change: computed once for the held-out pairs, and for the training pairs if asked
+    eval_ref_logps = None if eval_examples is None else \
+        all_pair_logps(ref_model, eval_examples, cfg.per_device_batch_size, tokenizer.pad_token_id, device, amp_dtype)
+    train_ref_logps = None
+    if cfg.precompute_ref_log_probs:
+        train_ref_logps = all_pair_logps(ref_model, examples, cfg.per_device_batch_size, tokenizer.pad_token_id,
+                                         device, amp_dtype)
+        ref_model = None
+        gc.collect()
+
+    # 3. training loop
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # same on every rank: all agree on the global batch
+    order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
+    sums, n_summed, pairs_seen, train_time = {}, 0, 0, 0.0
+    console = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "pairs_per_s")
+    for step in range(1, total_steps + 1):
+        if pos + global_batch > len(order):
+            order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
+        batch_idx = order[pos:pos + global_batch]
+        pos += global_batch
+        local = batch_idx[rank::world_size]
+        t0 = time.time()
+        for mb in (local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)):
+            batch = collate_pairs([examples[j] for j in mb], tokenizer.pad_token_id, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                chosen_logps, rejected_logps = concatenated_logps(policy, *batch)
+                if train_ref_logps is not None:
+                    ref_chosen_logps, ref_rejected_logps = train_ref_logps[mb, 0], train_ref_logps[mb, 1]
+                else:
+                    with torch.no_grad():
+                        ref_chosen_logps, ref_rejected_logps = concatenated_logps(ref_model, *batch)
+            h = logratio_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+            losses = preference_loss(h, cfg.loss_type, cfg.beta, cfg.label_smoothing)  # (B,)
+            if cfg.rpo_alpha:
+                chosen_lengths = batch[2][:len(mb)].sum(1)
+                losses = losses + cfg.rpo_alpha * sft_loss(chosen_logps, chosen_lengths)
+            # mean over the global batch; FSDP averages gradients over ranks, hence * world_size
+            (losses.sum() / global_batch * world_size).backward()
+            for k, v in pair_metrics(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, losses,
+                                     cfg.beta).items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_time += time.time() - t0
+        pairs_seen += global_batch
+        n_summed += global_batch
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics = {k: common.all_reduce_sum(v).item() / n_summed for k, v in sums.items()}
+            metrics.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0], epoch=step / steps_per_epoch,
+                           pairs_per_s=pairs_seen / max(1e-9, train_time))
+            logger.log(step, metrics, console)
+            sums, n_summed = {}, 0
+        if eval_examples is not None and (step % cfg.eval_every == 0 or step == total_steps):
+            eval_metrics = evaluate_preferences(policy, eval_examples, eval_ref_logps, cfg, tokenizer.pad_token_id,
+                                                device, amp_dtype)
+            logger.log(step, eval_metrics, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
+
+    # 4. evaluate the trained policy like the starting one, save
+    final = {}
+    if eval_examples is not None:
+        final.update(eval_metrics, accuracy=eval_metrics["eval_rewards/accuracies"])
+        ceiling = toy_ceiling(cfg.eval_dataset)
+        if ceiling is not None:
+            final["accuracy_ceiling"] = ceiling
+    if eval_prompts:
+        if ref_model is None:  # freed after precomputing; the KL of the final evaluation needs it back
+            ref_model = load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False)
+        end, samples = evaluate_samples(ref_model)
+        final.update(end)
+        final.update({f"sft_{k}": v for k, v in start.items()})
+        if reward_fn is not None:  # the done criterion of the toy: at least half a standard deviation of SFT
+            gain = end["gold_reward_mean"] - start["gold_reward_mean"]
+            final["gold_reward_gain_in_sft_std"] = gain / start["gold_reward_std"] if start["gold_reward_std"] > 0 \
+                else float("nan")
+    common.save_checkpoint(policy, tokenizer, cfg.output_dir)
+    final.update(train_loss=metrics["loss"], train_steps=total_steps, pairs_per_s=pairs_seen / max(1e-9, train_time),
+                 wall_time_s=time.time() - t_start, num_parameters=n_params, **counts)
+    final = {k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))}  # what does not apply
+    if rank == 0:
+        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), final)
+        if eval_examples is not None:
+            ceiling = f" (gold-reward ceiling {final['accuracy_ceiling']:.3f})" if "accuracy_ceiling" in final else ""
+            print(f"held-out preference accuracy {final['accuracy']:.3f}{ceiling}", flush=True)
+        if eval_prompts:
+            for s in samples:
+                print("   sample:", s)
+            parts = [] if reward_fn is None else [
+                f"gold reward SFT {start['gold_reward_mean']:.3f} -> DPO {end['gold_reward_mean']:.3f} (std of SFT "
+                f"{start['gold_reward_std']:.3f}; gain {final.get('gold_reward_gain_in_sft_std', math.nan):.2f} std)"]
+            parts.append(f"KL to SFT {end['kl_to_ref']:.3f}")
+            if reward_model is not None:
+                parts.append(f"proxy reward SFT {start['proxy_reward_mean']:.3f} -> DPO {end['proxy_reward_mean']:.3f}")
+            parts.append(f"eos rate {end['eos_rate']:.3f} ({end['num_samples']} samples)")
+            print(", ".join(parts), flush=True)
+        print(f"saved {cfg.output_dir}", flush=True)
+    logger.close()
+    common.cleanup_distributed()
+    return final
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
