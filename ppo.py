@@ -1,6 +1,6 @@
 """PPO for language models (RLHF stage three), in one file: actor, critic, frozen reward model, frozen reference.
 
-    python ppo.py                       # toy task: runs/sft + runs/reward_model, CPU, ~4 minutes
+    python ppo.py                       # toy task: runs/sft + runs/reward_model, CPU, ~2 minutes
     python ppo.py --help                # every option, explained
     python ppo.py --reward_fn toy_task:gold_reward          # a rule-based / verifiable reward instead of a model
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path ... --reward_model_path ... --prompts my_prompts.jsonl
@@ -69,8 +69,9 @@ class Config:
     """nucleus sampling (1.0 = off)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the score of responses that never emit EOS (cut off at max_new_tokens)"""
-    kl_coef: float = 0.05
-    """beta in r_t = -beta * KL_t; larger keeps the policy closer to the reference (initial value if adaptive)"""
+    kl_coef: float = 0.2
+    """beta in r_t = -beta * KL_t; larger keeps the policy closer to the reference (initial value if adaptive). On the
+    toy, 0.05 (TRL's default) reaches slightly more gold reward at twice the KL and collapses the diversity"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """per-token KL estimator in the reward (Schulman's k1 / k2 / k3)"""
     adaptive_kl: bool = False
@@ -78,7 +79,7 @@ class Config:
     target_kl: float = 4.0
     """target per-sequence KL for the adaptive controller"""
     kl_horizon: int = 10000
-    """horizon (in episodes) of the adaptive controller"""
+    """horizon (in episodes) of the adaptive controller: beta moves by at most 20% * episodes / horizon per iteration"""
     score_norm: Literal["none", "running", "per_prompt"] = "none"
     """score normalisation: running whitening over all scores seen so far, or seed 002's per-prompt
     r - mean(r of the same prompt) + global mean (needs num_samples_per_prompt > 1)"""
