@@ -95,14 +95,18 @@ def load_jsonl(path: str, required: tuple[str, ...] = (), alternatives: tuple[tu
     """Rows of a JSON-lines file. Errors name the file, the line and the field.
 
     required: fields every row must have. alternatives: groups of fields of which a row must hold all of at least one
-    group (e.g. (("prompt", "completion"), ("messages",))). Blank lines are skipped."""
+    group (e.g. (("prompt", "completion"), ("messages",))). Blank lines at the end are ignored; a blank line between
+    rows is an error (JSON Lines allows none), so that row i is always line i + 1 of the file in every later error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    rows = []
+    rows, blank_line = [], None
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
+                blank_line = blank_line or line_no
                 continue
+            if blank_line is not None:
+                raise ValueError(f"{path}:{blank_line}: blank line between JSON rows")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

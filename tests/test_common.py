@@ -331,18 +331,21 @@ def write(path, text):
     return str(path)
 
 
-def test_load_jsonl_reads_rows_and_skips_blank_lines(tmp_path):
-    path = write(tmp_path / "ok.jsonl", '{"prompt": "a", "completion": " b"}\n\n{"messages": []}\n')
+def test_load_jsonl_reads_rows_and_rejects_interior_blank_lines(tmp_path):
+    path = write(tmp_path / "ok.jsonl", '{"prompt": "a", "completion": " b"}\n{"messages": []}\n\n  \n')
     rows = common.load_jsonl(path, alternatives=(("prompt", "completion"), ("messages",)))
     assert rows == [{"prompt": "a", "completion": " b"}, {"messages": []}]
+    gap = write(tmp_path / "gap.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=rf"{gap}:2: blank line between JSON rows"):
+        common.load_jsonl(gap)
 
 
 def test_load_jsonl_errors_name_file_line_and_field(tmp_path):
     bad = write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"prompt": "b", \n')
     with pytest.raises(ValueError, match=rf"{bad}:2: not valid JSON"):
         common.load_jsonl(bad)
-    missing = write(tmp_path / "missing.jsonl", '{"prompt": "a", "chosen": "x"}\n\n{"prompt": "b"}\n')
-    with pytest.raises(ValueError, match=rf"{missing}:3: missing field 'chosen'"):
+    missing = write(tmp_path / "missing.jsonl", '{"prompt": "a", "chosen": "x"}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=rf"{missing}:2: missing field 'chosen'"):
         common.load_jsonl(missing, required=("prompt", "chosen"))
     with pytest.raises(ValueError, match=rf"{missing}:1: missing fields: expected .*'completion'.* or .*'messages'"):
         common.load_jsonl(missing, alternatives=(("prompt", "completion"), ("messages",)))

@@ -231,8 +231,10 @@ def test_from_scratch_guard(tmp_path, tiny_checkpoints):
 @pytest.mark.parametrize("content,line,message", [
     ('{"prompt": "the phone was", "completion": " good ."}\n{"prompt": "the phone was", "completion": \n', 2,
      "not valid JSON"),
-    ('{"prompt": "the phone was", "completion": " good ."}\n\n{"prompt": "the phone was"}\n', 3,
+    ('{"prompt": "the phone was", "completion": " good ."}\n{"prompt": "the phone was"}\n', 2,
      r"missing fields: expected \{'prompt', 'completion'\} or \{'messages'\}"),
+    ('{"prompt": "the phone was", "completion": " good ."}\n\n{"prompt": "the phone was", "completion": " ok ."}\n',
+     2, "blank line between JSON rows"),
     ('{"prompt": "the phone was", "completion": ""}\n', 1, "empty completion"),
     ('{"prompt": "the phone was", "completion": 3}\n', 1, "'prompt' and 'completion' must be strings"),
     ("\n", None, "file is empty"),
