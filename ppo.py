@@ -378,9 +378,9 @@ def main(cfg: Config) -> dict:
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items()},
                    ("eval/gold_reward_mean", "eval/proxy_reward_mean", "eval/kl_to_ref", "eval/gold_proxy_agreement",
                     "eval/eos_rate"))
-        m["samples"] = [{"prompt": p, "completion": c, "gold": g, "proxy": s} for p, c, g, s in
-                        zip(*(per_sample[k][:: max(1, len(per_sample["prompt"]) // 6)][:6]
-                              for k in ("prompt", "completion", "gold", "proxy")))]
+        every = max(1, len(per_sample["prompt"]) // 6)  # six samples spread over the prompts
+        m["samples"] = [{k: per_sample[k][i] for k in ("prompt", "completion", "gold", "proxy")}
+                        for i in range(0, len(per_sample["prompt"]), every)][:6]
         return m
 
     initial_eval = evaluate(0)
