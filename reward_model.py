@@ -292,8 +292,8 @@ def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[li
     required = ("prompt", "completions") if cfg.loss == "ranking" else ("chosen", "rejected")
     rows = common.load_jsonl(path, required=required)
     examples, counts = [], {"skipped_identical": 0, "truncated": 0, "dropped": 0}
-    for line, row in zip(_line_numbers(path), rows):
-        where = f"{path}:{line}"
+    for i, row in enumerate(rows):
+        where = f"{path}:{i + 1}"  # load_jsonl allows no blank line between rows: row i is line i + 1
         parsed = parse_row(row, where, cfg.loss)
         if parsed is None:
             counts["skipped_identical"] += 1
@@ -322,12 +322,6 @@ def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[li
     if not examples:
         raise ValueError(f"{path}: no usable example (counts: {counts}, max_length={cfg.max_length})")
     return examples, counts
-
-
-def _line_numbers(path: str) -> list[int]:
-    """1-based line numbers of the non-blank lines (the rows load_jsonl returns), for error messages."""
-    with open(path, encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
 
 
 def collate(batch: list[dict], pad_token_id: int, device):
