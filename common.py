@@ -5,23 +5,80 @@ masked statistics, the reward/value head read-out, data loading with clear error
 Every function is pure where possible and checked against a naive computation in tests/test_common.py.
 """
 
+import base64
+import ctypes
+import difflib
 import json
 import math
 import os
 import random
 import shutil
-import tempfile
+import sys
 import time
+import traceback
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup: seeding, device, distributed
 # ---------------------------------------------------------------------------------------------------------------------
+class InputError(ValueError):
+    """A bad input or option. The message names the file and line, the field or the --option, and what to do; the
+    scripts print it as one line (`error: ...`, exit status 2) instead of a traceback."""
+
+
+def cli(main, config_class) -> None:
+    """Entry point of every script: parse the options into config_class (tyro; a bad option value is reported by
+    tyro with its name), then run main(config).
+
+    An InputError ends the run with its one-line message and exit status 2. In a multi-process run a rank that fails
+    (any exception) prints its rank and exits at once with os._exit, without the interpreter's teardown: torchrun then
+    stops the other ranks, instead of leaving them waiting forever in a collective for the dead one."""
+    import tyro
+
+    config = tyro.cli(config_class)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if distributed else ""
+    try:
+        main(config)
+    except InputError as e:
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        if distributed:
+            os._exit(2)
+        sys.exit(2)
+    except BaseException as e:
+        if not distributed or isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        traceback.print_exc()
+        print(f"{prefix}failed; ending this process so that torchrun stops the other ranks", file=sys.stderr,
+              flush=True)
+        os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+
+
+def check_options(config, positive=(), nonnegative=(), fractions=(), probabilities=()) -> None:
+    """Refuse option values that make no sense, naming the option: positive (> 0), nonnegative (>= 0), fractions
+    (in [0, 1]) and probabilities (in (0, 1]). NaN fails every check."""
+    def bad(name, need):
+        raise InputError(f"--{name} must be {need}, got {getattr(config, name)!r}")
+
+    for name in positive:
+        if not getattr(config, name) > 0:
+            bad(name, "> 0")
+    for name in nonnegative:
+        if not getattr(config, name) >= 0:
+            bad(name, ">= 0")
+    for name in fractions:
+        if not 0 <= getattr(config, name) <= 1:
+            bad(name, "between 0 and 1")
+    for name in probabilities:
+        if not 0 < getattr(config, name) <= 1:
+            bad(name, "in (0, 1]")
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -44,8 +101,18 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def cleanup_distributed() -> None:
+    """Tear the process group down once every rank is done with it. Without the barrier a rank that finishes first
+    destroys the group while rank 0 is still saving, and the other rank aborts (`terminate called without an active
+    exception`): a run that trained correctly would exit non-zero."""
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 
@@ -98,80 +165,457 @@ def load_jsonl(path: str, required: tuple[str, ...] = (), alternatives: tuple[tu
     group (e.g. (("prompt", "completion"), ("messages",))). Blank lines at the end are ignored; a blank line between
     rows is an error (JSON Lines allows none), so that row i is always line i + 1 of the file in every later error."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     rows, blank_line = [], None
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1});"
+                                 " save the file as UTF-8") from None
             if not line.strip():
                 blank_line = blank_line or line_no
                 continue
             if blank_line is not None:
-                raise ValueError(f"{path}:{blank_line}: blank line between JSON rows")
+                raise InputError(f"{path}:{blank_line}: blank line between JSON rows")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            check_field_names(row, set(required) | {k for group in alternatives for k in group}, f"{path}:{line_no}")
             for field in required:
                 if field not in row:
-                    raise ValueError(f"{path}:{line_no}: missing field '{field}'")
+                    raise InputError(f"{path}:{line_no}: missing field '{field}'")
             if alternatives and not any(all(k in row for k in group) for group in alternatives):
                 wanted = " or ".join("{" + ", ".join(repr(k) for k in g) + "}" for g in alternatives)
-                raise ValueError(f"{path}:{line_no}: missing fields: expected {wanted}, got keys {sorted(row)}")
+                raise InputError(f"{path}:{line_no}: missing fields: expected {wanted}, got keys {sorted(row)}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: file is empty (no JSON lines)")
+        raise InputError(f"{path}: file is empty (no JSON lines)")
     return rows
+
+
+def check_field_names(row: dict, known: set[str], where: str) -> None:
+    """Refuse a field that looks like a misspelt expected one ('promt' next to 'chosen' and 'rejected'): the row would
+    otherwise be read as another format or with that field empty. Other extra fields (ids, metadata) are fine."""
+    for key in row:
+        if key not in known:
+            close = difflib.get_close_matches(key, [k for k in known if k not in row], n=1, cutoff=0.75)
+            if close:
+                raise InputError(f"{where}: unknown field '{key}'; did you mean '{close[0]}'?")
+
+
+def check_messages(messages, where: str, field: str) -> None:
+    """A conversation must be a non-empty list of {"role": str, "content": str} objects."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise InputError(f"{where}: field '{field}' must be a non-empty list of {{\"role\": str, \"content\": str}} "
+                         f"messages, got {json.dumps(messages)[:120]}")
 
 
 def require_checkpoint(path: str, script: str) -> None:
     """Clear error when a default input of a later stage is missing (e.g. runs/sft before reward_model.py)."""
     if path.startswith("runs/") and not os.path.isdir(path):
-        raise SystemExit(f"error: {path} not found; run `python {script}` first (or pass another path)")
+        raise InputError(f"{path} not found; run `python {script}` first (or pass another path)")
 
 
-def save_checkpoint(model, tokenizer, out_dir: str, extra_config: dict | None = None) -> None:
-    """Save a Hugging Face checkpoint (safetensors) from rank 0, atomically: written into a temporary sibling
-    directory, then swapped in with renames, so that a crash never leaves a half-written out_dir behind.
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving: the final model (Hugging Face format), training checkpoints (torch.distributed.checkpoint) and exact resume
+#
+# output_dir/                       the final model: config.json, model.safetensors, tokenizer files, eval.json
+#   metrics.jsonl                   one JSON object per logged step
+#   checkpoints/step_N/             for --resume: model(s) and optimiser(s) as torch.distributed.checkpoint shards
+#                                   (every rank writes its own), trainer_state.json (step, data position, scheduler,
+#                                   counters ...), rank{r}.json (every random generator of rank r), metrics.jsonl
+#                                   (the log up to step N, so that a resumed run's log has each step exactly once)
+# Everything is written under a temporary name and renamed into place, so a kill at any moment leaves the previous
+# state complete; the next run removes what an interrupted save left behind (prepare_output_dir).
+# ---------------------------------------------------------------------------------------------------------------------
+RUN_FILES = ("metrics.jsonl", ".metrics.jsonl.incoming", "checkpoints", "tensorboard")  # kept across model saves
 
-    Under FSDP2 the full state dict is gathered first (every rank must call this). extra_config: keys added to
-    config.json (e.g. the reward normalisation)."""
+
+def write_json_atomic(path: str, obj) -> None:
+    """Strict JSON (NaN and infinity become null), written to a temporary file, flushed to disk, then renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(strict_json(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def strict_json(obj):
+    """obj with every NaN / infinity replaced by None (JSON has no NaN; strict parsers reject it) and tensors and
+    numpy scalars turned into Python numbers."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if torch.is_tensor(obj) or isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _saving_paths(out_dir: str) -> tuple[str, str]:
+    """The sibling directories a save of out_dir writes into (named after it, so runs sharing a parent never touch
+    each other's): the new model while it is written, and (without an atomic exchange) the old one while swapped."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.saving"), os.path.join(parent, f".{name}.old")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE): there is no moment at which b is missing.
+    False where the system cannot (then the caller falls back to two renames)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _carry_run_files(src: str, dst: str) -> None:
+    """Move the run's own files (log, checkpoints) from the directory holding the previous model into the new one."""
+    for name in os.listdir(src):
+        if (name in RUN_FILES or name.startswith("events.out.tfevents")) and not os.path.exists(os.path.join(dst, name)):
+            os.rename(os.path.join(src, name), os.path.join(dst, name))
+
+
+def prepare_output_dir(output_dir: str, rank: int = 0) -> None:
+    """Before any work: finish or undo what an interrupted save left (the new model is kept only if it was complete),
+    remove half-written checkpoints, and make sure output_dir can be written, so that a run never discovers after
+    hours of training that it cannot save."""
+    if rank == 0:
+        saving, old = _saving_paths(output_dir)
+        if os.path.isdir(old):  # killed between the two renames of the fallback swap
+            if not os.path.exists(output_dir):
+                os.rename(old, output_dir)
+            else:
+                _carry_run_files(old, output_dir)
+                shutil.rmtree(old)
+        if os.path.isdir(saving):  # killed while writing the new model, or just after the swap
+            if os.path.isdir(output_dir):
+                _carry_run_files(saving, output_dir)
+            shutil.rmtree(saving)
+        ckpt_root = os.path.join(output_dir, "checkpoints")
+        if os.path.isdir(ckpt_root):
+            for name in os.listdir(ckpt_root):
+                if name.startswith(".tmp_"):
+                    shutil.rmtree(os.path.join(ckpt_root, name))
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            probe = os.path.join(output_dir, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise InputError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e}); choose another "
+                             "directory") from None
+    barrier()
+
+
+def check_disk_space(output_dir: str, bytes_needed: int, what: str) -> None:
+    """Refuse to start when the disk holding output_dir has less free space than the run will write."""
+    free = shutil.disk_usage(output_dir).free
+    if free < bytes_needed:
+        raise InputError(f"--output_dir {output_dir}: {free / 2**30:.2f} GiB free on its disk, but {what} need "
+                         f"about {bytes_needed / 2**30:.2f} GiB; free space, choose another directory, or save less")
+
+
+def checkpoint_bytes(trained: list[torch.nn.Module], saved: torch.nn.Module, save_every: int) -> int:
+    """Bytes a run writes: the final model (fp32 safetensors), plus one training checkpoint (weights and AdamW's two
+    moments of every trained model) when checkpointing. DTensor.numel() is the full size under FSDP."""
+    final = sum(p.numel() * p.element_size() for p in saved.parameters())
+    ckpt = sum(3 * p.numel() * 4 for m in trained for p in m.parameters() if p.requires_grad) if save_every else 0
+    return final + ckpt
+
+
+def save_model(model, tokenizer, out_dir: str, eval_results: dict | None = None, logger=None,
+               extra_config: dict | None = None) -> None:
+    """Save the final model as a Hugging Face checkpoint (safetensors) with eval.json beside it, atomically.
+
+    The new model is written into a sibling directory, which is then exchanged with out_dir in one atomic rename, so
+    that at every moment out_dir holds a complete model (the previous one or the new one) and an eval.json that
+    describes those very weights; the run's log and checkpoints are then moved over. Under FSDP2 the full state dict is
+    gathered to rank 0 first (every rank must call this). extra_config: keys added to config.json (e.g. the reward
+    normalisation)."""
     state_dict = None
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.get_rank() != 0:
-            return
-    for k, v in (extra_config or {}).items():
-        setattr(model.config, k, v)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp_", dir=parent)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old_", dir=parent)
-        os.rename(out_dir, os.path.join(old, "ckpt"))
-        # the run's logs live next to the checkpoint (MetricsLogger keeps metrics.jsonl open): carry them over; a
-        # rename keeps the inode, so the open file goes on receiving lines
-        for name in os.listdir(os.path.join(old, "ckpt")):
-            if name in ("metrics.jsonl", "eval.json") or name.startswith("events.out.tfevents"):
-                os.rename(os.path.join(old, "ckpt", name), os.path.join(tmp, name))
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)
+    if rank == 0:
+        for k, v in (extra_config or {}).items():
+            setattr(model.config, k, v)
+        saving, old = _saving_paths(out_dir)
+        shutil.rmtree(saving, ignore_errors=True)
+        model.save_pretrained(saving, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(saving)
+        if eval_results is not None:
+            write_json_atomic(os.path.join(saving, "eval.json"), eval_results)
+        if logger is not None:
+            logger.promote()  # a fresh run's log now replaces the previous run's (before it moves with the run files)
+        if not os.path.exists(out_dir):
+            os.rename(saving, out_dir)
+        elif _exchange(saving, out_dir):
+            _carry_run_files(saving, out_dir)
+            shutil.rmtree(saving)
+        else:  # no atomic exchange here: a kill between these renames is repaired by the next run
+            os.rename(out_dir, old)
+            os.rename(saving, out_dir)
+            _carry_run_files(old, out_dir)
+            shutil.rmtree(old)
+        if logger is not None:
+            logger.path = os.path.join(out_dir, "metrics.jsonl")
+            prune_checkpoints(out_dir, logger.run_id, keep=None)
+    barrier()
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def _encode_state(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _decode_state(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def random_state(generators: dict[str, torch.Generator]) -> dict:
+    """Every random generator of this process as JSON: Python's, numpy's, torch's (CPU and CUDA) and the script's."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *[float(x) if isinstance(x, float) else int(x)
+                                                             for x in np_state[2:]]],
+            "torch": _encode_state(torch.get_rng_state()),
+            "cuda": [_encode_state(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "generators": {name: _encode_state(g.get_state()) for name, g in generators.items()}}
+
+
+def set_random_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.asarray(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(_decode_state(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_decode_state(s) for s in state["cuda"]])
+    for name, g in generators.items():
+        g.set_state(_decode_state(state["generators"][name]))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir/checkpoints (by the time it was saved, so that a newer run's
+    checkpoints win over an older run's higher steps), or None. A step_N directory is complete by construction: it is
+    renamed into place only after everything in it was written."""
+    root = os.path.join(output_dir, "checkpoints")
+    newest, newest_time = None, -1.0
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        state_file = os.path.join(root, name, "trainer_state.json")
+        if name.startswith("step_") and os.path.isfile(state_file):
+            with open(state_file) as f:
+                saved_at = json.load(f)["saved_at"]
+            if saved_at > newest_time:
+                newest, newest_time = os.path.join(root, name), saved_at
+    return newest
+
+
+def prune_checkpoints(output_dir: str, run_id: str, keep: int | None) -> None:
+    """Delete the checkpoints of earlier runs into the same output_dir, and all but the newest `keep` of this run."""
+    root = os.path.join(output_dir, "checkpoints")
+    ours = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        state_file = os.path.join(root, name, "trainer_state.json")
+        if not (name.startswith("step_") and os.path.isfile(state_file)):
+            continue
+        with open(state_file) as f:
+            state = json.load(f)
+        if state["run_id"] != run_id:
+            shutil.rmtree(os.path.join(root, name))
+        else:
+            ours.append((state["step"], name))
+    for _, name in sorted(ours)[:-keep] if keep else []:
+        shutil.rmtree(os.path.join(root, name))
+
+
+def _model_and_optimizer_state(models: dict, optimizers: list):
+    """State dicts of every trained model and optimiser, keyed by module path, sharded under FSDP2 (each rank holds its
+    shards): what torch.distributed.checkpoint saves and loads without gathering anything to one rank."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    modules = torch.nn.ModuleDict(models)
+    model_state, optim_state = get_state_dict(modules, optimizers)
+    return modules, {"model": model_state, "optim": optim_state}
+
+
+def save_state(output_dir: str, step: int, models: dict, optimizers: list, generators: dict, state: dict, logger,
+               config, save_total_limit: int, rank_state: dict | None = None) -> str:
+    """Write output_dir/checkpoints/step_{step}: everything a resumed run needs to continue exactly (every rank must
+    call this). models: the trained models by name; generators: the script's own random generators of this rank;
+    state: the script's JSON-able state, the same on every rank (data position, scheduler, counters, ...); rank_state:
+    what differs between ranks (e.g. partial sums of metrics not yet reduced). Keeps the newest save_total_limit
+    checkpoints of this run; removes those of earlier runs."""
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = os.path.join(output_dir, "checkpoints")
+    tmp, final = os.path.join(root, f".tmp_step_{step}"), os.path.join(root, f"step_{step}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    _, sharded = _model_and_optimizer_state(models, optimizers)
+    with warnings.catch_warnings():  # a single process is a fine use of torch.distributed.checkpoint
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save(sharded, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # each rank writes its own shards
+    write_json_atomic(os.path.join(tmp, f"rank{rank}.json"), {"random": random_state(generators),
+                                                               "state": rank_state or {}})
+    barrier()
+    if rank == 0:
+        logger.snapshot(os.path.join(tmp, "metrics.jsonl"))
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), {
+            "step": step, "saved_at": time.time(), "run_id": logger.run_id,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "config": {k: v for k, v in vars(config).items()}, "state": state})
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again by a resumed run
+        os.rename(tmp, final)
+        logger.promote()
+        prune_checkpoints(output_dir, logger.run_id, save_total_limit)
+    barrier()
+    return final
+
+
+def load_state(path: str, models: dict, optimizers: list, generators: dict, config) -> dict:
+    """Load a checkpoint written by save_state into the (already built and sharded) models and optimisers and the
+    random generators of this rank; returns its trainer_state.json with this rank's rank_state under "rank_state".
+    Options that differ from the checkpoint's are printed: a resumed run is exact only with the same options."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        trainer_state = json.load(f)
+    if trainer_state["world_size"] != world_size:
+        raise InputError(f"--resume: {path} was written by {trainer_state['world_size']} processes but this run has "
+                         f"{world_size}; resume with the same number (each rank's random state is restored)")
+    changed = {k: (v, getattr(config, k)) for k, v in trainer_state["config"].items()
+               if k != "resume" and hasattr(config, k) and strict_json(getattr(config, k)) != v}
+    if rank == 0 and changed:
+        print("resume: options changed since the checkpoint: " +
+              ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), flush=True)
+    modules, sharded = _model_and_optimizer_state(models, optimizers)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(sharded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_state_dict(modules, optimizers, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
+    with open(os.path.join(path, f"rank{rank}.json")) as f:
+        per_rank = json.load(f)
+    set_random_state(per_rank["random"], generators)
+    trainer_state["rank_state"] = per_rank["state"]
+    return trainer_state
+
+
+def resume_checkpoint(output_dir: str, resume: bool) -> str | None:
+    """The checkpoint --resume continues from (the newest complete one), None without --resume; a clear error when
+    there is none."""
+    if not resume:
+        return None
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        raise InputError(f"--resume: no complete checkpoint in {output_dir}/checkpoints (save them with --save_every "
+                         "N); run without --resume to start from the beginning")
+    return path
+
+
+class BatchOrder:
+    """The indices of successive global batches: a seeded random permutation of the n examples, drawn afresh when
+    fewer than one batch is left (the tail of an epoch is dropped; fewer examples than a batch are repeated). Every
+    rank builds the same order, so all agree on the global batch. state_dict() / load_state_dict() let a resumed run
+    draw exactly the batches the interrupted one would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.pos, self.order_state = [], 0, None  # order_state: the generator before drawing `order`
+
+    def _draw(self) -> None:
+        self.order_state = self.generator.get_state()
+        self.order = torch.randperm(self.n, generator=self.generator).tolist() * max(1, -(-self.batch_size // self.n))
+        self.pos = 0
+
+    def next(self) -> list[int]:
+        if self.pos + self.batch_size > len(self.order):
+            self._draw()
+        batch = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "generator": _encode_state(self.generator.get_state()),
+                "order_state": None if self.order_state is None else _encode_state(self.order_state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["order_state"] is not None:
+            self.generator.set_state(_decode_state(state["order_state"]))
+            self._draw()
+        self.pos = state["pos"]
+        self.generator.set_state(_decode_state(state["generator"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading models with errors that name the option
+# ---------------------------------------------------------------------------------------------------------------------
+def from_pretrained(model_class, path: str, option: str, **kwargs):
+    """model_class.from_pretrained(path) with a clear error naming the option when path is neither a local checkpoint
+    nor a hub id that can be loaded (transformers would report a missing directory as a malformed repo id)."""
+    if path.startswith("runs/") and not os.path.isdir(path):
+        raise InputError(f"{option} {path}: not found; run the stage that writes it first (or pass another path)")
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "no such local directory, and it" if not os.path.exists(path) else "it"
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise InputError(f"{option} {path}: cannot load ({where} is not a loadable Hugging Face checkpoint or hub "
+                         f"id: {reason})") from None
+
+
+def check_model_kind(model, path: str, option: str, kind: str) -> None:
+    """Refuse a checkpoint of the wrong kind instead of silently using a random head: a reward model (or critic) needs
+    a trained score head; a policy must be a causal language model, not a reward model."""
+    architectures = getattr(model.config, "architectures", None) or []
+    if kind == "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise InputError(f"{option} {path}: not a reward model (its architectures are {architectures}, so the score "
+                         "head would be random); train one with reward_model.py, or pass a "
+                         "...ForSequenceClassification checkpoint with num_labels=1")
+    if kind == "reward" and model.config.num_labels != 1:
+        raise InputError(f"{option} {path}: a reward model needs one output (num_labels=1), this one has "
+                         f"{model.config.num_labels}")
+    if kind == "policy" and any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise InputError(f"{option} {path}: a reward / classification model ({architectures}), not a causal "
+                         "language model; pass the SFT policy")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None when unbounded, e.g. some rotary models)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def check_length(config, length: int, what: str, path: str) -> None:
+    """Sequences longer than the model's positions would crash deep inside it (IndexError) or silently misbehave."""
+    limit = max_positions(config)
+    if limit is not None and length > limit:
+        raise InputError(f"{what} = {length} tokens exceeds the {limit} positions of {path}; lower it")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,42 +840,71 @@ def get_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, nor
 # Logging
 # ---------------------------------------------------------------------------------------------------------------------
 class MetricsLogger:
-    """Console + out_dir/metrics.jsonl (one JSON object per logged step), optional TensorBoard / W&B (imported
-    lazily, only when asked for). Only rank 0 writes."""
+    """Console + out_dir/metrics.jsonl (one strict-JSON object per logged step), optional TensorBoard / W&B (imported
+    lazily, only when asked for). Only rank 0 writes.
+
+    resume_from: a checkpoint whose copy of the log replaces metrics.jsonl before appending, so that the steps a killed
+    run logged after its last checkpoint appear once, not twice. A new run into a directory that already holds a log
+    writes to .metrics.jsonl.incoming until its first save (promote), so a run that fails early leaves the previous
+    run's log in place. run_id names the run (kept across resumes) whose checkpoints belong together."""
 
     def __init__(self, out_dir: str, rank: int = 0, tensorboard: bool = False, wandb_project: str | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, resume_from: str | None = None):
         self.rank, self.start = rank, time.time()
         self.tb = self.wandb = None
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        if resume_from is not None:
+            with open(os.path.join(resume_from, "trainer_state.json")) as f:
+                saved = json.load(f)
+            self.run_id = saved["run_id"]
         if rank != 0:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if resume_from is not None:
+            shutil.copyfile(os.path.join(resume_from, "metrics.jsonl"), self.path + ".tmp")
+            os.replace(self.path + ".tmp", self.path)
+        elif os.path.exists(self.path):
+            self.path = os.path.join(out_dir, ".metrics.jsonl.incoming")
+        self.file = open(self.path, "a" if resume_from is not None else "w")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
 
-            self.tb = SummaryWriter(out_dir)
+            # purge_step: a resumed run drops the events the killed run wrote after its checkpoint
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                    purge_step=saved["step"] + 1 if resume_from is not None else None)
         if wandb_project:
             import wandb  # optional dependency
 
-            self.wandb = wandb.init(project=wandb_project, config=config)
+            self.wandb = wandb.init(project=wandb_project, config=config, id=self.run_id, resume="allow")
 
     def log(self, step: int, metrics: dict, console_keys: tuple[str, ...] | None = None) -> None:
         if self.rank != 0:
             return
-        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        metrics = strict_json(metrics)
+        self.file.write(json.dumps({"step": step, **metrics}, allow_nan=False) + "\n")
         self.file.flush()
         keys = tuple(metrics) if console_keys is None else console_keys  # () logs to the file only
         if keys:
             shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
             print(f"[{time.time() - self.start:6.0f}s] step {step} {shown}", flush=True)
         for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                if self.tb is not None:
-                    self.tb.add_scalar(k, v, step)
+            if isinstance(v, (int, float)) and self.tb is not None:
+                self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def snapshot(self, dst: str) -> None:
+        """Copy the log so far to dst (into a checkpoint)."""
+        self.file.flush()
+        shutil.copyfile(self.path, dst)
+
+    def promote(self) -> None:
+        """This run has saved something: its log replaces the previous run's (the open file follows the rename)."""
+        if self.rank == 0 and os.path.basename(self.path) == ".metrics.jsonl.incoming":
+            final = os.path.join(os.path.dirname(self.path), "metrics.jsonl")
+            os.replace(self.path, final)
+            self.path = final
 
     def close(self) -> None:
         if self.rank == 0:
@@ -443,7 +916,7 @@ class MetricsLogger:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "nan" if v is None else str(v)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,17 +941,66 @@ def sampling_diagnostics(logits: torch.Tensor, tokens: torch.Tensor, mask: torch
     }
 
 
-def load_function(spec: str):
-    """'package.module:function' -> the function (e.g. 'toy_task:gold_reward')."""
+def load_function(spec: str, option: str = "--reward_fn"):
+    """'package.module:function' or 'path/to/file.py:function' -> the function (e.g. 'toy_task:gold_reward')."""
     import importlib
+    import importlib.util
 
-    if ":" not in spec:
-        raise ValueError(f"reward function '{spec}' must look like module:function (e.g. toy_task:gold_reward)")
-    module_name, fn_name = spec.split(":", 1)
-    module = importlib.import_module(module_name)
-    if not hasattr(module, fn_name):
-        raise ValueError(f"reward function '{spec}': module {module_name} has no attribute {fn_name}")
-    return getattr(module, fn_name)
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name:
+        raise InputError(f"{option} {spec}: expected module:function or path/to/file.py:function "
+                         "(e.g. toy_task:gold_reward)")
+    if module_name.endswith(".py") or os.sep in module_name:
+        if not os.path.isfile(module_name):
+            raise InputError(f"{option} {spec}: no such file {module_name}")
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise InputError(f"{option} {spec}: cannot import {module_name} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise InputError(f"{option} {spec}: {module_name} has no function {fn_name}")
+    return fn
+
+
+def call_reward_fn(fn, prompts: list, completions: list, **columns) -> list[float | None]:
+    """Scores of a reward function, checked: one real number (or None, 'cannot score') per completion.
+
+    Called like TRL's reward functions, fn(prompts=..., completions=..., **dataset columns), when it takes keywords
+    (**kwargs, or parameters named prompts / completions); otherwise fn(prompts, completions). A wrong number of
+    values, a non-number, NaN or infinity is refused with the function's name and what it returned."""
+    import inspect
+
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        values = fn(prompts=prompts, completions=completions, **columns)
+    elif "completions" in params:
+        values = fn(prompts=prompts, completions=completions,
+                    **{k: v for k, v in columns.items() if k in params and k not in ("prompts", "completions")})
+    else:
+        values = fn(prompts, completions)
+    if torch.is_tensor(values) or isinstance(values, np.ndarray):
+        values = values.tolist()
+    shown = repr(values)[:200]
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        raise InputError(f"reward function {name} returned {shown} for {len(completions)} completions; it must "
+                         f"return a list of {len(completions)} numbers (None for a completion it cannot score)")
+    out = []
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                              or not math.isfinite(v)):
+            raise InputError(f"reward function {name} returned {v!r} among {shown}; every value must be a finite "
+                             "number or None")
+        out.append(None if v is None else float(v))
+    return out
 
 
 def distinct_fraction(texts: list[str]) -> float:
@@ -601,7 +1123,8 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], device, *, ref_policy
             continue
         rows["prompt"] += batch
         rows["completion"] += completions
-        rows["gold"] += list(reward_fn(batch, completions)) if reward_fn is not None else [float("nan")] * len(batch)
+        rows["gold"] += [math.nan if v is None else v for v in (call_reward_fn(reward_fn, batch, completions) if reward_fn is not None
+                                                            else [None] * len(batch))]
         rows["proxy"] += proxy.float().tolist()
         rows["kl"] += kl.float().tolist()
         rows["eos"] += (responses == tokenizer.eos_token_id).any(1).float().tolist()

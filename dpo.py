@@ -37,7 +37,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -120,6 +119,29 @@ class Config:
     """also log to TensorBoard (needs the `tensorboard` package)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `wandb`)"""
+    max_steps: int | None = None
+    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
+    save_every: int = 0
+    """write a checkpoint for --resume every this many optimiser steps into output_dir/checkpoints (0 = never)"""
+    save_total_limit: int = 2
+    """checkpoints kept (the newest); older ones are deleted after each save"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+
+    def __post_init__(self):
+        common.check_options(self, positive=("beta", "max_length", "num_epochs", "per_device_batch_size",
+                                             "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
+                                             "eval_every", "log_every", "eval_samples_per_prompt", "max_new_tokens",
+                                             "temperature", "save_total_limit"),
+                             nonnegative=("rpo_alpha", "weight_decay", "save_every"),
+                             fractions=("warmup_ratio",))
+        if not 0 <= self.label_smoothing < 0.5:
+            raise common.InputError(f"--label_smoothing must be in [0, 0.5) (the assumed rate of flipped labels), "
+                                    f"got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise common.InputError(f"--label_smoothing applies to --loss_type sigmoid and robust, not {self.loss_type}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,7 +165,7 @@ def robust_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.T
     ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps), an unbiased estimate of the
     clean-label DPO loss when labels are flipped with probability eps (< 1/2)."""
     if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+        raise common.InputError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     return (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) \
         / (1 - 2 * label_smoothing)
 
@@ -167,12 +189,12 @@ def preference_loss(h: torch.Tensor, loss_type: str, beta: float, label_smoothin
     if loss_type == "robust":
         return robust_loss(h, beta, label_smoothing)
     if label_smoothing:
-        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not to {loss_type}")
+        raise common.InputError(f"label_smoothing applies to the sigmoid and robust losses, not to {loss_type}")
     if loss_type == "ipo":
         return ipo_loss(h, beta)
     if loss_type == "hinge":
         return hinge_loss(h, beta)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
+    raise common.InputError(f"unknown loss_type {loss_type!r}")
 
 
 def sft_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
@@ -203,7 +225,7 @@ def split_implicit_prompt(chosen, rejected, where: str):
             cut -= 1
         return chosen[:cut], chosen[cut:], rejected[cut:]
     if len(chosen) - n != 1 or len(rejected) - n != 1:
-        raise ValueError(f"{where}: implicit-prompt conversations must share every message but the last "
+        raise common.InputError(f"{where}: implicit-prompt conversations must share every message but the last "
                          f"(they differ in {len(chosen) - n} and {len(rejected) - n} messages)")
     return chosen[:n], chosen[n:], rejected[n:]
 
@@ -211,7 +233,7 @@ def split_implicit_prompt(chosen, rejected, where: str):
 def assistant_content(messages, where: str, field: str) -> str:
     if not (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
             and messages[0].get("role") == "assistant" and isinstance(messages[0].get("content"), str)):
-        raise ValueError(f"{where}: '{field}' must be a list holding one assistant message "
+        raise common.InputError(f"{where}: '{field}' must be a list holding one assistant message "
                          '[{"role": "assistant", "content": "..."}]')
     return messages[0]["content"]
 
@@ -224,13 +246,13 @@ def tokenize_pair(row: dict, tokenizer, where: str) -> tuple[list[int], list[int
         prompt = row["prompt"]
     else:
         if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
-            raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
+            raise common.InputError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
     if isinstance(prompt, list):  # conversational
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{where}: conversational row but the tokenizer has no chat template")
+            raise common.InputError(f"{where}: conversational row but the tokenizer has no chat template")
         if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            raise ValueError(f"{where}: 'prompt' must be a non-empty list of {{'role', 'content'}} messages")
+            raise common.InputError(f"{where}: 'prompt' must be a non-empty list of {{'role', 'content'}} messages")
         chosen = assistant_content(chosen, where, "chosen")
         rejected = assistant_content(rejected, where, "rejected")
         prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -238,14 +260,14 @@ def tokenize_pair(row: dict, tokenizer, where: str) -> tuple[list[int], list[int
     else:
         for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if not isinstance(value, str):
-                raise ValueError(f"{where}: '{field}' must be a string (or every field a message list), "
+                raise common.InputError(f"{where}: '{field}' must be a string (or every field a message list), "
                                  f"got {type(value).__name__}")
         prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         if not value.strip():
-            raise ValueError(f"{where}: empty '{field}' response")
+            raise common.InputError(f"{where}: empty '{field}' response")
     if not prompt_ids:  # the first response token must be conditioned on something
-        raise ValueError(f"{where}: empty prompt (and the tokenizer adds no BOS token)")
+        raise common.InputError(f"{where}: empty prompt (and the tokenizer adds no BOS token)")
     eos = [tokenizer.eos_token_id]
     return (prompt_ids, tokenizer(chosen, add_special_tokens=False)["input_ids"] + eos,
             tokenizer(rejected, add_special_tokens=False)["input_ids"] + eos)
@@ -269,7 +291,7 @@ def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[in
             counts["truncated"] += 1
         examples.append((prompt_ids, chosen_ids, rejected_ids))
     if not examples:
-        raise ValueError(f"{path}: no usable pair (max_length={cfg.max_length}, counts {counts})")
+        raise common.InputError(f"{path}: no usable pair (max_length={cfg.max_length}, counts {counts})")
     return examples, counts
 
 
@@ -350,9 +372,10 @@ def evaluate_preferences(policy, examples, ref_logps, cfg: Config, pad_token_id,
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
 def load_tokenizer(cfg: Config):
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
+                                       trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{cfg.model_name_or_path}: tokenizer has no EOS token")
+        raise common.InputError(f"{cfg.model_name_or_path}: tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         # padding is always masked (attention and response masks come from lengths, never from token ids), so
         # reusing EOS as pad is safe here and avoids growing the vocabulary away from the reference's
@@ -361,11 +384,15 @@ def load_tokenizer(cfg: Config):
 
 
 def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool):
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
-                                                 dtype=torch.float32)
+    option = "--model_name_or_path" if trainable else "--ref_model_name_or_path"
+    model = common.from_pretrained(AutoModelForCausalLM, path, option, trust_remote_code=cfg.trust_remote_code,
+                                   dtype=torch.float32)
+    common.check_model_kind(model, path, option, "policy")
+    common.check_length(model.config, cfg.max_length, "--max_length", path)
     if model.get_input_embeddings().weight.size(0) < len(tokenizer):
-        raise ValueError(f"{path}: {model.get_input_embeddings().weight.size(0)} token embeddings but the tokenizer "
-                         f"of {cfg.model_name_or_path} has {len(tokenizer)} tokens; policy and reference must share it")
+        raise common.InputError(f"{path}: {model.get_input_embeddings().weight.size(0)} token embeddings but the "
+                                f"tokenizer of {cfg.model_name_or_path} has {len(tokenizer)} tokens; policy and "
+                                "reference must share it")
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     common.disable_dropout(model)  # the implicit reward compares two forward passes: they must be deterministic
@@ -384,10 +411,12 @@ def load_reward_model(cfg: Config, device):
         path = "runs/reward_model" if os.path.isdir("runs/reward_model") else "none"
     if path == "none":
         return None, None
-    reward_model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
-                                                                      dtype=torch.float32)
+    reward_model = common.from_pretrained(AutoModelForSequenceClassification, path, "--reward_model_path",
+                                          trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    common.check_model_kind(reward_model, path, "--reward_model_path", "reward")
     common.disable_dropout(reward_model)
-    reward_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    reward_tokenizer = common.from_pretrained(AutoTokenizer, path, "--reward_model_path",
+                                              trust_remote_code=cfg.trust_remote_code)
     return common.shard_model(reward_model.eval().requires_grad_(False).to(device)), reward_tokenizer
 
 
@@ -407,7 +436,6 @@ def main(cfg: Config) -> dict:
     ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
     common.require_checkpoint(ref_path, "sft.py")
-    t_start = time.time()
 
     # 1. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
     tokenizer = load_tokenizer(cfg)
@@ -424,11 +452,11 @@ def main(cfg: Config) -> dict:
     reward_fn_spec = cfg.eval_reward_fn
     if reward_fn_spec == "auto":
         reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.dataset) else "none"
-    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec)
-    if rank == 0:
-        print(f"policy {cfg.model_name_or_path}, reference {ref_path} | train pairs: {len(examples)} ({counts}, "
-              f"max_length {cfg.max_length}) | loss {cfg.loss_type}, beta {cfg.beta} | world size {world_size}",
-              flush=True)
+    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec, "--eval_reward_fn")
+    if eval_prompts:
+        longest = max(len(tokenizer(p)["input_ids"]) for p in eval_prompts)
+        common.check_length(policy.config, longest + cfg.max_new_tokens, "the longest --eval_prompts prompt + "
+                            "--max_new_tokens", cfg.model_name_or_path)
 
     def evaluate_samples(ref):
         """Samples from the policy on held-out prompts: gold / proxy reward and KL to the reference (as in ppo.py)."""
@@ -445,18 +473,41 @@ def main(cfg: Config) -> dict:
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.dataset}: {len(examples)} pairs is fewer than one global batch ({global_batch})")
-    total_steps = max(1, int(cfg.num_epochs * steps_per_epoch))
+        raise common.InputError(f"{cfg.dataset}: {len(examples)} pairs is fewer than one global batch ({global_batch} "
+                                f"= --per_device_batch_size x --gradient_accumulation_steps x {world_size} processes)")
+    total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
+    if rank == 0:
+        print(f"policy {cfg.model_name_or_path}, reference {ref_path} | train pairs: {len(examples)} ({counts}, "
+              f"max_length {cfg.max_length}) | loss {cfg.loss_type}, beta {cfg.beta} | {total_steps} steps of "
+              f"{global_batch} pairs | world size {world_size}", flush=True)
+    common.prepare_output_dir(cfg.output_dir, rank)
+    resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
+    common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([policy], policy, cfg.save_every),
+                            "the final model and a checkpoint")
     warmup = int(cfg.warmup_ratio * total_steps)
     # the optimiser must hold FSDP2's sharded parameters: built before any forward pass, since after a forward that no
     # backward follows (the evaluation below) the root module's parameters() are its temporary gathered copies
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
-    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+    batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
+    sums, n_summed, pairs_seen, train_time, wall_time, start_step = {}, 0, 0, 0.0, 0.0, 0
+    if resume_from is not None:
+        state = common.load_state(resume_from, {"policy": policy}, [optimizer], {}, cfg)
+        start_step, start = state["step"], state["state"]["start"]
+        batches.load_state_dict(state["state"]["batches"])
+        scheduler.load_state_dict(state["state"]["scheduler"])
+        n_summed, pairs_seen, train_time, wall_time = (state["state"][k] for k in ("n_summed", "pairs_seen",
+                                                                                   "train_time", "wall_time"))
+        sums = {k: torch.tensor(v, device=device) for k, v in state["rank_state"]["sums"].items()}
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
+    t_start = time.time() - wall_time
 
     # the starting policy, measured exactly like the final one (same prompts and sampling seed), so they compare
-    start = evaluate_samples(ref_model)[0] if eval_prompts else {}
+    if resume_from is None:
+        start = evaluate_samples(ref_model)[0] if eval_prompts else {}
     # reference log-probs never change: computed once for the held-out pairs, and for the training pairs if asked
     eval_ref_logps = None if eval_examples is None else \
         all_pair_logps(ref_model, eval_examples, cfg.per_device_batch_size, tokenizer.pad_token_id, device, amp_dtype)
@@ -468,16 +519,9 @@ def main(cfg: Config) -> dict:
         gc.collect()
 
     # 3. training loop
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # same on every rank: all agree on the global batch
-    order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
-    sums, n_summed, pairs_seen, train_time = {}, 0, 0, 0.0
     console = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "pairs_per_s")
-    for step in range(1, total_steps + 1):
-        if pos + global_batch > len(order):
-            order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
-        batch_idx = order[pos:pos + global_batch]
-        pos += global_batch
-        local = batch_idx[rank::world_size]
+    for step in range(start_step + 1, total_steps + 1):
+        local = batches.next()[rank::world_size]
         t0 = time.time()
         for mb in (local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)):
             batch = collate_pairs([examples[j] for j in mb], tokenizer.pad_token_id, device)
@@ -516,6 +560,12 @@ def main(cfg: Config) -> dict:
             eval_metrics = evaluate_preferences(policy, eval_examples, eval_ref_logps, cfg, tokenizer.pad_token_id,
                                                 device, amp_dtype)
             logger.log(step, eval_metrics, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            common.save_state(cfg.output_dir, step, {"policy": policy}, [optimizer], {}, {
+                "batches": batches.state_dict(), "scheduler": scheduler.state_dict(), "start": start,
+                "n_summed": n_summed, "pairs_seen": pairs_seen, "train_time": train_time,
+                "wall_time": time.time() - t_start}, logger, cfg, cfg.save_total_limit,
+                rank_state={"sums": {k: v.item() for k, v in sums.items()}})
 
     # 4. evaluate the trained policy like the starting one, save
     final = {}
@@ -534,12 +584,12 @@ def main(cfg: Config) -> dict:
             gain = end["gold_reward_mean"] - start["gold_reward_mean"]
             final["gold_reward_gain_in_sft_std"] = gain / start["gold_reward_std"] if start["gold_reward_std"] > 0 \
                 else float("nan")
-    common.save_checkpoint(policy, tokenizer, cfg.output_dir)
     final.update(train_loss=metrics["loss"], train_steps=total_steps, pairs_per_s=pairs_seen / max(1e-9, train_time),
                  wall_time_s=time.time() - t_start, num_parameters=n_params, **counts)
-    final = {k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))}  # what does not apply
+    # what does not apply (NaN in this run, null when read back from a checkpoint) is left out
+    final = {k: v for k, v in final.items() if not (v is None or isinstance(v, float) and math.isnan(v))}
+    common.save_model(policy, tokenizer, cfg.output_dir, final, logger)
     if rank == 0:
-        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), final)
         if eval_examples is not None:
             ceiling = f" (gold-reward ceiling {final['accuracy_ceiling']:.3f})" if "accuracy_ceiling" in final else ""
             print(f"held-out preference accuracy {final['accuracy']:.3f}{ceiling}", flush=True)
@@ -561,4 +611,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    common.cli(main, Config)

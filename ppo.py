@@ -24,7 +24,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -139,6 +138,29 @@ class Config:
     """also log to TensorBoard"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project"""
+    max_steps: int | None = None
+    """stop after this many iterations (overrides num_iterations; the LR schedule spans them)"""
+    save_every: int = 0
+    """write a checkpoint for --resume every this many iterations into output_dir/checkpoints (0 = never)"""
+    save_total_limit: int = 2
+    """checkpoints kept (the newest); older ones are deleted after each save"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+
+    def __post_init__(self):
+        common.check_options(
+            self, positive=("num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_prompt_length",
+                            "max_new_tokens", "temperature", "target_kl", "kl_horizon", "ppo_epochs",
+                            "num_minibatches", "gradient_accumulation_steps", "cliprange", "cliprange_value",
+                            "learning_rate", "critic_learning_rate", "max_grad_norm", "eval_every",
+                            "eval_samples_per_prompt", "sample_every", "log_every", "save_total_limit"),
+            nonnegative=("top_k", "missing_eos_penalty", "kl_coef", "score_clip", "vf_coef", "entropy_coef",
+                         "weight_decay", "save_every"),
+            fractions=("gamma", "lam", "warmup_ratio"), probabilities=("top_p",))
+        if self.score_norm == "per_prompt" and self.num_samples_per_prompt < 2:
+            raise common.InputError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +177,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         return 0.5 * log_ratio ** 2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator}")
+    raise common.InputError(f"unknown KL estimator {estimator}")
 
 
 def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float):
@@ -268,7 +290,7 @@ def load_prompts(path: str, tokenizer, max_prompt_length: int) -> tuple[list[str
         else:
             text = row["prompt"]
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{i + 1}: field 'prompt' must be a non-empty string")
+                raise common.InputError(f"{path}:{i + 1}: field 'prompt' must be a non-empty string")
             tokens = tokenizer(text)["input_ids"]
         if len(tokens) > max_prompt_length:
             tokens, cut = tokens[-max_prompt_length:], cut + 1
@@ -279,26 +301,31 @@ def load_prompts(path: str, tokenizer, max_prompt_length: int) -> tuple[list[str
 
 def load_models(cfg: Config, device):
     """actor (trained), ref (frozen), reward model (frozen, or None with --reward_fn), critic (trained)."""
-    common.require_checkpoint(cfg.model_name_or_path, "sft.py")
     kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    policy_opt, rm_opt = "--model_name_or_path", "--reward_model_path"
+    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
+                                       trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{cfg.model_name_or_path}: the tokenizer needs a pad token distinct from EOS (sft.py adds one)")
-    actor = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kw)
-    ref = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kw)
+        raise common.InputError(f"{policy_opt} {cfg.model_name_or_path}: the tokenizer needs a pad token distinct from "
+                                "EOS (sft.py adds one)")
+    actor = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, **kw)
+    common.check_model_kind(actor, cfg.model_name_or_path, policy_opt, "policy")
+    ref = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, **kw)
     reward_model = reward_tokenizer = None
     if cfg.reward_fn is None:
-        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
-        reward_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model_path, num_labels=1, **kw)
-        reward_tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model_path, trust_remote_code=cfg.trust_remote_code)
+        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt, **kw)
+        common.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
+        reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
+                                                  trust_remote_code=cfg.trust_remote_code)
     if cfg.critic_init == "reward_model":
-        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
-        critic = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model_path, num_labels=1, **kw)
+        critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt, **kw)
+        common.check_model_kind(critic, cfg.reward_model_path, rm_opt, "reward")
         if not common.same_tokenizer(AutoTokenizer.from_pretrained(cfg.reward_model_path), tokenizer):
-            raise ValueError("--critic_init reward_model needs the reward model to share the policy's tokenizer; "
-                             "use --critic_init sft")
+            raise common.InputError("--critic_init reward_model needs the reward model to share the policy's "
+                                    "tokenizer; use --critic_init sft")
     else:
-        critic = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path, num_labels=1, **kw)
+        critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path, policy_opt,
+                                        num_labels=1, **kw)
         hidden = critic.score.weight.size(1)
         torch.nn.init.normal_(critic.score.weight, std=1 / np.sqrt(hidden + 1))
     critic.config.pad_token_id = tokenizer.pad_token_id
@@ -328,28 +355,38 @@ def main(cfg: Config) -> dict:
     common.set_seed(cfg.seed)
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    if cfg.score_norm == "per_prompt" and cfg.num_samples_per_prompt < 2:
-        raise ValueError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
     if cfg.rollout_batch_size % world_size:
-        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} is not divisible by world size {world_size}")
+        raise common.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} is not divisible by the "
+                                f"{world_size} processes")
     local_batch = cfg.rollout_batch_size // world_size * cfg.num_samples_per_prompt  # sequences per rank
     if local_batch % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
-        raise ValueError(f"{local_batch} sequences per rank do not split into {cfg.num_minibatches} minibatches of "
-                         f"{cfg.gradient_accumulation_steps} micro-batches")
-
-    # 1. models, data
-    actor, ref, reward_model, critic, tokenizer, reward_tokenizer = load_models(cfg, device)
+        raise common.InputError(f"{local_batch} sequences per rank do not split into --num_minibatches "
+                                f"{cfg.num_minibatches} of --gradient_accumulation_steps "
+                                f"{cfg.gradient_accumulation_steps} micro-batches")
+    num_iterations = cfg.max_steps or cfg.num_iterations
     reward_fn = common.load_function(cfg.reward_fn) if cfg.reward_fn else None
     eval_spec = cfg.eval_reward_fn
     if eval_spec == "auto":
         eval_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.prompts) else "none"
-    eval_reward_fn = None if eval_spec == "none" else common.load_function(eval_spec)
+    eval_reward_fn = None if eval_spec == "none" else common.load_function(eval_spec, "--eval_reward_fn")
+    common.require_checkpoint(cfg.model_name_or_path, "sft.py")
+    if cfg.reward_fn is None or cfg.critic_init == "reward_model":
+        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
+
+    # 1. models, data
+    actor, ref, reward_model, critic, tokenizer, reward_tokenizer = load_models(cfg, device)
+    common.check_length(actor.config, cfg.max_prompt_length + cfg.max_new_tokens,
+                        "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
     prompt_texts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
     eval_texts, eval_ids, _ = load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
     if rank == 0:
         print(f"PPO: {len(prompt_texts)} prompts ({n_cut} cut to {cfg.max_prompt_length} tokens), "
-              f"{cfg.num_iterations} iterations x {cfg.rollout_batch_size * cfg.num_samples_per_prompt} episodes, "
+              f"{num_iterations} iterations x {cfg.rollout_batch_size * cfg.num_samples_per_prompt} episodes, "
               f"reward: {cfg.reward_fn or cfg.reward_model_path}, world size {world_size}", flush=True)
+    common.prepare_output_dir(cfg.output_dir, rank)
+    resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
+    common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([actor, critic], actor, cfg.save_every),
+                            "the final policy and a checkpoint of actor and critic")
 
     if cfg.shared_optimizer:
         optimizers = [torch.optim.AdamW(list(actor.parameters()) + list(critic.parameters()), lr=cfg.learning_rate,
@@ -358,15 +395,30 @@ def main(cfg: Config) -> dict:
         optimizers = [torch.optim.AdamW(actor.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5),
                       torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate,
                                         weight_decay=cfg.weight_decay, eps=1e-5)]
-    total_updates = cfg.num_iterations * cfg.ppo_epochs * cfg.num_minibatches
+    total_updates = num_iterations * cfg.ppo_epochs * cfg.num_minibatches
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: common.cosine_schedule(
         s, total_updates, int(cfg.warmup_ratio * total_updates), cfg.lr_scheduler)) for o in optimizers]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
     kl_coef = cfg.kl_coef
     score_moments = RunningMoments()
-    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
+    batches = common.BatchOrder(len(prompt_texts), cfg.rollout_batch_size, cfg.seed)  # same on all ranks
+    minibatch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same on all ranks: the minibatch shuffles
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # per-rank sampling seed
-    prompt_gen = torch.Generator().manual_seed(cfg.seed)  # same on all ranks: they agree on the global batch
+    generators = {"minibatch": minibatch_gen, "sample": sample_gen}
+    episodes, wall_time, start_iteration = 0, 0.0, 0
+    if resume_from is not None:
+        state = common.load_state(resume_from, {"actor": actor, "critic": critic}, optimizers, generators, cfg)
+        start_iteration, initial_eval = state["step"], state["state"]["initial_eval"]
+        batches.load_state_dict(state["state"]["batches"])
+        for sched, sched_state in zip(schedulers, state["state"]["schedulers"]):
+            sched.load_state_dict(sched_state)
+        kl_coef, episodes, wall_time = (state["state"][k] for k in ("kl_coef", "episodes", "wall_time"))
+        if kl_ctl is not None:
+            kl_ctl.value = kl_coef
+        score_moments.mean, score_moments.var, score_moments.count = state["state"]["score_moments"]
+        if rank == 0:
+            print(f"resumed from {resume_from} at iteration {start_iteration}", flush=True)
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
 
     def evaluate(iteration: int) -> dict:
         m = common.evaluate_policy(actor, tokenizer, eval_texts, device, ref_policy=ref, reward_model=reward_model,
@@ -383,17 +435,13 @@ def main(cfg: Config) -> dict:
                         for i in range(0, len(per_sample["prompt"]), every)][:6]
         return m
 
-    initial_eval = evaluate(0)
-    t_start, episodes = time.time(), 0
-    order, pos = [], 0
-    for iteration in range(1, cfg.num_iterations + 1):
+    if resume_from is None:
+        initial_eval = evaluate(0)
+    t_start = time.time() - wall_time
+    for iteration in range(start_iteration + 1, num_iterations + 1):
         # ---- 1. rollout: each rank takes its share of the global prompt batch, N samples each --------------------
         t0 = time.time()
-        if pos + cfg.rollout_batch_size > len(order):
-            order, pos = torch.randperm(len(prompt_texts), generator=prompt_gen).tolist() * \
-                max(1, -(-cfg.rollout_batch_size // len(prompt_texts))), 0
-        batch_idx = order[pos:pos + cfg.rollout_batch_size][rank::world_size]
-        pos += cfg.rollout_batch_size
+        batch_idx = batches.next()[rank::world_size]
         batch_idx = [i for i in batch_idx for _ in range(cfg.num_samples_per_prompt)]  # groups of N per prompt
         batch_prompts = [prompt_texts[i] for i in batch_idx]
         query, query_mask = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id, device)
@@ -421,7 +469,8 @@ def main(cfg: Config) -> dict:
             ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)
             values = critic_values(critic, seq, seq_mask, P).float() * mask
             if reward_fn is not None:
-                scores = torch.tensor(reward_fn(batch_prompts, completions), dtype=torch.float32, device=device)
+                scores = torch.tensor(common.call_reward_fn(reward_fn, batch_prompts, completions),
+                                      dtype=torch.float32, device=device)
             else:
                 scores = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask,
                                                 responses, response_mask, batch_prompts, completions).float()
@@ -453,7 +502,7 @@ def main(cfg: Config) -> dict:
         mb_size = B // cfg.num_minibatches
         micro_size = mb_size // cfg.gradient_accumulation_steps
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=prompt_gen).tolist()
+            perm = torch.randperm(B, generator=minibatch_gen).tolist()
             for start in range(0, B, mb_size):
                 mb = perm[start:start + mb_size]
                 # token-mean over the real tokens of the global minibatch; * world_size undoes FSDP's gradient mean
@@ -523,18 +572,23 @@ def main(cfg: Config) -> dict:
         if kl_ctl is not None:
             kl_ctl.update(mean_kl, cfg.rollout_batch_size * cfg.num_samples_per_prompt)
             kl_coef = kl_ctl.value
-        if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
+        if iteration % cfg.eval_every == 0 and iteration != num_iterations:
             evaluate(iteration)
+        if cfg.save_every and iteration % cfg.save_every == 0 and iteration < num_iterations:
+            common.save_state(cfg.output_dir, iteration, {"actor": actor, "critic": critic}, optimizers, generators, {
+                "batches": batches.state_dict(), "schedulers": [sched.state_dict() for sched in schedulers],
+                "kl_coef": kl_coef, "episodes": episodes, "wall_time": time.time() - t_start,
+                "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
+                "initial_eval": initial_eval}, logger, cfg, cfg.save_total_limit)
 
     # ---- 7. final evaluation, save ---------------------------------------------------------------------------------
-    final_eval = evaluate(cfg.num_iterations)
-    common.save_checkpoint(actor, tokenizer, cfg.output_dir)
+    final_eval = evaluate(num_iterations)
     result = {k: v for k, v in final_eval.items() if k != "samples"}
     result.update({"sft_" + k: v for k, v in initial_eval.items() if k != "samples"})
     result.update({"samples": final_eval["samples"], "episodes": episodes, "wall_time_s": time.time() - t_start,
                    "episodes_per_s": episodes / (time.time() - t_start)})
+    common.save_model(actor, tokenizer, cfg.output_dir, result, logger)
     if rank == 0:
-        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), result)
         print(f"saved {cfg.output_dir}\n"
               f"held-out gold reward: SFT {initial_eval['gold_reward_mean']:.3f} (std {initial_eval['gold_reward_std']:.3f})"
               f" -> PPO {final_eval['gold_reward_mean']:.3f} | proxy reward {initial_eval['proxy_reward_mean']:.3f} -> "
@@ -548,4 +602,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    common.cli(main, Config)

@@ -43,7 +43,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -124,6 +123,24 @@ class Config:
     """also log to TensorBoard (needs the `tensorboard` package)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `wandb`)"""
+    max_steps: int | None = None
+    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
+    save_every: int = 0
+    """write a checkpoint for --resume every this many optimiser steps into output_dir/checkpoints (0 = never)"""
+    save_total_limit: int = 2
+    """checkpoints kept (the newest); older ones are deleted after each save"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+
+    def __post_init__(self):
+        common.check_options(self, positive=("max_length", "num_epochs", "per_device_batch_size",
+                                             "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
+                                             "eval_every", "log_every", "max_new_tokens", "save_total_limit"),
+                             nonnegative=("center_rewards_coef", "weight_decay", "normalize_samples",
+                                          "agreement_samples_per_prompt", "temperature", "save_every"),
+                             fractions=("warmup_ratio",))
+        if self.max_steps is not None and self.max_steps < 1:
+            raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,20 +231,20 @@ def _check_completion(value, where: str, field: str, chat: bool):
     """The text of one completion: a non-empty string, or (conversational) a list with one assistant message."""
     if isinstance(value, list) and chat:
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            raise ValueError(f"{where}: field '{field}' must hold exactly one assistant message")
+            raise common.InputError(f"{where}: field '{field}' must hold exactly one assistant message")
         value = value[0].get("content")
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field '{field}' must be a string{' or an assistant message' if chat else ''}, "
+        raise common.InputError(f"{where}: field '{field}' must be a string{' or an assistant message' if chat else ''}, "
                          f"got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{where}: field '{field}' is empty")
+        raise common.InputError(f"{where}: field '{field}' is empty")
     return value
 
 
 def _check_messages(messages, where: str, field: str) -> None:
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                for m in messages):
-        raise ValueError(f"{where}: field '{field}' must be a list of {{\"role\": str, \"content\": str}} messages")
+        raise common.InputError(f"{where}: field '{field}' must be a list of {{\"role\": str, \"content\": str}} messages")
 
 
 def split_shared_prefix(chosen, rejected, where: str):
@@ -249,9 +266,9 @@ def split_shared_prefix(chosen, rejected, where: str):
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
         if n == 0:
-            raise ValueError(f"{where}: 'chosen' and 'rejected' share no leading (prompt) messages")
+            raise common.InputError(f"{where}: 'chosen' and 'rejected' share no leading (prompt) messages")
         return chosen[:n], chosen[n:], rejected[n:]
-    raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both be lists of messages")
+    raise common.InputError(f"{where}: 'chosen' and 'rejected' must both be strings or both be lists of messages")
 
 
 def parse_row(row: dict, where: str, loss: str):
@@ -260,13 +277,13 @@ def parse_row(row: dict, where: str, loss: str):
     if loss == "ranking":
         prompt, completions, margin = row["prompt"], row["completions"], 0.0
         if not isinstance(completions, list) or len(completions) < 2:
-            raise ValueError(f"{where}: field 'completions' must be a list of at least 2 completions, best first")
+            raise common.InputError(f"{where}: field 'completions' must be a list of at least 2 completions, best first")
         names = [f"completions[{k}]" for k in range(len(completions))]
     else:
         completions, names = [row["chosen"], row["rejected"]], ["chosen", "rejected"]
         margin = row.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise ValueError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
+            raise common.InputError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
         if "prompt" in row:
             prompt = row["prompt"]
         else:
@@ -276,10 +293,10 @@ def parse_row(row: dict, where: str, loss: str):
     chat = isinstance(prompt, list)
     if chat:
         if not prompt:
-            raise ValueError(f"{where}: field 'prompt' is an empty list of messages")
+            raise common.InputError(f"{where}: field 'prompt' is an empty list of messages")
         _check_messages(prompt, where, "prompt")
     elif not isinstance(prompt, str):
-        raise ValueError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+        raise common.InputError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
     texts = [_check_completion(c, where, name, chat) for c, name in zip(completions, names)]
     if len(set(texts)) < len(texts):
         return None
@@ -301,7 +318,7 @@ def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[li
         prompt, texts, margin = parsed
         if isinstance(prompt, list):
             if tokenizer.chat_template is None:
-                raise ValueError(f"{where}: conversational row, but the tokenizer of {cfg.model_name_or_path} has no "
+                raise common.InputError(f"{where}: conversational row, but the tokenizer of {cfg.model_name_or_path} has no "
                                  "chat template")
             prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
             prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the template adds them
@@ -315,12 +332,12 @@ def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[li
                 continue
             prompt_ids = prompt_ids[len(prompt_ids) + longest - cfg.max_length:]
             counts["truncated"] += 1
-        gold = list(reward_fn([prompt] * len(texts), texts)) if reward_fn is not None and isinstance(prompt, str) \
-            else None
+        gold = common.call_reward_fn(reward_fn, [prompt] * len(texts), texts) \
+            if reward_fn is not None and isinstance(prompt, str) else None
         examples.append({"prompt_ids": prompt_ids, "completions": completions, "margin": margin,
                          "prompt": prompt if isinstance(prompt, str) else None, "gold": gold})
     if not examples:
-        raise ValueError(f"{path}: no usable example (counts: {counts}, max_length={cfg.max_length})")
+        raise common.InputError(f"{path}: no usable example (counts: {counts}, max_length={cfg.max_length})")
     return examples, counts
 
 
@@ -360,16 +377,18 @@ def example_scores_and_losses(model, batch: list[dict], cfg: Config, device, amp
 # Models, evaluation, normalisation
 # ---------------------------------------------------------------------------------------------------------------------
 def load_reward_model(cfg: Config, device):
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
+                                       trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the score is read at the EOS")
+        raise common.InputError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the score is read at the EOS")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # our scores use the attention mask, but plain transformers reads the score at the last token that is not
         # pad: with pad == eos it would read the token before the EOS. A dedicated pad keeps both readings equal.
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model_name_or_path, num_labels=1, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32,
-        output_loading_info=True)
+    model, info = common.from_pretrained(
+        AutoModelForSequenceClassification, cfg.model_name_or_path, "--model_name_or_path", num_labels=1,
+        trust_remote_code=cfg.trust_remote_code, dtype=torch.float32, output_loading_info=True)
+    common.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -390,11 +409,14 @@ def load_reward_model(cfg: Config, device):
 def load_policy(path: str, tokenizer, cfg: Config, device):
     """The SFT policy as a causal LM, for its own samples. It must share the reward model's tokenizer (up to the pad
     token added above, which is only ever attended to as padding)."""
-    policy_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    policy_tokenizer = common.from_pretrained(AutoTokenizer, path, "--policy_name_or_path",
+                                              trust_remote_code=cfg.trust_remote_code)
     if not policy_tokenizer.get_vocab().items() <= tokenizer.get_vocab().items() or \
             policy_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        raise ValueError(f"policy {path} and reward model {cfg.model_name_or_path} have different tokenizers")
-    policy = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        raise common.InputError(f"policy {path} and reward model {cfg.model_name_or_path} have different tokenizers")
+    policy = common.from_pretrained(AutoModelForCausalLM, path, "--policy_name_or_path",
+                                    trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    common.check_model_kind(policy, path, "--policy_name_or_path", "policy")
     if len(tokenizer) > policy.get_input_embeddings().weight.size(0):
         policy.resize_token_embeddings(len(tokenizer))
     common.disable_dropout(policy)
@@ -455,51 +477,65 @@ def main(cfg: Config) -> dict:
     dataset = cfg.dataset or TOY_DATA[cfg.loss][0]
     eval_dataset = cfg.eval_dataset or TOY_DATA[cfg.loss][1]
 
-    # 1. model and data
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
+
+    # 1. model and data
     model, tokenizer, new_head = load_reward_model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     reward_fn_spec = cfg.eval_reward_fn
     if reward_fn_spec == "auto":
         reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(dataset) else "none"
-    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec)
+    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec, "--eval_reward_fn")
     examples, counts = build_dataset(dataset, tokenizer, cfg)
     eval_examples, eval_counts = build_dataset(eval_dataset, tokenizer, cfg, reward_fn)
     gold_lists = [ex["gold"] for ex in eval_examples if ex["gold"] is not None]
     gold_stats = gold_label_stats(gold_lists) if gold_lists else {}
-    if rank == 0:
-        print(f"reward model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
-              f"{'new head' if new_head else 'head from the checkpoint'} | {cfg.loss} loss | train {len(examples)} "
-              f"examples {counts} | eval {len(eval_examples)} {eval_counts} | world size {world_size}", flush=True)
-        if gold_stats:
-            print(f"gold reward on the eval labels: ceiling accuracy {gold_stats['ceiling_accuracy']:.4f}, "
-                  f"realised {gold_stats['gold_accuracy']:.4f}", flush=True)
-    model = common.shard_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95))
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{dataset}: {len(examples)} examples is fewer than one global batch ({global_batch})")
-    total_steps = max(1, int(cfg.num_epochs * steps_per_epoch))
+        raise common.InputError(f"{dataset}: {len(examples)} examples is fewer than one global batch ({global_batch} ="
+                                f" --per_device_batch_size x --gradient_accumulation_steps x {world_size} processes)")
+    total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
+    if rank == 0:
+        print(f"reward model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
+              f"{'new head' if new_head else 'head from the checkpoint'} | {cfg.loss} loss | train {len(examples)} "
+              f"examples {counts} | eval {len(eval_examples)} {eval_counts} | {total_steps} steps of "
+              f"{global_batch} | world size {world_size}", flush=True)
+        if gold_stats:
+            print(f"gold reward on the eval labels: ceiling accuracy {gold_stats['ceiling_accuracy']:.4f}, "
+                  f"realised {gold_stats['gold_accuracy']:.4f}", flush=True)
+    common.prepare_output_dir(cfg.output_dir, rank)
+    resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
+    common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([model], model, cfg.save_every),
+                            "the final model and a checkpoint")
+    model = common.shard_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
-    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # same on every rank: all agree on the global batch
+    batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
+    # this rank's sums since the last log: loss, examples, correct pairs, pairs, r_better - r_worse, scores,
+    # scores^2, number of scores
+    window = torch.zeros(8, device=device, dtype=torch.float64)
+    pairs_seen, sequences_seen, train_time, start_step = 0, 0, 0.0, 0
+    if resume_from is not None:
+        state = common.load_state(resume_from, {"model": model}, [optimizer], {}, cfg)
+        start_step = state["step"]
+        batches.load_state_dict(state["state"]["batches"])
+        scheduler.load_state_dict(state["state"]["scheduler"])
+        pairs_seen, sequences_seen, train_time = (state["state"][k] for k in ("pairs_seen", "sequences_seen",
+                                                                              "train_time"))
+        window = torch.tensor(state["rank_state"]["window"], device=device, dtype=torch.float64)
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
 
     # 2. training loop
     model.train()
-    order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
-    # sums since the last log: loss, examples, correct pairs, pairs, r_better - r_worse, scores, scores^2, scores
-    window = torch.zeros(8, device=device, dtype=torch.float64)
-    pairs_seen, sequences_seen, t_start, train_time = 0, 0, time.time(), 0.0
-    for step in range(1, total_steps + 1):
-        if pos + global_batch > len(order):
-            order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
-        batch_idx = order[pos:pos + global_batch]
-        pos += global_batch
-        local = batch_idx[rank::world_size]
+    t_start = time.time()
+    for step in range(start_step + 1, total_steps + 1):
+        local = batches.next()[rank::world_size]
         t0 = time.time()
         for i in range(0, len(local), cfg.per_device_batch_size):
             batch = [examples[j] for j in local[i:i + cfg.per_device_batch_size]]
@@ -534,6 +570,11 @@ def main(cfg: Config) -> dict:
         if step % cfg.eval_every == 0 and step < total_steps:  # the last step is evaluated after normalisation
             metrics = evaluate(model, eval_examples, cfg, device, amp_dtype, tokenizer.pad_token_id, rank, world_size)
             logger.log(step, {f"eval/{k}": v for k, v in {**metrics, **gold_stats}.items()}, EVAL_CONSOLE_KEYS)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            common.save_state(cfg.output_dir, step, {"model": model}, [optimizer], {}, {
+                "batches": batches.state_dict(), "scheduler": scheduler.state_dict(), "pairs_seen": pairs_seen,
+                "sequences_seen": sequences_seen, "train_time": train_time}, logger, cfg, cfg.save_total_limit,
+                rank_state={"window": window.tolist()})
 
     # 3. normalise: the policy's own samples on training prompts score mean 0 (std 1)
     policy = None
@@ -564,16 +605,15 @@ def main(cfg: Config) -> dict:
         # proxy_reward_mean/std: normalised scores of these held-out samples, ~0 when the normalisation transfers
         final.update({k: agreement[k] for k in ("gold_proxy_agreement", "proxy_reward_mean", "proxy_reward_std")})
         final["agreement_num_samples"] = agreement["num_samples"]
-    common.save_checkpoint(model, tokenizer, cfg.output_dir,
-                           extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     final.update({"reward_mean": reward_mean, "reward_std": reward_std, "policy_sample_score_std": sample_std,
                   "train_loss": train["loss"], "train_accuracy": train["accuracy"], "train_steps": total_steps,
                   "pairs_per_s": pairs_seen / train_time, "sequences_per_s": sequences_seen / train_time,
                   "wall_time_s": time.time() - t_start, "num_parameters": n_params, "num_train_examples": len(examples),
                   "num_eval_examples": len(eval_examples), **counts,
                   **{f"eval_{k}": v for k, v in eval_counts.items()}})
+    common.save_model(model, tokenizer, cfg.output_dir, final, logger,
+                      extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     if rank == 0:
-        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), final)
         line = f"saved {cfg.output_dir} | held-out accuracy {final['accuracy']:.4f}"
         if gold_stats:
             line += (f" | gold-label ceiling {final['ceiling_accuracy']:.4f} (accuracy / ceiling "
@@ -587,4 +627,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    common.cli(main, Config)

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-import tyro
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -91,6 +90,23 @@ class Config:
     """also log to TensorBoard (needs the `tensorboard` package)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `wandb`)"""
+    max_steps: int | None = None
+    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
+    save_every: int = 0
+    """write a checkpoint for --resume every this many optimiser steps into output_dir/checkpoints (0 = never)"""
+    save_total_limit: int = 2
+    """checkpoints kept (the newest); older ones are deleted after each save"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+
+    def __post_init__(self):
+        common.check_options(self, positive=("max_length", "num_epochs", "per_device_batch_size",
+                                             "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
+                                             "eval_every", "log_every", "max_new_tokens", "save_total_limit"),
+                             nonnegative=("weight_decay", "num_eval_generations", "save_every", "temperature"),
+                             fractions=("warmup_ratio",), probabilities=("top_p",))
+        if self.max_steps is not None and self.max_steps < 1:
+            raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
 
 def render_chat_prompt(messages: list, tokenizer) -> str:
@@ -106,23 +122,24 @@ def tokenize_example(row: dict, tokenizer, where: str) -> tuple[list[int], list[
     template's own end-of-turn text, as in TRL); EOS is appended unless the rendering already ends with it."""
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
-            raise ValueError(f"{where}: 'messages' must be a list of at least 2 messages ending with an assistant one")
+        common.check_messages(messages, where, "messages")
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise common.InputError(f"{where}: 'messages' must be a list of at least 2 messages ending with an assistant one")
         prompt_text = render_chat_prompt(messages, tokenizer)
         full_text = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full_text.startswith(prompt_text):
-            raise ValueError(f"{where}: the chat template does not render the conversation as prompt + completion")
+            raise common.InputError(f"{where}: the chat template does not render the conversation as prompt + completion")
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the template holds BOS etc.
         completion = full_text[len(prompt_text):]
-        if not str(messages[-1].get("content", "")).strip():
-            raise ValueError(f"{where}: empty assistant message")
+        if not messages[-1]["content"].strip():
+            raise common.InputError(f"{where}: empty assistant message")
     else:
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise ValueError(f"{where}: 'prompt' and 'completion' must be strings")
+            raise common.InputError(f"{where}: 'prompt' and 'completion' must be strings")
         prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
     if not completion.strip():
-        raise ValueError(f"{where}: empty completion")
+        raise common.InputError(f"{where}: empty completion")
     completion_ids = tokenizer(completion.rstrip() if "messages" in row else completion,
                                add_special_tokens=False)["input_ids"]
     if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
@@ -145,7 +162,7 @@ def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[in
         labels = ([-100] * len(prompt_ids) if cfg.completion_only_loss else prompt_ids) + completion_ids
         examples.append((prompt_ids + completion_ids, labels))
     if not examples:
-        raise ValueError(f"{path}: every example was dropped (max_length={cfg.max_length})")
+        raise common.InputError(f"{path}: every example was dropped (max_length={cfg.max_length})")
     return examples, counts
 
 
@@ -167,9 +184,10 @@ def token_nll_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tenso
 
 
 def load_model(cfg: Config, device):
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
+                                       trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the model could never learn to stop")
+        raise common.InputError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the model could never learn to stop")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # pad == eos would mask the EOS labels out of the loss together with the padding, so the model never learns
         # to stop; a dedicated pad token keeps them apart (its embedding is never trained, it is always masked)
@@ -178,15 +196,17 @@ def load_model(cfg: Config, device):
         f.endswith((".safetensors", ".bin")) for f in os.listdir(cfg.model_name_or_path))
     if cfg.from_scratch:
         if not os.path.isdir(cfg.model_name_or_path) or has_weights:
-            raise SystemExit(f"error: --from_scratch would discard the weights of {cfg.model_name_or_path}; "
-                             "pass --no-from_scratch to fine-tune them")
+            raise common.InputError(f"--from_scratch would discard the weights of {cfg.model_name_or_path}; "
+                                    "pass --no-from_scratch to fine-tune them")
         config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
         print(f"initialising {type(model).__name__} from random weights (--from_scratch) with the config of "
               f"{cfg.model_name_or_path}", flush=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                                     dtype=torch.float32, use_safetensors=None)
+        model = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, "--model_name_or_path",
+                                       trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        common.check_model_kind(model, cfg.model_name_or_path, "--model_name_or_path", "policy")
+    common.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -196,8 +216,21 @@ def load_model(cfg: Config, device):
     return model.to(device), tokenizer
 
 
+def eval_prompt_ids(eval_rows: list[dict], tokenizer) -> dict[str, list[int]]:
+    """prompt text -> token ids of the held-out prompts, for plain and chat rows alike."""
+    prompt_ids_of = {}
+    for row in eval_rows:
+        if "messages" in row:
+            text = render_chat_prompt(row["messages"], tokenizer)
+            prompt_ids_of[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids_of[row["prompt"]] = tokenizer(row["prompt"])["input_ids"]
+    return prompt_ids_of
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, eval_examples, eval_rows, cfg: Config, device, amp_dtype, reward_fn, rank, world_size):
+def evaluate(model, tokenizer, eval_examples, prompt_ids_of, cfg: Config, device, amp_dtype, reward_fn, rank,
+             world_size):
     """Eval loss / perplexity on held-out data, and the sampling space of completions of held-out prompts."""
     model.eval()
     nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -210,13 +243,6 @@ def evaluate(model, tokenizer, eval_examples, eval_rows, cfg: Config, device, am
     metrics = {"eval/loss": (nll / count).item(), "eval/perplexity": math.exp(min(20.0, (nll / count).item()))}
 
     # completions of held-out prompts: each rank samples its share; all ranks decode the same number of steps
-    prompt_ids_of = {}  # prompt text -> token ids, for plain and chat rows alike
-    for row in eval_rows:
-        if "messages" in row:
-            text = render_chat_prompt(row["messages"], tokenizer)
-            prompt_ids_of[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids_of[row["prompt"]] = tokenizer(row["prompt"])["input_ids"]
     prompts = sorted(prompt_ids_of)
     if prompts:
         n = cfg.num_eval_generations // world_size
@@ -239,7 +265,8 @@ def evaluate(model, tokenizer, eval_examples, eval_rows, cfg: Config, device, am
         local["eos_rate"] = eos.sum()
         local["response_length"] = response_mask.sum().float()
         if reward_fn is not None:
-            gold = torch.tensor(reward_fn(batch_prompts, completions), device=device, dtype=torch.float32)
+            gold = torch.tensor([math.nan if v is None else v for v in
+                                 common.call_reward_fn(reward_fn, batch_prompts, completions)], device=device)
             local["gold_reward_mean"], local["gold_sq"] = gold.sum(), (gold ** 2).sum()
         total = n * world_size
         for k, v in local.items():
@@ -265,47 +292,60 @@ def main(cfg: Config) -> dict:
     examples, counts = build_dataset(cfg.dataset, tokenizer, cfg)
     eval_rows = common.load_jsonl(cfg.eval_dataset, alternatives=(("prompt", "completion"), ("messages",)))
     eval_examples, _ = build_dataset(cfg.eval_dataset, tokenizer, cfg)
+    prompt_ids_of = eval_prompt_ids(eval_rows, tokenizer)
+    common.check_length(model.config, max(map(len, prompt_ids_of.values())) + cfg.max_new_tokens,
+                        "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
     reward_fn_spec = cfg.eval_reward_fn
     if reward_fn_spec == "auto":
         reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.dataset) else "none"
-    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec)
-    if rank == 0:
-        print(f"model: {n_params / 1e6:.2f}M parameters | train examples: {len(examples)} "
-              f"(truncated {counts['truncated']}, dropped {counts['dropped']}, max_length {cfg.max_length}) | "
-              f"world size {world_size}", flush=True)
-    model = common.shard_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95))
-
+    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec, "--eval_reward_fn")
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch ({global_batch})")
-    total_steps = max(1, int(cfg.num_epochs * steps_per_epoch))
+        raise common.InputError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch "
+                                f"({global_batch} = --per_device_batch_size x --gradient_accumulation_steps x "
+                                f"{world_size} processes)")
+    total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
+    if rank == 0:
+        print(f"model: {n_params / 1e6:.2f}M parameters | train examples: {len(examples)} "
+              f"(truncated {counts['truncated']}, dropped {counts['dropped']}, max_length {cfg.max_length}) | "
+              f"{total_steps} steps of {global_batch} | world size {world_size}", flush=True)
+    common.prepare_output_dir(cfg.output_dir, rank)
+    resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
+    common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([model], model, cfg.save_every),
+                            "the final model and a checkpoint")
+    model = common.shard_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
-    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # same on every rank: all agree on the global batch
+    batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
+    tokens_seen, train_time, start_step = 0, 0.0, 0
+    if resume_from is not None:
+        state = common.load_state(resume_from, {"model": model}, [optimizer], {}, cfg)
+        start_step = state["step"]
+        batches.load_state_dict(state["state"]["batches"])
+        scheduler.load_state_dict(state["state"]["scheduler"])
+        tokens_seen, train_time = state["state"]["tokens_seen"], state["state"]["train_time"]
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
 
     # 2. training loop
     model.train()
-    order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
-    tokens_seen, t_start, train_time = 0, time.time(), 0.0
-    for step in range(1, total_steps + 1):
-        if pos + global_batch > len(order):
-            order, pos = torch.randperm(len(examples), generator=data_gen).tolist(), 0
-        batch_idx = order[pos:pos + global_batch]
-        pos += global_batch
+    t_start = time.time()
+    for step in range(start_step + 1, total_steps + 1):
+        batch_idx = batches.next()
         # this rank's micro-batches; the loss is normalised by the label tokens of the whole global batch
         local = batch_idx[rank::world_size]
         micro = [local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)]
-        batches = [collate([examples[j] for j in mb], tokenizer.pad_token_id, device) for mb in micro]
-        local_tokens = sum((lab[:, 1:] != -100).sum() for _, _, lab in batches)
+        micro_batches = [collate([examples[j] for j in mb], tokenizer.pad_token_id, device) for mb in micro]
+        local_tokens = sum((lab[:, 1:] != -100).sum() for _, _, lab in micro_batches)
         global_tokens = common.all_reduce_sum(torch.as_tensor(local_tokens, device=device).float())
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
-        for input_ids, attention_mask, labels in batches:
+        for input_ids, attention_mask, labels in micro_batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 nll, _ = token_nll_sum(model, input_ids, attention_mask, labels)
             # FSDP averages gradients over ranks, hence * world_size: the result is d(sum nll / global_tokens)
@@ -324,21 +364,24 @@ def main(cfg: Config) -> dict:
                               "epoch": step / steps_per_epoch, "tokens_per_s": tokens_seen / max(1e-9, train_time)},
                        ("loss", "lr", "epoch", "tokens_per_s"))
         if step % cfg.eval_every == 0 or step == total_steps:
-            metrics = evaluate(model, tokenizer, eval_examples, eval_rows, cfg, device, amp_dtype, reward_fn, rank,
-                               world_size)
+            metrics = evaluate(model, tokenizer, eval_examples, prompt_ids_of, cfg, device, amp_dtype, reward_fn,
+                               rank, world_size)
             samples = metrics.pop("samples", [])
             logger.log(step, metrics, ("eval/loss", "eos_rate", "gold_reward_mean", "sampling/entropy",
                                        "distinct_completions"))
             if rank == 0:
                 for s in samples:
                     print("   sample:", s)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            common.save_state(cfg.output_dir, step, {"model": model}, [optimizer], {}, {
+                "batches": batches.state_dict(), "scheduler": scheduler.state_dict(), "tokens_seen": tokens_seen,
+                "train_time": train_time}, logger, cfg, cfg.save_total_limit)
 
-    # 3. save
-    common.save_checkpoint(model, tokenizer, cfg.output_dir)
+    # 3. save the model with its evaluation beside it
     final = {**metrics, "train_loss": loss, "train_steps": total_steps, "tokens_per_s": tokens_seen / train_time,
              "wall_time_s": time.time() - t_start, "num_parameters": n_params, **counts}
+    common.save_model(model, tokenizer, cfg.output_dir, final, logger)
     if rank == 0:
-        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), final)
         print(f"saved {cfg.output_dir} | eval loss {final['eval/loss']:.4f} | eos rate {final.get('eos_rate', 0):.3f}"
               f" | gold reward {final.get('gold_reward_mean', float('nan')):.3f}", flush=True)
     logger.close()
@@ -347,4 +390,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    common.cli(main, Config)

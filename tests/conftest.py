@@ -91,3 +91,18 @@ def toy_sft_checkpoint(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "sft")
     sft.main(sft.Config(output_dir=out, num_epochs=0.05, eval_every=10_000, num_eval_generations=8, log_every=5))
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
+    """A reward model checkpoint: the toy SFT backbone with a fresh scalar head (no training needed here)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("rm") / "reward_model")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(toy_sft_checkpoint, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(std=0.5)  # scores that vary between responses
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
+    return out

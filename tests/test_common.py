@@ -355,20 +355,23 @@ def test_load_jsonl_errors_name_file_line_and_field(tmp_path):
     not_object = write(tmp_path / "list.jsonl", '{"prompt": "a"}\n["prompt", "b"]\n')
     with pytest.raises(ValueError, match=rf"{not_object}:2: expected a JSON object, got list"):
         common.load_jsonl(not_object)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(common.InputError, match="nope.jsonl: no such file"):
         common.load_jsonl(str(tmp_path / "nope.jsonl"))
 
 
-def test_save_checkpoint_round_trip_and_replaces_existing_dir(tmp_path):
+def test_save_model_round_trip_and_replaces_existing_dir(tmp_path):
     model = tiny_lm("gpt2")
     out = str(tmp_path / "ckpt")
-    os.makedirs(out)
+    os.makedirs(os.path.join(out, "checkpoints", "step_2"))
     write(os.path.join(out, "stale.bin"), "left over from an older run")
+    write(os.path.join(out, "eval.json"), '{"old": 1}')
     write(os.path.join(out, "metrics.jsonl"), '{"step": 1}\n')  # this run's log, written before the save
-    common.save_checkpoint(model, TOK, out, extra_config={"reward_mean": 0.25})
+    common.save_model(model, TOK, out, {"loss": 0.5, "nan": float("nan")}, extra_config={"reward_mean": 0.25})
     files = set(os.listdir(out))
     assert "model.safetensors" in files and "stale.bin" not in files and "tokenizer.json" in files
-    assert open(os.path.join(out, "metrics.jsonl")).read() == '{"step": 1}\n'  # logs are carried over
+    assert open(os.path.join(out, "metrics.jsonl")).read() == '{"step": 1}\n'  # the run's files are carried over
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_2"))
+    assert json.load(open(os.path.join(out, "eval.json"))) == {"loss": 0.5, "nan": None}  # strict JSON, no NaN
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directories left behind
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.reward_mean == 0.25

@@ -288,19 +288,6 @@ def test_rollout_logprobs_equal_fresh_unpadded_forward_at_temperature(toy_sft_ch
 # end to end on the toy
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
-    """A reward model checkpoint: the toy SFT backbone with a fresh scalar head (no training needed here)."""
-    out = str(tmp_path_factory.mktemp("rm") / "reward_model")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(toy_sft_checkpoint, num_labels=1)
-    with torch.no_grad():
-        model.score.weight.normal_(std=0.5)  # scores that vary between responses
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def eval_prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "eval.jsonl"
     with open(os.path.join(ROOT, "data/toy/prompts_eval.jsonl")) as f:
@@ -395,9 +382,9 @@ def test_end_to_end_k2_running_norm_and_more_options(toy_sft_checkpoint, toy_rew
 
 
 def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
-    with pytest.raises(SystemExit, match=r"runs/missing_sft_for_test not found; run `python sft.py` first"):
+    with pytest.raises(common.InputError, match=r"runs/missing_sft_for_test not found; run `python sft.py` first"):
         ppo.main(small_config(tmp_path / "a", model_name_or_path="runs/missing_sft_for_test"))
-    with pytest.raises(SystemExit, match=r"runs/missing_rm_for_test not found; run `python reward_model.py` first"):
+    with pytest.raises(common.InputError, match=r"runs/missing_rm_for_test not found; run `python reward_model.py` first"):
         ppo.main(small_config(tmp_path / "b", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path="runs/missing_rm_for_test"))
     with pytest.raises(ValueError, match="per_prompt needs --num_samples_per_prompt >= 2"):

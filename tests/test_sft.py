@@ -13,6 +13,7 @@ from conftest import ARCHS, ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import common
 import sft
 import toy_task
 
@@ -220,10 +221,10 @@ def test_chat_row_must_end_with_assistant(tmp_path, tiny_checkpoints):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_from_scratch_guard(tmp_path, tiny_checkpoints):
     # a directory with weights + --from_scratch would silently throw the weights away
-    with pytest.raises(SystemExit, match="would discard the weights.*--no-from_scratch"):
+    with pytest.raises(common.InputError, match="would discard the weights.*--no-from_scratch"):
         sft.main(small_config(tmp_path, "x", model_name_or_path=tiny_checkpoints["llama"], from_scratch=True))
     # and the toy base model holds no weights: fine-tuning it is an error, not a silent random start
-    with pytest.raises(OSError, match="model.safetensors"):
+    with pytest.raises(common.InputError, match="--model_name_or_path data/toy/base_model: cannot load"):
         sft.main(small_config(tmp_path, "y", from_scratch=False))
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
