@@ -158,11 +158,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
-def load_jsonl(path: str, required: tuple[str, ...] = (), alternatives: tuple[tuple[str, ...], ...] = ()) -> list:
+def load_jsonl(path: str, required: tuple[str, ...] = (), alternatives: tuple[tuple[str, ...], ...] = (),
+               optional: tuple[str, ...] = ()) -> list:
     """Rows of a JSON-lines file. Errors name the file, the line and the field.
 
     required: fields every row must have. alternatives: groups of fields of which a row must hold all of at least one
-    group (e.g. (("prompt", "completion"), ("messages",))). Blank lines at the end are ignored; a blank line between
+    group (e.g. (("prompt", "completion"), ("messages",))). optional: fields a row may have; a field that looks like a
+    misspelling of any of these is an error. Blank lines at the end are ignored; a blank line between
     rows is an error (JSON Lines allows none), so that row i is always line i + 1 of the file in every later error."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
@@ -185,7 +187,8 @@ def load_jsonl(path: str, required: tuple[str, ...] = (), alternatives: tuple[tu
                 raise InputError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            check_field_names(row, set(required) | {k for group in alternatives for k in group}, f"{path}:{line_no}")
+            check_field_names(row, {*required, *optional, *(k for group in alternatives for k in group)},
+                              f"{path}:{line_no}")
             for field in required:
                 if field not in row:
                     raise InputError(f"{path}:{line_no}: missing field '{field}'")
@@ -217,10 +220,10 @@ def check_messages(messages, where: str, field: str) -> None:
                          f"messages, got {json.dumps(messages)[:120]}")
 
 
-def require_checkpoint(path: str, script: str) -> None:
+def require_checkpoint(path: str, script: str, option: str = "--model_name_or_path") -> None:
     """Clear error when a default input of a later stage is missing (e.g. runs/sft before reward_model.py)."""
     if path.startswith("runs/") and not os.path.isdir(path):
-        raise InputError(f"{path} not found; run `python {script}` first (or pass another path)")
+        raise InputError(f"{option} {path}: not found; run `python {script}` first (or pass another path)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -852,7 +855,7 @@ class MetricsLogger:
                  config: dict | None = None, resume_from: str | None = None):
         self.rank, self.start = rank, time.time()
         self.tb = self.wandb = None
-        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"  # urandom: no seeded generator used
         if resume_from is not None:
             with open(os.path.join(resume_from, "trainer_state.json")) as f:
                 saved = json.load(f)

@@ -275,7 +275,7 @@ def tokenize_pair(row: dict, tokenizer, where: str) -> tuple[list[int], list[int
 
 def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int], list[int]]], dict]:
     """Tokenised pairs and the counts of the skip / truncation policy."""
-    rows = common.load_jsonl(path, required=("chosen", "rejected"))
+    rows = common.load_jsonl(path, required=("chosen", "rejected"), optional=("prompt",))
     examples, counts = [], {"truncated": 0, "dropped": 0, "identical": 0}
     for i, row in enumerate(rows):
         prompt_ids, chosen_ids, rejected_ids = tokenize_pair(row, tokenizer, f"{path}:{i + 1}")
@@ -435,7 +435,7 @@ def main(cfg: Config) -> dict:
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
     ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
-    common.require_checkpoint(ref_path, "sft.py")
+    common.require_checkpoint(ref_path, "sft.py", "--ref_model_name_or_path")
 
     # 1. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
     tokenizer = load_tokenizer(cfg)

@@ -371,7 +371,7 @@ def main(cfg: Config) -> dict:
     eval_reward_fn = None if eval_spec == "none" else common.load_function(eval_spec, "--eval_reward_fn")
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
     if cfg.reward_fn is None or cfg.critic_init == "reward_model":
-        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
+        common.require_checkpoint(cfg.reward_model_path, "reward_model.py", "--reward_model_path")
 
     # 1. models, data
     actor, ref, reward_model, critic, tokenizer, reward_tokenizer = load_models(cfg, device)

@@ -307,7 +307,7 @@ def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[li
     """Tokenised examples {prompt_ids, completions (ids, each ending in EOS), margin, prompt, gold} and the counts of
     the skip / over-length policies. gold: reward_fn of each completion (string prompts only), else None."""
     required = ("prompt", "completions") if cfg.loss == "ranking" else ("chosen", "rejected")
-    rows = common.load_jsonl(path, required=required)
+    rows = common.load_jsonl(path, required=required, optional=("prompt", "margin"))
     examples, counts = [], {"skipped_identical": 0, "truncated": 0, "dropped": 0}
     for i, row in enumerate(rows):
         where = f"{path}:{i + 1}"  # load_jsonl allows no blank line between rows: row i is line i + 1

@@ -72,7 +72,8 @@ class Config:
     log_every: int = 20
     """log training metrics every this many optimiser steps"""
     num_eval_generations: int = 128
-    """completions sampled from eval prompts at each evaluation (diagnostics of the sampling space)"""
+    """completions sampled from eval prompts at each evaluation (diagnostics of the sampling space; 0 = none; a
+    multiple of the number of processes)"""
     max_new_tokens: int = 24
     """maximum completion length when sampling"""
     temperature: float = 1.0
@@ -244,8 +245,8 @@ def evaluate(model, tokenizer, eval_examples, prompt_ids_of, cfg: Config, device
 
     # completions of held-out prompts: each rank samples its share; all ranks decode the same number of steps
     prompts = sorted(prompt_ids_of)
-    if prompts:
-        n = cfg.num_eval_generations // world_size
+    n = cfg.num_eval_generations // world_size  # per rank
+    if prompts and n > 0:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 + rank)
         batch_prompts = [prompts[(rank * n + i) % len(prompts)] for i in range(n)]
         prompt_ids, prompt_mask = common.left_pad([prompt_ids_of[p] for p in batch_prompts],

@@ -268,7 +268,7 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
 
 
 def test_missing_sft_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(common.InputError, match="runs/nope not found; run `python sft.py` first"):
+    with pytest.raises(common.InputError, match="--model_name_or_path runs/nope: not found; run `python sft.py` first"):
         dpo.main(dpo.Config(model_name_or_path="runs/nope", output_dir=str(tmp_path / "x")))
 
 

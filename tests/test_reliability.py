@@ -297,3 +297,252 @@ def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one(tmp_path, 
             assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_4"]  # save_total_limit=1
             break
     assert finished and k > 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad options: refused when the config is built (tyro reports them with the option's name before anything loads)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script,option,value,message", [
+    ("sft", "per_device_batch_size", 0, "--per_device_batch_size must be > 0, got 0"),
+    ("sft", "num_epochs", 0.0, "--num_epochs must be > 0"),
+    ("sft", "max_length", -5, "--max_length must be > 0"),
+    ("sft", "max_new_tokens", 0, "--max_new_tokens must be > 0"),
+    ("sft", "num_eval_generations", -1, "--num_eval_generations must be >= 0"),
+    ("sft", "warmup_ratio", 1.5, "--warmup_ratio must be between 0 and 1"),
+    ("sft", "top_p", 0.0, r"--top_p must be in \(0, 1\]"),
+    ("sft", "learning_rate", float("nan"), "--learning_rate must be > 0, got nan"),
+    ("sft", "max_steps", 0, "--max_steps must be >= 1"),
+    ("sft", "save_total_limit", 0, "--save_total_limit must be > 0"),
+    ("reward_model", "per_device_batch_size", 0, "--per_device_batch_size must be > 0"),
+    ("reward_model", "normalize_samples", -1, "--normalize_samples must be >= 0"),
+    ("reward_model", "save_every", -2, "--save_every must be >= 0"),
+    ("dpo", "beta", 0.0, "--beta must be > 0"),
+    ("dpo", "label_smoothing", 0.5, r"--label_smoothing must be in \[0, 0.5\)"),
+    ("dpo", "temperature", 0.0, "--temperature must be > 0"),
+    ("dpo", "num_epochs", 0.0, "--num_epochs must be > 0"),
+    ("ppo", "rollout_batch_size", 0, "--rollout_batch_size must be > 0"),
+    ("ppo", "num_iterations", 0, "--num_iterations must be > 0"),
+    ("ppo", "temperature", 0.0, "--temperature must be > 0"),  # the log-probs divide by it
+    ("ppo", "num_samples_per_prompt", -1, "--num_samples_per_prompt must be > 0"),
+    ("ppo", "gamma", 1.2, "--gamma must be between 0 and 1"),
+    ("ppo", "kl_coef", -0.1, "--kl_coef must be >= 0"),
+    ("ppo", "ppo_epochs", 0, "--ppo_epochs must be > 0"),
+    ("ppo", "top_k", -1, "--top_k must be >= 0"),
+])
+def test_bad_options_are_refused_with_their_name(script, option, value, message):
+    with pytest.raises(common.InputError, match=message):
+        SCRIPTS[script].Config(**{option: value})
+
+
+def test_bad_option_on_the_command_line_is_one_clear_message(tmp_path):
+    proc = subprocess.run([sys.executable, "sft.py", "--per_device_batch_size", "0", "--output_dir",
+                           str(tmp_path / "x")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--per_device_batch_size must be > 0, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad inputs: an error naming the file and line, the field or the option, before any training
+# ---------------------------------------------------------------------------------------------------------------------
+def write(path, text: str | bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def sft_config(tmp_path, **kw):
+    defaults = dict(dataset=head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 16),
+                    eval_dataset=head_jsonl("data/toy/sft_eval.jsonl", tmp_path / "e.jsonl", 4),
+                    per_device_batch_size=8, max_steps=1, num_eval_generations=2, max_new_tokens=4,
+                    output_dir=str(tmp_path / "out"))
+    return sft.Config(**{**defaults, **kw})
+
+
+def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    bad = write(tmp_path / "latin1.jsonl", '{"prompt": "the movie was", "completion": " good ."}\n'.encode()
+                + '{"prompt": "the café was", "completion": " good ."}\n'.encode("latin-1"))
+    with pytest.raises(common.InputError, match=rf"{bad}:2: not UTF-8 text \(byte 0xe9 at column 20\)"):
+        sft.main(sft_config(tmp_path, dataset=bad))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_messages_holding_strings_name_the_field(tmp_path, tiny_checkpoints):
+    bad = write(tmp_path / "chat.jsonl", json.dumps({"messages": ["hello", "hi there"]}) + "\n")
+    with pytest.raises(common.InputError, match=rf"{bad}:1: field 'messages' must be a non-empty list of "
+                                                r"\{\"role\": str, \"content\": str\} messages"):
+        sft.main(sft_config(tmp_path, model_name_or_path=tiny_checkpoints["llama"], from_scratch=False, dataset=bad))
+
+
+def test_misspelt_field_is_refused_not_read_as_another_format(tmp_path, toy_sft_checkpoint):
+    # without the check, {"promt", "chosen", "rejected"} would be read as an implicit-prompt pair with the prompt lost
+    row = {"promt": "the movie was", "chosen": " good .", "rejected": " bad ."}
+    bad = write(tmp_path / "typo.jsonl", json.dumps(row) + "\n")
+    with pytest.raises(common.InputError, match=rf"{bad}:1: unknown field 'promt'; did you mean 'prompt'\?"):
+        dpo.main(dpo.Config(model_name_or_path=toy_sft_checkpoint, dataset=bad, output_dir=str(tmp_path / "o")))
+    fine = write(tmp_path / "extra.jsonl", json.dumps({"prompt": "a", "chosen": " b", "rejected": " c",
+                                                       "source": "x", "id": 7}) + "\n")
+    assert len(common.load_jsonl(fine, alternatives=(("prompt", "chosen", "rejected"),))) == 1  # extra fields: fine
+
+
+def test_missing_model_directory_names_the_option(tmp_path):
+    with pytest.raises(common.InputError, match=r"--model_name_or_path /nonexistent/model: cannot load \(no such "
+                                                r"local directory"):
+        sft.main(sft_config(tmp_path, model_name_or_path="/nonexistent/model", from_scratch=False))
+    with pytest.raises(common.InputError, match="--model_name_or_path runs/none_such_sft: not found; run `python sft.py` first"):
+        reward_model.main(reward_model.Config(model_name_or_path="runs/none_such_sft", output_dir=str(tmp_path / "r")))
+
+
+def test_max_length_beyond_the_models_positions(tmp_path):
+    with pytest.raises(common.InputError, match="--max_length = 100 tokens exceeds the 64 positions of "
+                                                "data/toy/base_model"):
+        sft.main(sft_config(tmp_path, max_length=100))
+
+
+def test_model_of_the_wrong_kind_is_refused(tmp_path, toy_sft_checkpoint, toy_reward_model):
+    # a causal LM as reward model: its score head would be random
+    with pytest.raises(common.InputError, match=rf"--reward_model_path {toy_sft_checkpoint}: not a reward model"):
+        ppo.main(ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_sft_checkpoint,
+                            output_dir=str(tmp_path / "p")))
+    # a reward model as the policy
+    with pytest.raises(common.InputError, match=rf"--model_name_or_path {toy_reward_model}: a reward / classification"):
+        dpo.main(dpo.Config(model_name_or_path=toy_reward_model, output_dir=str(tmp_path / "d")))
+    assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "d")
+
+
+def bad_reward(prompts, completions):
+    return BAD_REWARD(completions)
+
+
+@pytest.mark.parametrize("returned,message", [
+    (lambda c: [1.0] * (len(c) - 1), r"returned \[1.0, .*\] for \d+ completions; it must return a list of \d+ numbers"),
+    (lambda c: ["good"] * len(c), r"returned 'good' among .*; every value must be a finite number or None"),
+    (lambda c: [float("nan")] * len(c), "returned nan among"),
+    (lambda c: [float("inf")] + [0.0] * (len(c) - 1), "returned inf among"),
+    (lambda c: 3.0, r"returned 3.0 for \d+ completions"),
+])
+def test_reward_function_returning_garbage_is_refused_with_its_name(returned, message, tmp_path,
+                                                                    toy_sft_checkpoint):
+    global BAD_REWARD
+    BAD_REWARD = returned
+    with pytest.raises(common.InputError, match="reward function bad_reward " + message):
+        ppo.main(ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_fn="test_reliability:bad_reward",
+                            critic_init="sft", rollout_batch_size=4, max_steps=1, max_new_tokens=4,
+                            eval_samples_per_prompt=1, eval_reward_fn="none", output_dir=str(tmp_path / "p")))
+
+
+def test_reward_function_spec_errors(tmp_path):
+    with pytest.raises(common.InputError, match="--reward_fn nocolon: expected module:function"):
+        common.load_function("nocolon")
+    with pytest.raises(common.InputError, match="--reward_fn no_such_module_xyz:f: cannot import no_such_module_xyz"):
+        common.load_function("no_such_module_xyz:f")
+    with pytest.raises(common.InputError, match="--reward_fn toy_task:nope: toy_task has no function nope"):
+        common.load_function("toy_task:nope")
+    with pytest.raises(common.InputError, match="no such file /nowhere/rewards.py"):
+        common.load_function("/nowhere/rewards.py:f")
+    path = write(tmp_path / "rewards.py", "def length(completions, **kwargs):\n    return [len(c) for c in completions]\n")
+    fn = common.load_function(f"{path}:length")
+    assert common.call_reward_fn(fn, ["a", "b"], [" xy", " z"]) == [3.0, 2.0]
+
+
+def test_output_dir_that_cannot_be_written_or_disk_too_full_is_found_before_training(tmp_path, monkeypatch):
+    blocker = write(tmp_path / "a_file", "not a directory")
+    with pytest.raises(common.InputError, match=rf"--output_dir {blocker}/out: cannot write there"):
+        sft.main(sft_config(tmp_path, output_dir=f"{blocker}/out"))
+    usage = common.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(common.InputError, match=r"GiB free on its disk, but the final model and a checkpoint need"):
+        sft.main(sft_config(tmp_path, save_every=1))
+    assert not os.path.exists(os.path.join(tmp_path, "out", "metrics.jsonl"))  # nothing trained, nothing logged
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(common.InputError, match=r"--resume: no complete checkpoint in .*/out/checkpoints"):
+        sft.main(sft_config(tmp_path, resume=True))
+
+
+def test_runtime_input_error_on_the_command_line_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "sft.py", "--dataset", str(tmp_path / "missing.jsonl"), "--output_dir",
+                           str(tmp_path / "x")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {tmp_path}/missing.jsonl: no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a new run into an existing output_dir, and the log on resume
+# ---------------------------------------------------------------------------------------------------------------------
+def failing_reward(prompts, completions):
+    raise RuntimeError("the reward service is down")
+
+
+def test_a_failed_rerun_keeps_the_previous_runs_files_until_it_saves(tmp_path):
+    first = sft_config(tmp_path, max_steps=4, save_every=2, log_every=1, eval_every=100)
+    sft.main(first)
+    out = first.output_dir
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        log = f.read()
+    with open(os.path.join(out, "eval.json")) as f:
+        evaluation = f.read()
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_2"]
+
+    # a re-run that crashes at its first evaluation (step 2), before any save of its own
+    with pytest.raises(RuntimeError, match="the reward service is down"):
+        sft.main(sft_config(tmp_path, max_steps=4, log_every=1, eval_every=2, seed=2,
+                            eval_reward_fn="test_reliability:failing_reward"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert f.read() == log
+    with open(os.path.join(out, "eval.json")) as f:
+        assert f.read() == evaluation
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_2"]
+    assert common.latest_checkpoint(out).endswith("step_2")  # --resume would still continue the first run
+
+    # a re-run that saves: its first checkpoint replaces the previous run's checkpoints and log
+    third = sft_config(tmp_path, max_steps=6, save_every=3, log_every=1, eval_every=100, seed=3)
+    sft.main(third)
+    assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "eval.json", "generation_config.json",
+                                              "metrics.jsonl", "model.safetensors", "tokenizer.json",
+                                              "tokenizer_config.json"])
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_3"]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6, 6]
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f)["train_steps"] == 6
+
+
+def test_resume_appends_to_the_log_and_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    config = sft_config(tmp_path, max_steps=6, save_every=2, log_every=1, eval_every=100)
+    sft.main(config)
+    out = config.output_dir
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        complete = f.read()
+    # as if killed after logging step 5, with checkpoints at 2 and 4
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write("".join(complete.splitlines(keepends=True)[:5]))
+    sft.main(sft_config(tmp_path, max_steps=6, save_every=2, log_every=1, eval_every=100, resume=True))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]  # each step once; rows 1-4 kept from the first run
+    assert [without_timing(r) for r in rows] == [without_timing(json.loads(line)) for line in complete.splitlines()]
+    with open(os.path.join(out, "checkpoints", "step_4", "trainer_state.json")) as f:
+        assert json.load(f)["config"]["max_steps"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torchrun: one rank failing ends the job, with the cause
+# ---------------------------------------------------------------------------------------------------------------------
+def test_a_failure_on_one_rank_ends_the_other_with_a_clear_message(tmp_path):
+    """Rank 1's evaluation reward function raises while rank 0 waits for it in a collective: the job must end (not
+    hang until a timeout), non-zero, with rank 1's error in the output."""
+    rewards = write(tmp_path / "rewards.py", "import os\n\ndef flaky(prompts, completions):\n"
+                    "    if os.environ['RANK'] == '1':\n        raise RuntimeError('rank 1 cannot reach its grader')\n"
+                    "    return [0.0] * len(completions)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py",
+           "--dataset", head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 32),
+           "--eval_dataset", head_jsonl("data/toy/sft_eval.jsonl", tmp_path / "e.jsonl", 4),
+           "--per_device_batch_size", "8", "--max_steps", "4", "--eval_every", "2", "--num_eval_generations", "4",
+           "--max_new_tokens", "4", "--eval_reward_fn", f"{rewards}:flaky", "--output_dir", str(tmp_path / "out")]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "rank 1 cannot reach its grader" in proc.stderr and "[rank 1] failed" in proc.stderr
+    assert time.time() - t0 < 120
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
