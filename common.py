@@ -226,6 +226,303 @@ def require_checkpoint(path: str, script: str, option: str = "--model_name_or_pa
         raise InputError(f"{option} {path}: not found; run `python {script}` first (or pass another path)")
 
 
+def is_toy_data(path: str | None) -> bool:
+    """Whether a data path is one of the toy task's files (data/toy/): only then are toy evaluation files, the toy's
+    gold reward and toy reward models used by default."""
+    toy_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy")
+    return path is not None and os.path.abspath(path).startswith(toy_dir + os.sep)
+
+
+def _import_datasets(path: str, option: str):
+    try:
+        import datasets  # optional dependency: parquet, CSV, save_to_disk folders and hub datasets
+    except ImportError:
+        raise InputError(f"{option} {path}: reading this needs the `datasets` package (pip install datasets); JSON "
+                         "lines files need nothing") from None
+    return datasets
+
+
+def load_rows(path: str, option: str = "--dataset", split: str = "train") -> list[tuple[str, dict]]:
+    """(where, row) of every example of a dataset, where names the example in errors.
+
+    JSON lines (.jsonl; where = file:line) and JSON (.json: an array of objects, or JSON lines) are read directly;
+    parquet, CSV and Arrow files, folders written by `datasets.save_to_disk` and hub dataset ids (with `split`) go
+    through the `datasets` library (where = path[index])."""
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and ext in (".jsonl", ".json"):
+        if ext == ".json":
+            with open(path, "rb") as f:
+                head = f.read(1 << 16).lstrip()
+            if head.startswith(b"["):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        data = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise InputError(f"{path}: not a valid JSON array ({e})") from None
+                if not data:
+                    raise InputError(f"{path}: empty JSON array")
+                for i, row in enumerate(data):
+                    if not isinstance(row, dict):
+                        raise InputError(f"{path}[{i}]: expected a JSON object, got {type(row).__name__}")
+                return [(f"{path}[{i}]", row) for i, row in enumerate(data)]
+        return [(f"{path}:{i + 1}", row) for i, row in enumerate(load_jsonl(path))]
+    if os.path.isfile(path) and ext in (".parquet", ".csv", ".arrow"):
+        datasets = _import_datasets(path, option)
+        data = datasets.load_dataset({".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[ext],
+                                     data_files=path, split="train")
+    elif os.path.isdir(path):
+        datasets = _import_datasets(path, option)
+        try:
+            data = datasets.load_from_disk(path)
+        except FileNotFoundError:
+            raise InputError(f"{option} {path}: a directory, but not one written by datasets' save_to_disk") from None
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise InputError(f"{option} {path}: no split '{split}' (it has {sorted(data)}); choose one with the "
+                                 "split option")
+            data = data[split]
+    elif os.path.exists(path):
+        raise InputError(f"{option} {path}: unknown file type '{ext}'; use .jsonl, .json, .parquet, .csv or .arrow")
+    elif path.startswith(("/", ".", "~")) or ext or path.count("/") != 1:
+        raise InputError(f"{option} {path}: no such file or directory")
+    else:
+        datasets = _import_datasets(path, option)
+        try:
+            data = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: the library's message says which
+            raise InputError(f"{option} {path}: not a local file and cannot be loaded from the Hugging Face hub "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+                             ) from None
+    if len(data) == 0:
+        raise InputError(f"{option} {path}: no rows")
+    # columns that a row does not have come back as None from Arrow: drop them, so they read as absent
+    return [(f"{path}[{i}]", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(data)]
+
+
+def eval_data_path(option_value: str, train_path: str, toy_default: str) -> str | None:
+    """Evaluation data follows the training data: "auto" is the toy's file only when training on the toy, otherwise
+    nothing (a real run never evaluates on toy data by accident); "none" disables it."""
+    if option_value == "auto":
+        return toy_default if is_toy_data(train_path) else None
+    return None if option_value == "none" else option_value
+
+
+def eval_reward_fns(specs, data_path: str, training_fns: dict | None = None) -> dict:
+    """The reward functions that score evaluation samples: those given, else the training ones, else the toy's gold
+    reward when training on the toy; ("none",) disables them."""
+    if tuple(specs) == ("none",):
+        return {}
+    if specs:
+        return load_reward_fns(specs, option="--eval_reward_fn")
+    if training_fns:
+        return training_fns
+    return load_reward_fns(["toy_task:gold_reward"]) if is_toy_data(data_path) else {}
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random `fraction` of the rows held out for evaluation (at least one)."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise InputError(f"--eval_split {fraction}: would leave no training rows out of {len(rows)}")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# The formats of TRL's datasets (https://huggingface.co/docs/trl/dataset_formats), standard (strings) or
+# conversational (lists of {"role", "content"} messages). A prompt is a string or a list of messages.
+FORMATS = {
+    "prompt-only": "{prompt: str | messages} or {messages: [...]}",
+    "language modeling": "{text: str} or {messages: [...]}",
+    "prompt-completion": "{prompt: str | messages, completion: str | [assistant message]}",
+    "preference": "{prompt?: str | messages, chosen: str | messages, rejected: str | messages}",
+    "ranking": "{prompt: str | messages, completions: [best, ..., worst]}",
+}
+
+
+def _text(value, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{field}' must be a string or a list of messages, got "
+                         f"{type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _assistant(value, where: str, field: str) -> list:
+    """A conversational completion: one or more messages, the last from the assistant."""
+    check_messages(value, where, field)
+    if value[-1]["role"] != "assistant" or not value[-1]["content"].strip():
+        raise InputError(f"{where}: field '{field}' must end with a non-empty assistant message")
+    return value
+
+
+def _check_known(row: dict, known: set, where: str) -> None:
+    check_field_names(row, known | {"prompt", "completion", "chosen", "rejected", "messages", "text",
+                                    "completions"}, where)
+
+
+def parse_prompt(row: dict, where: str):
+    """Prompt-only rows: {"prompt": str | messages}, or {"messages": [...]} (the conversation up to, not including,
+    a final assistant message). Returns the prompt (a string or a list of messages)."""
+    _check_known(row, set(), where)
+    if "prompt" in row:
+        if isinstance(row["prompt"], list):
+            check_messages(row["prompt"], where, "prompt")
+            return row["prompt"]
+        return _text(row["prompt"], where, "prompt")
+    if "messages" in row:
+        check_messages(row["messages"], where, "messages")
+        messages = row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"]
+        if not messages:
+            raise InputError(f"{where}: field 'messages' holds no prompt before its assistant message")
+        return messages
+    raise InputError(f"{where}: expected a prompt-only row {FORMATS['prompt-only']}, got keys {sorted(row)}")
+
+
+def parse_completion_row(row: dict, where: str):
+    """SFT rows: (prompt or None, completion). {"text"}: language modeling, no prompt; {"prompt", "completion"} with
+    strings, or conversational (prompt messages, completion ending with an assistant message); {"messages"}: a whole
+    conversation (prompt None, completion the message list)."""
+    _check_known(row, set(), where)
+    if "messages" in row:
+        check_messages(row["messages"], where, "messages")
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise InputError(f"{where}: field 'messages' holds no assistant message to train on")
+        return None, row["messages"]
+    if "text" in row:
+        return None, _text(row["text"], where, "text")
+    if "prompt" in row and "completion" in row:
+        if isinstance(row["prompt"], list):
+            check_messages(row["prompt"], where, "prompt")
+            return row["prompt"], _assistant(row["completion"], where, "completion")
+        return _text(row["prompt"], where, "prompt") if row["prompt"] else "", _text(row["completion"], where,
+                                                                                      "completion")
+    raise InputError(f"{where}: expected {FORMATS['prompt-completion']} or {FORMATS['language modeling']}, got keys "
+                     f"{sorted(row)}")
+
+
+def split_implicit_prompt(chosen, rejected, where: str):
+    """(prompt, chosen, rejected) of an implicit-prompt pair: two full texts or two full conversations.
+
+    Texts: the longest common prefix, cut back to its last whitespace so that no word is split, and without trailing
+    whitespace; the responses keep their leading space ("the movie was  good ." -> "the movie was", "  good ."). Message
+    lists: the shared leading messages; each side's remaining messages are its completion (ending with an assistant
+    message)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        cut = max((i for i in range(n) if chosen[i].isspace()), default=0)
+        while cut > 0 and chosen[cut - 1].isspace():
+            cut -= 1
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    n = min(n, len(chosen) - 1, len(rejected) - 1)
+    if n == 0:
+        raise InputError(f"{where}: 'chosen' and 'rejected' share no leading (prompt) messages")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def parse_preference_row(row: dict, where: str):
+    """Preference rows: (prompt, chosen, rejected), with an explicit prompt or an implicit one (the shared beginning
+    of chosen and rejected). Strings, or conversational (the completions then end with an assistant message; a
+    string completion next to a conversational prompt is taken as the assistant message's content)."""
+    _check_known(row, {"margin"}, where)
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise InputError(f"{where}: missing field '{field}' (expected {FORMATS['preference']})")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" not in row:
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            check_messages(chosen, where, "chosen")
+            check_messages(rejected, where, "rejected")
+        elif not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise InputError(f"{where}: 'chosen' and 'rejected' must both be strings or both lists of messages")
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
+    else:
+        prompt = row["prompt"]
+    if isinstance(prompt, list):
+        check_messages(prompt, where, "prompt")
+        as_messages = lambda v: [{"role": "assistant", "content": v}] if isinstance(v, str) else v  # noqa: E731
+        return prompt, _assistant(as_messages(chosen), where, "chosen"), _assistant(as_messages(rejected), where,
+                                                                                    "rejected")
+    if not isinstance(prompt, str):
+        raise InputError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    return prompt, _text(chosen, where, "chosen"), _text(rejected, where, "rejected")
+
+
+def parse_ranking_row(row: dict, where: str):
+    """Ranking rows {"prompt", "completions": [best, ..., worst]}: (prompt, completions)."""
+    _check_known(row, set(), where)
+    if "prompt" not in row or "completions" not in row:
+        raise InputError(f"{where}: expected {FORMATS['ranking']}, got keys {sorted(row)}")
+    prompt, completions = row["prompt"], row["completions"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise InputError(f"{where}: field 'completions' must be a list of at least 2 completions, best first")
+    if isinstance(prompt, list):
+        check_messages(prompt, where, "prompt")
+        return prompt, [_assistant([{"role": "assistant", "content": c}] if isinstance(c, str) else c, where,
+                                   f"completions[{k}]") for k, c in enumerate(completions)]
+    return _text(prompt, where, "prompt"), [_text(c, where, f"completions[{k}]") for k, c in enumerate(completions)]
+
+
+def _require_template(tokenizer, where: str) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InputError(f"{where}: conversational row, but the tokenizer has no chat template (set one, or use "
+                         "string fields)")
+
+
+def render_prompt(prompt, tokenizer, where: str = "") -> tuple[str, list[int]]:
+    """(text, token ids) of a prompt. A string gets the tokenizer's special tokens (e.g. BOS); a conversation is
+    rendered by the chat template with the generation prompt (which already holds any special tokens)."""
+    if isinstance(prompt, str):
+        return prompt, tokenizer(prompt)["input_ids"]
+    _require_template(tokenizer, where)
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_completion(prompt, completion, tokenizer, where: str = "") -> list[int]:
+    """Token ids of a completion after its prompt, ending with EOS. A string completion is tokenised without special
+    tokens and EOS appended. A conversational one is what the chat template renders after the prompt (the assistant
+    message with the template's own end-of-turn text, as TRL does), EOS appended unless the rendering ends with it.
+    Prompt and completion are tokenised separately, so the completion mask is exact."""
+    if isinstance(completion, str):
+        return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    _require_template(tokenizer, where)
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError(f"{where}: the chat template does not render the conversation as prompt + completion")
+    ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def render_conversation(messages: list, tokenizer, where: str = "") -> tuple[list[int], list[int]]:
+    """(token ids, assistant mask) of a whole conversation: the mask is 1 on the tokens of every assistant turn (its
+    content and end-of-turn text, as the chat template renders them after the generation prompt), 0 elsewhere.
+    Each turn is rendered as the template renders the conversation up to it, so the pieces add up to the template's
+    rendering of the whole conversation; the last assistant turn ends with EOS."""
+    _require_template(tokenizer, where)
+    ids, mask, done = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False) \
+                if i else tokenizer.apply_chat_template([], add_generation_prompt=True, tokenize=False)
+            upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            if not (before.startswith(done) and upto.startswith(before)):
+                raise InputError(f"{where}: the chat template does not render the conversation turn by turn")
+            prefix = tokenizer(before[len(done):], add_special_tokens=False)["input_ids"]
+            turn = tokenizer(upto[len(before):].rstrip(), add_special_tokens=False)["input_ids"]
+            if i == max(j for j, m in enumerate(messages) if m["role"] == "assistant") and \
+                    (not turn or turn[-1] != tokenizer.eos_token_id):
+                turn = turn + [tokenizer.eos_token_id]
+            ids += prefix + turn
+            mask += [0] * len(prefix) + [1] * len(turn)
+            done = upto[:len(before)] + upto[len(before):].rstrip()
+    return ids, mask
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Saving: the final model (Hugging Face format), training checkpoints (torch.distributed.checkpoint) and exact resume
 #
@@ -1006,6 +1303,39 @@ def call_reward_fn(fn, prompts: list, completions: list, **columns) -> list[floa
     return out
 
 
+def load_reward_fns(specs, weights=(), option: str = "--reward_fn") -> dict:
+    """{name: (function, weight)} of the reward functions given as module:function or file.py:function specs, named
+    by their function names (made unique); weights default to 1."""
+    specs = list(specs)
+    if weights and len(weights) != len(specs):
+        raise InputError(f"--reward_weights: {len(weights)} weights for {len(specs)} reward functions")
+    fns = {}
+    for spec, weight in zip(specs, weights or [1.0] * len(specs)):
+        fn = load_function(spec, option)
+        name = getattr(fn, "__name__", "reward")
+        name = name if name not in fns else f"{name}_{len(fns)}"
+        fns[name] = (fn, float(weight))
+    return fns
+
+
+def as_completions(prompts: list, texts: list[str]) -> list:
+    """Completions as reward functions get them (as in TRL): strings after string prompts, [{"role": "assistant",
+    "content": text}] after conversational ones."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+
+
+def score_with_fns(fns: dict, prompts: list, texts: list[str], columns: dict | None = None):
+    """(total, per_function) scores of completions: per_function[name] is each function's list (None where it cannot
+    score); total is the weighted sum over the functions that scored a completion, None where none did."""
+    completions = as_completions(prompts, texts)
+    per_fn = {name: call_reward_fn(fn, prompts, completions, **(columns or {})) for name, (fn, _) in fns.items()}
+    total = []
+    for i in range(len(texts)):
+        scored = [(per_fn[name][i], w) for name, (_, w) in fns.items() if per_fn[name][i] is not None]
+        total.append(sum(v * w for v, w in scored) if scored else None)
+    return total, per_fn
+
+
 def distinct_fraction(texts: list[str]) -> float:
     return len(set(texts)) / max(1, len(texts))
 
@@ -1036,19 +1366,29 @@ def same_tokenizer(a, b) -> bool:
 
 @torch.no_grad()
 def score_responses(reward_model, reward_tokenizer, policy_tokenizer, prompt_ids, prompt_mask, responses,
-                    response_mask, prompts: list[str], completions: list[str]) -> torch.Tensor:
+                    response_mask, prompts: list, completions: list[str]) -> torch.Tensor:
     """Normalised reward-model scores (B,) of [prompt | response], read at the last real token (the EOS).
 
-    When the reward model's tokenizer differs from the policy's, the decoded texts are re-tokenised for it (prompt
-    with its special tokens, completion without, plus its EOS if the response ended with one)."""
+    When the reward model's tokenizer differs from the policy's, the decoded texts are re-rendered for it: a
+    conversational prompt with its own chat template (prompt + the response as an assistant message) when it has
+    one, else the policy's rendering of the prompt as text; a string prompt with its special tokens and the
+    completion without, plus its EOS if the response ended with one."""
     device = prompt_ids.device
     if same_tokenizer(reward_tokenizer, policy_tokenizer):
         ids = torch.cat([prompt_ids, responses], 1)
         mask = torch.cat([prompt_mask, response_mask], 1)
     else:
         ended = (responses == policy_tokenizer.eos_token_id).any(1).tolist()
-        seqs = [reward_tokenizer(p)["input_ids"] + reward_tokenizer(c, add_special_tokens=False)["input_ids"]
-                + ([reward_tokenizer.eos_token_id] if e else []) for p, c, e in zip(prompts, completions, ended)]
+        seqs = []
+        for p, c, e in zip(prompts, completions, ended):
+            if isinstance(p, list) and getattr(reward_tokenizer, "chat_template", None) is not None:
+                p_ids = render_prompt(p, reward_tokenizer)[1]
+                c_ids = render_completion(p, [{"role": "assistant", "content": c}], reward_tokenizer)
+                seqs.append(p_ids + (c_ids if e else c_ids[:-1]))
+            else:
+                text = p if isinstance(p, str) else render_prompt(p, policy_tokenizer)[0]
+                seqs.append(reward_tokenizer(text)["input_ids"] + reward_tokenizer(c, add_special_tokens=False)[
+                    "input_ids"] + ([reward_tokenizer.eos_token_id] if e else []))
         ids = right_pad(seqs, reward_tokenizer.pad_token_id, device)
         mask = right_pad([[1] * len(s) for s in seqs], 0, device)
     return get_scores(reward_model, ids, mask)
@@ -1074,39 +1414,46 @@ def gather_lists(local: list) -> list:
     return [x for part in out for x in part]
 
 
+def prompt_text(prompt) -> str:
+    """A prompt for printing: the string, or a conversation's last message."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
 @torch.no_grad()
-def evaluate_policy(policy, tokenizer, prompts: list[str], device, *, ref_policy=None, reward_model=None,
-                    reward_tokenizer=None, reward_fn=None, samples_per_prompt: int = 4, max_new_tokens: int = 24,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                    amp_dtype=None, prompt_token_ids: list[list[int]] | None = None) -> dict:
-    """Sample `samples_per_prompt` completions of every prompt from the policy and measure them.
+def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_ids: list[list[int]] | None = None,
+                    ref_policy=None, reward_model=None, reward_tokenizer=None, reward_fns: dict | None = None,
+                    samples_per_prompt: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, batch_size: int = 64, seed: int = 0, amp_dtype=None) -> dict:
+    """Sample `samples_per_prompt` completions of every prompt (a string or a conversation) from the policy and
+    measure them.
 
-    prompt_token_ids: the token ids of each prompt, when they are not `tokenizer(prompt)` with its special tokens
-    (e.g. prompts rendered by a chat template, which already hold them).
-
-    Returns flat metrics: gold_reward_mean/std (reward_fn, e.g. the toy gold reward), proxy_reward_mean/std (the
-    reward model, normalised), kl_to_ref (mean over samples of sum_t log pi(y_t) - log pi_ref(y_t): the k1 estimate
-    of KL(pi || pi_ref) per sequence, at the sampling temperature), gold_proxy_agreement (pairwise ordering
-    agreement: the over-optimisation signal of seed 002), eos_rate, response_length, num_samples; plus
-    per-sample lists under "per_sample" (prompt, completion, gold, proxy, kl) for reports.
+    prompt_token_ids: the token ids of each prompt (default: render_prompt). reward_fns: {name: (function, weight)}
+    (load_reward_fns). Returns flat metrics: for each reward function f, f_mean / f_std / f_sem over the samples it
+    scored and f_unscored (those it returned None for), and with a reward model f_proxy_agreement (the fraction of
+    sample pairs the reward model orders like f: the over-optimisation signal of seed 002); reward_mean / reward_std
+    (the weighted total) when there are several; proxy_reward_mean / std (the reward model, normalised); kl_to_ref (mean
+    over samples of sum_t log pi(y_t) - log pi_ref(y_t): the k1 estimate of KL(pi || pi_ref) per sequence, at the
+    sampling temperature); eos_rate, response_length, distinct_completions, num_samples; plus the per-sample lists
+    under "per_sample" (prompt, completion, proxy, kl, eos, length, each function's scores and the total as "reward").
     Each rank evaluates a strided share of the (prompt, sample) pairs; all ranks return the same metrics."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    reward_fns = reward_fns or {}
     was_training = policy.training
     policy.eval()
     if prompt_token_ids is None:
-        prompt_token_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    ids_of = dict(zip(prompts, prompt_token_ids))
-    work = [p for p in prompts for _ in range(samples_per_prompt)][rank::world]
+        prompt_token_ids = [render_prompt(p, tokenizer)[1] for p in prompts]
+    work = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)][rank::world]
     gen = torch.Generator(device=device).manual_seed(seed + rank)
     n_batches = math.ceil(len(work) / batch_size)
     if world > 1:  # every rank must run the same number of (FSDP) forward passes
         n_batches = max(gather_lists([n_batches]))
-    rows = {"prompt": [], "completion": [], "gold": [], "proxy": [], "kl": [], "eos": [], "length": []}
+    rows = {k: [] for k in ("prompt", "completion", "proxy", "kl", "eos", "length", "reward", *reward_fns)}
     for b in range(n_batches):
-        batch = work[b * batch_size:(b + 1) * batch_size] or work[:1] or prompts[:1]  # dummy batch keeps ranks in step
+        idx = work[b * batch_size:(b + 1) * batch_size] or work[:1] or [0]  # a dummy batch keeps ranks in step
         real = b * batch_size < len(work)
-        prompt_ids, prompt_mask = left_pad([ids_of[p] for p in batch], tokenizer.pad_token_id, device)
+        batch = [prompts[i] for i in idx]
+        prompt_ids, prompt_mask = left_pad([prompt_token_ids[i] for i in idx], tokenizer.pad_token_id, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             responses, response_mask = generate(policy, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id, temperature, top_k, top_p, gen,
@@ -1126,24 +1473,33 @@ def evaluate_policy(policy, tokenizer, prompts: list[str], device, *, ref_policy
             continue
         rows["prompt"] += batch
         rows["completion"] += completions
-        rows["gold"] += [math.nan if v is None else v for v in (call_reward_fn(reward_fn, batch, completions) if reward_fn is not None
-                                                            else [None] * len(batch))]
+        if reward_fns:
+            total, per_fn = score_with_fns(reward_fns, batch, completions)
+            rows["reward"] += total
+            for name, values in per_fn.items():
+                rows[name] += values
         rows["proxy"] += proxy.float().tolist()
         rows["kl"] += kl.float().tolist()
         rows["eos"] += (responses == tokenizer.eos_token_id).any(1).float().tolist()
         rows["length"] += response_mask.sum(1).float().tolist()
     rows = {k: gather_lists(v) for k, v in rows.items()}
     policy.train(was_training)
-    gold, proxy = np.asarray(rows["gold"], dtype=np.float64), np.asarray(rows["proxy"], dtype=np.float64)
-    metrics = {
-        "gold_reward_mean": float(gold.mean()), "gold_reward_std": float(gold.std()),
-        "gold_reward_sem": float(gold.std() / math.sqrt(len(gold))),
+    proxy = np.asarray(rows["proxy"], dtype=np.float64)
+    metrics = {}
+    for name in [*reward_fns, *(["reward"] if len(reward_fns) > 1 else [])]:
+        scored = [(v, p) for v, p in zip(rows[name], proxy) if v is not None]
+        values = np.asarray([v for v, _ in scored], dtype=np.float64)
+        metrics.update({f"{name}_mean": float(values.mean()) if len(values) else math.nan,
+                        f"{name}_std": float(values.std()) if len(values) else math.nan,
+                        f"{name}_sem": float(values.std() / math.sqrt(len(values))) if len(values) else math.nan,
+                        f"{name}_unscored": len(rows[name]) - len(values)})
+        if reward_model is not None and name != "reward":
+            metrics[f"{name}_proxy_agreement"] = ordering_agreement([p for _, p in scored], values)
+    metrics.update({
         "proxy_reward_mean": float(proxy.mean()), "proxy_reward_std": float(proxy.std()),
-        "kl_to_ref": float(np.mean(rows["kl"])) if ref_policy is not None else float("nan"),
-        "gold_proxy_agreement": ordering_agreement(proxy, gold) if reward_fn is not None and reward_model is not None
-        else float("nan"),
+        "kl_to_ref": float(np.mean(rows["kl"])) if ref_policy is not None else math.nan,
         "eos_rate": float(np.mean(rows["eos"])), "response_length": float(np.mean(rows["length"])),
         "distinct_completions": distinct_fraction(rows["completion"]), "num_samples": len(rows["completion"]),
-    }
+    })
     metrics["per_sample"] = rows
     return metrics

@@ -20,11 +20,12 @@ log pi(y|x) is the sum of the token log-probs of the response only. Variants: ip
 robust DPO (Chowdhury et al. 2024), both for labels flipped with probability eps; plus an optional SFT term
 rpo_alpha * (-log pi(y_w|x) / |y_w|) (RPO, Pang et al. 2024). The implicit reward beta * log(pi / pi_ref) is logged.
 
-Data (JSON lines), as in TRL: {"prompt", "chosen", "rejected"} strings (responses carry their leading space; the EOS
-token is appended here), implicit-prompt {"chosen", "rejected"} full texts (the shared beginning, cut at a word
-boundary, is the prompt), or conversational message lists: {"prompt": [...], "chosen": [assistant message],
-"rejected": [...]} or {"chosen": [...], "rejected": [...]} full conversations that differ only in the last (assistant)
-message; the tokenizer's chat template renders the prompt.
+Data (TRL's preference formats; JSON lines, JSON, parquet, CSV, a datasets.save_to_disk folder or a hub dataset id):
+{"prompt", "chosen", "rejected"} strings (responses carry their leading space; the EOS token is appended here),
+implicit-prompt {"chosen", "rejected"} full texts (the shared beginning, cut at a word boundary, is the prompt), or
+conversational message lists: {"prompt": [...], "chosen": [assistant message], "rejected": [...]} or {"chosen": [...],
+"rejected": [...]} full conversations that share their leading messages; the tokenizer's chat template renders the
+prompt, and a response is what it renders after the prompt (the assistant message and its end-of-turn text).
 """
 
 import gc
@@ -33,10 +34,11 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -44,19 +46,36 @@ import common
 
 @dataclass
 class Config:
+    # model
     model_name_or_path: str = "runs/sft"
     """policy to start from (Hugging Face checkpoint: hub id or local directory); `python sft.py` makes the toy's"""
     ref_model_name_or_path: str | None = None
     """frozen reference pi_ref (default: model_name_or_path, the usual choice); must share the policy's tokenizer"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    # data
     dataset: str = "data/toy/preferences_train.jsonl"
-    """training preference pairs, JSON lines (formats in the module docstring)"""
-    eval_dataset: str = "data/toy/preferences_eval.jsonl"
-    """held-out preference pairs for eval loss and implicit-reward accuracy ("none" to skip)"""
-    eval_prompts: str = "data/toy/prompts_eval.jsonl"
-    """held-out prompts {"prompt": ...} sampled from at the start and the end to measure gold/proxy reward and KL to
-    the reference, with the same evaluation as ppo.py ("none" to skip)"""
-    output_dir: str = "runs/dpo"
-    """where the policy (model + tokenizer), metrics.jsonl and eval.json are written"""
+    """training preference pairs: a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub
+    dataset id (formats in the module docstring)"""
+    dataset_split: str = "train"
+    """split of a hub dataset or save_to_disk folder with several splits"""
+    eval_dataset: str = "auto"
+    """held-out preference pairs for eval loss and implicit-reward accuracy (same sources and formats); "auto" = the
+    toy's file when training on the toy, else none (see --eval_split); "none" to skip"""
+    eval_dataset_split: str = "test"
+    """split of a hub eval dataset or save_to_disk folder with several splits"""
+    eval_split: float = 0.0
+    """hold out this fraction of the training pairs (seeded) as eval pairs when no eval dataset is given"""
+    eval_prompts: str = "auto"
+    """held-out prompts (prompt-only rows, any source) sampled from at the start and the end to measure rewards and
+    the KL to the reference, as ppo.py does; "auto" = the toy's held-out prompts when training on the toy, else the
+    prompts of the eval pairs; "none" to skip"""
+    max_length: int = 64
+    """longest prompt + response (tokens); see `truncation`"""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """over-long pairs: cut the responses at max_length (they then have no EOS) or drop the pair; either is counted.
+    A pair whose prompt alone is max_length or longer is always dropped"""
+    # algorithm
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """sigmoid: DPO; ipo: (h - 1/(2 beta))^2; hinge: max(0, 1 - beta h); robust: unbiased under label flips"""
     beta: float = 0.1
@@ -69,13 +88,11 @@ class Config:
     precompute_ref_log_probs: bool = False
     """compute the reference log-probs of every training pair once before training and free the reference model
     (saves its memory and a forward pass per step; it is reloaded at the end for the KL of the final evaluation)"""
-    max_length: int = 64
-    """longest prompt + response (tokens); see `truncation`"""
-    truncation: Literal["truncate", "drop"] = "truncate"
-    """over-long pairs: cut the responses at max_length (they then have no EOS) or drop the pair; either is counted.
-    A pair whose prompt alone is max_length or longer is always dropped"""
+    # training
     num_epochs: float = 1.0
     """passes over the training pairs (fractions allowed)"""
+    max_steps: int | None = None
+    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
     per_device_batch_size: int = 64
     """pairs per micro-batch on each process (one forward pass holds 2x as many sequences)"""
     gradient_accumulation_steps: int = 1
@@ -95,38 +112,39 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    seed: int = 1
+    """seed of data order and evaluation sampling"""
+    # evaluation
     eval_every: int = 50
     """evaluate held-out preferences every this many optimiser steps (and at the end)"""
-    log_every: int = 10
-    """log training metrics (averaged over the steps since the last log) every this many optimiser steps"""
     eval_samples_per_prompt: int = 16
     """completions sampled per held-out prompt in the start / end evaluation"""
     max_new_tokens: int = 24
-    """maximum completion length when sampling"""
+    """maximum completion length when sampling (tokens)"""
     temperature: float = 1.0
     """sampling temperature of the evaluation (the KL to the reference is measured at it)"""
-    eval_reward_fn: str = "auto"
-    """module:function (prompts, completions) -> list[float] scoring eval samples; "auto" = toy_task:gold_reward when
-    the dataset is under data/toy, "none" to disable"""
+    eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function scoring eval samples (TRL's reward-function signature; repeat for
+    several); default: the toy's gold reward when training on the toy, else none; "none" to disable"""
     reward_model_path: str = "auto"
-    """reward model (from reward_model.py) also scoring the eval samples (proxy reward); "auto" = runs/reward_model if
-    it exists, "none" to disable. DPO never trains on it"""
-    seed: int = 1
-    """seed of data order and evaluation sampling"""
-    trust_remote_code: bool = False
-    """allow model code from the hub (only for models you trust)"""
-    tensorboard: bool = False
-    """also log to TensorBoard (needs the `tensorboard` package)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (needs `wandb`)"""
-    max_steps: int | None = None
-    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
+    """reward model (from reward_model.py) also scoring the eval samples (proxy reward); "auto" = runs/reward_model
+    when training on the toy and it exists, else none; "none" to disable. DPO never trains on it"""
+    # checkpoints
+    output_dir: str = "runs/dpo"
+    """where the policy (Hugging Face format), eval.json, metrics.jsonl and checkpoints/ are written"""
     save_every: int = 0
     """write a checkpoint for --resume every this many optimiser steps into output_dir/checkpoints (0 = never)"""
     save_total_limit: int = 2
     """checkpoints kept (the newest); older ones are deleted after each save"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+    # logging
+    log_every: int = 10
+    """log training metrics (averaged over the steps since the last log) every this many optimiser steps"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the `tensorboard` package)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (needs `wandb`)"""
 
     def __post_init__(self):
         common.check_options(self, positive=("beta", "max_length", "num_epochs", "per_device_batch_size",
@@ -134,7 +152,7 @@ class Config:
                                              "eval_every", "log_every", "eval_samples_per_prompt", "max_new_tokens",
                                              "temperature", "save_total_limit"),
                              nonnegative=("rpo_alpha", "weight_decay", "save_every"),
-                             fractions=("warmup_ratio",))
+                             fractions=("warmup_ratio", "eval_split"))
         if not 0 <= self.label_smoothing < 0.5:
             raise common.InputError(f"--label_smoothing must be in [0, 0.5) (the assumed rate of flipped labels), "
                                     f"got {self.label_smoothing}")
@@ -211,74 +229,23 @@ def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: preference rows -> (prompt_ids, chosen_ids, rejected_ids)
 # ---------------------------------------------------------------------------------------------------------------------
-def split_implicit_prompt(chosen, rejected, where: str):
-    """(prompt, chosen_response, rejected_response) from two full texts or two full conversations.
-
-    Texts: the longest common prefix, cut back to the last whitespace so that no word is split (the responses keep
-    their leading space). Conversations: the common leading messages; each side must then be one assistant message."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if isinstance(chosen, str):
-        cut = max((i for i in range(n) if chosen[i].isspace()), default=0)
-        while cut > 0 and chosen[cut - 1].isspace():
-            cut -= 1
-        return chosen[:cut], chosen[cut:], rejected[cut:]
-    if len(chosen) - n != 1 or len(rejected) - n != 1:
-        raise common.InputError(f"{where}: implicit-prompt conversations must share every message but the last "
-                         f"(they differ in {len(chosen) - n} and {len(rejected) - n} messages)")
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-def assistant_content(messages, where: str, field: str) -> str:
-    if not (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
-            and messages[0].get("role") == "assistant" and isinstance(messages[0].get("content"), str)):
-        raise common.InputError(f"{where}: '{field}' must be a list holding one assistant message "
-                         '[{"role": "assistant", "content": "..."}]')
-    return messages[0]["content"]
-
-
 def tokenize_pair(row: dict, tokenizer, where: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, chosen_ids + [eos], rejected_ids + [eos]) of one row. Prompt and responses are tokenised
-    separately, so the response mask is exact even where the tokenizer would merge tokens across the boundary."""
-    chosen, rejected = row["chosen"], row["rejected"]
-    if "prompt" in row:
-        prompt = row["prompt"]
-    else:
-        if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
-            raise common.InputError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
-        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
-    if isinstance(prompt, list):  # conversational
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise common.InputError(f"{where}: conversational row but the tokenizer has no chat template")
-        if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            raise common.InputError(f"{where}: 'prompt' must be a non-empty list of {{'role', 'content'}} messages")
-        chosen = assistant_content(chosen, where, "chosen")
-        rejected = assistant_content(rejected, where, "rejected")
-        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    else:
-        for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(value, str):
-                raise common.InputError(f"{where}: '{field}' must be a string (or every field a message list), "
-                                 f"got {type(value).__name__}")
-        prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
-    for field, value in (("chosen", chosen), ("rejected", rejected)):
-        if not value.strip():
-            raise common.InputError(f"{where}: empty '{field}' response")
+    """(prompt_ids, chosen_ids, rejected_ids) of one preference row (common.parse_preference_row: explicit or implicit
+    prompt, strings or conversations); the responses end with EOS. Prompt and responses are tokenised separately, so
+    the response mask is exact even where the tokenizer would merge tokens across the boundary."""
+    prompt, chosen, rejected = common.parse_preference_row(row, where)
+    prompt_ids = common.render_prompt(prompt, tokenizer, where)[1]
     if not prompt_ids:  # the first response token must be conditioned on something
         raise common.InputError(f"{where}: empty prompt (and the tokenizer adds no BOS token)")
-    eos = [tokenizer.eos_token_id]
-    return (prompt_ids, tokenizer(chosen, add_special_tokens=False)["input_ids"] + eos,
-            tokenizer(rejected, add_special_tokens=False)["input_ids"] + eos)
+    return (prompt_ids, common.render_completion(prompt, chosen, tokenizer, where),
+            common.render_completion(prompt, rejected, tokenizer, where))
 
 
-def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int], list[int]]], dict]:
-    """Tokenised pairs and the counts of the skip / truncation policy."""
-    rows = common.load_jsonl(path, required=("chosen", "rejected"), optional=("prompt",))
+def build_dataset(rows: list[tuple[str, dict]], tokenizer, cfg: Config) -> tuple[list, dict]:
+    """Tokenised pairs (prompt_ids, chosen_ids, rejected_ids) and the counts of the skip / truncation policy."""
     examples, counts = [], {"truncated": 0, "dropped": 0, "identical": 0}
-    for i, row in enumerate(rows):
-        prompt_ids, chosen_ids, rejected_ids = tokenize_pair(row, tokenizer, f"{path}:{i + 1}")
+    for where, row in rows:
+        prompt_ids, chosen_ids, rejected_ids = tokenize_pair(row, tokenizer, where)
         if chosen_ids == rejected_ids:  # no preference to learn (zero gradient); counted, not an error
             counts["identical"] += 1
             continue
@@ -291,7 +258,8 @@ def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[in
             counts["truncated"] += 1
         examples.append((prompt_ids, chosen_ids, rejected_ids))
     if not examples:
-        raise common.InputError(f"{path}: no usable pair (max_length={cfg.max_length}, counts {counts})")
+        raise common.InputError(f"{rows[0][0].rsplit(':', 1)[0]}: no usable pair (--max_length {cfg.max_length}, "
+                                f"counts {counts})")
     return examples, counts
 
 
@@ -407,8 +375,8 @@ def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool):
 
 def load_reward_model(cfg: Config, device):
     path = cfg.reward_model_path
-    if path == "auto":
-        path = "runs/reward_model" if os.path.isdir("runs/reward_model") else "none"
+    if path == "auto":  # never guessed for real data: a leftover toy reward model would score with another tokenizer
+        path = "runs/reward_model" if common.is_toy_data(cfg.dataset) and os.path.isdir("runs/reward_model") else "none"
     if path == "none":
         return None, None
     reward_model = common.from_pretrained(AutoModelForSequenceClassification, path, "--reward_model_path",
@@ -420,10 +388,12 @@ def load_reward_model(cfg: Config, device):
     return common.shard_model(reward_model.eval().requires_grad_(False).to(device)), reward_tokenizer
 
 
-def toy_ceiling(eval_dataset: str) -> float | None:
+def toy_ceiling(eval_dataset: str | None) -> float | None:
     """The accuracy that the gold reward itself reaches on the toy's noisy held-out labels (data/toy/stats.json)."""
+    if not common.is_toy_data(eval_dataset) or os.path.basename(eval_dataset) != "preferences_eval.jsonl":
+        return None
     stats = os.path.join(os.path.dirname(os.path.abspath(eval_dataset)), "stats.json")
-    if os.path.basename(eval_dataset) != "preferences_eval.jsonl" or not os.path.exists(stats):
+    if not os.path.exists(stats):
         return None
     with open(stats) as f:
         return json.load(f).get("preferences_eval_ceiling_accuracy")
@@ -437,38 +407,46 @@ def main(cfg: Config) -> dict:
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
     common.require_checkpoint(ref_path, "sft.py", "--ref_model_name_or_path")
 
-    # 1. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
+    # 1. data: training and held-out pairs, held-out prompts, the functions scoring the samples
+    rows = common.load_rows(cfg.dataset, "--dataset", cfg.dataset_split)
+    eval_path = common.eval_data_path(cfg.eval_dataset, cfg.dataset, "data/toy/preferences_eval.jsonl")
+    eval_rows = common.load_rows(eval_path, "--eval_dataset", cfg.eval_dataset_split) if eval_path else []
+    if not eval_rows and cfg.eval_split > 0:
+        rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
+        eval_path = f"{cfg.eval_split:.0%} of {cfg.dataset}"
+    prompts_path = common.eval_data_path(cfg.eval_prompts, cfg.dataset, "data/toy/prompts_eval.jsonl")
+    if prompts_path:
+        eval_prompts = [common.parse_prompt(row, where) for where, row in common.load_rows(prompts_path,
+                                                                                          "--eval_prompts")]
+    else:  # "auto" off the toy: the prompts of the held-out pairs
+        eval_prompts = [] if cfg.eval_prompts == "none" else list(
+            {repr(p): p for p in (common.parse_preference_row(row, where)[0] for where, row in eval_rows)}.values())
+        prompts_path = f"the prompts of {eval_path}" if eval_prompts else None
+    reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, cfg.dataset)
+
+    # 2. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
     tokenizer = load_tokenizer(cfg)
     policy = load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, trainable=True)
     ref_model = load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False)
     reward_model, reward_tokenizer = load_reward_model(cfg, device)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the full size under FSDP
-
-    # 2. data
-    examples, counts = build_dataset(cfg.dataset, tokenizer, cfg)
-    eval_examples = None if cfg.eval_dataset == "none" else build_dataset(cfg.eval_dataset, tokenizer, cfg)[0]
-    eval_prompts = [] if cfg.eval_prompts == "none" else \
-        [row["prompt"] for row in common.load_jsonl(cfg.eval_prompts, required=("prompt",))]
-    reward_fn_spec = cfg.eval_reward_fn
-    if reward_fn_spec == "auto":
-        reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.dataset) else "none"
-    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec, "--eval_reward_fn")
+    examples, counts = build_dataset(rows, tokenizer, cfg)
+    eval_examples = build_dataset(eval_rows, tokenizer, cfg)[0] if eval_rows else None
+    eval_prompt_ids = [common.render_prompt(p, tokenizer)[1] for p in eval_prompts]
     if eval_prompts:
-        longest = max(len(tokenizer(p)["input_ids"]) for p in eval_prompts)
-        common.check_length(policy.config, longest + cfg.max_new_tokens, "the longest --eval_prompts prompt + "
-                            "--max_new_tokens", cfg.model_name_or_path)
+        common.check_length(policy.config, max(map(len, eval_prompt_ids)) + cfg.max_new_tokens,
+                            "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
 
     def evaluate_samples(ref):
-        """Samples from the policy on held-out prompts: gold / proxy reward and KL to the reference (as in ppo.py)."""
+        """Samples from the policy on held-out prompts: rewards, proxy reward and KL to the reference (as ppo.py)."""
         metrics = common.evaluate_policy(
-            policy, tokenizer, eval_prompts, device, ref_policy=ref, reward_model=reward_model,
-            reward_tokenizer=reward_tokenizer, reward_fn=reward_fn, samples_per_prompt=cfg.eval_samples_per_prompt,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.per_device_batch_size,
-            seed=cfg.seed, amp_dtype=amp_dtype)
-        rows = metrics["per_sample"]
-        samples = [p + " |" + c for p, c in zip(rows["prompt"], rows["completion"])][::cfg.eval_samples_per_prompt][:4]
-        del metrics["per_sample"]
-        return metrics, samples
+            policy, tokenizer, eval_prompts, device, prompt_token_ids=eval_prompt_ids, ref_policy=ref,
+            reward_model=reward_model, reward_tokenizer=reward_tokenizer, reward_fns=reward_fns,
+            samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, batch_size=cfg.per_device_batch_size, seed=cfg.seed, amp_dtype=amp_dtype)
+        rows = metrics.pop("per_sample")
+        samples = [common.prompt_text(p) + " |" + c for p, c in zip(rows["prompt"], rows["completion"])]
+        return metrics, samples[::cfg.eval_samples_per_prompt][:4]
 
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
@@ -477,9 +455,13 @@ def main(cfg: Config) -> dict:
                                 f"= --per_device_batch_size x --gradient_accumulation_steps x {world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
-        print(f"policy {cfg.model_name_or_path}, reference {ref_path} | train pairs: {len(examples)} ({counts}, "
-              f"max_length {cfg.max_length}) | loss {cfg.loss_type}, beta {cfg.beta} | {total_steps} steps of "
-              f"{global_batch} pairs | world size {world_size}", flush=True)
+        print(f"policy {cfg.model_name_or_path}, reference {ref_path} | data {cfg.dataset}: {len(examples)} pairs "
+              f"({counts}, max_length {cfg.max_length}) | eval pairs {eval_path or 'none'}"
+              f"{f' ({len(eval_examples)})' if eval_examples else ''} | eval prompts {prompts_path or 'none'}"
+              f"{f' ({len(eval_prompts)})' if eval_prompts else ''} | eval reward {', '.join(reward_fns) or 'none'}"
+              f" | proxy reward model {cfg.reward_model_path if reward_model is not None else 'none'} | loss "
+              f"{cfg.loss_type}, beta {cfg.beta} | {total_steps} steps of {global_batch} pairs | world size "
+              f"{world_size}", flush=True)
     common.prepare_output_dir(cfg.output_dir, rank)
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([policy], policy, cfg.save_every),
@@ -571,7 +553,7 @@ def main(cfg: Config) -> dict:
     final = {}
     if eval_examples is not None:
         final.update(eval_metrics, accuracy=eval_metrics["eval_rewards/accuracies"])
-        ceiling = toy_ceiling(cfg.eval_dataset)
+        ceiling = toy_ceiling(eval_path)
         if ceiling is not None:
             final["accuracy_ceiling"] = ceiling
     if eval_prompts:
@@ -580,10 +562,9 @@ def main(cfg: Config) -> dict:
         end, samples = evaluate_samples(ref_model)
         final.update(end)
         final.update({f"sft_{k}": v for k, v in start.items()})
-        if reward_fn is not None:  # the done criterion of the toy: at least half a standard deviation of SFT
-            gain = end["gold_reward_mean"] - start["gold_reward_mean"]
-            final["gold_reward_gain_in_sft_std"] = gain / start["gold_reward_std"] if start["gold_reward_std"] > 0 \
-                else float("nan")
+        for name in reward_fns:  # the gain in standard deviations of the starting policy's reward
+            gain, std = end[f"{name}_mean"] - start[f"{name}_mean"], start[f"{name}_std"]
+            final[f"{name}_gain_in_sft_std"] = gain / std if std else math.nan
     final.update(train_loss=metrics["loss"], train_steps=total_steps, pairs_per_s=pairs_seen / max(1e-9, train_time),
                  wall_time_s=time.time() - t_start, num_parameters=n_params, **counts)
     # what does not apply (NaN in this run, null when read back from a checkpoint) is left out
@@ -591,14 +572,15 @@ def main(cfg: Config) -> dict:
     common.save_model(policy, tokenizer, cfg.output_dir, final, logger)
     if rank == 0:
         if eval_examples is not None:
-            ceiling = f" (gold-reward ceiling {final['accuracy_ceiling']:.3f})" if "accuracy_ceiling" in final else ""
+            ceiling = f" (ceiling of the toy's labels {final['accuracy_ceiling']:.3f})" if "accuracy_ceiling" in final \
+                else ""
             print(f"held-out preference accuracy {final['accuracy']:.3f}{ceiling}", flush=True)
         if eval_prompts:
             for s in samples:
                 print("   sample:", s)
-            parts = [] if reward_fn is None else [
-                f"gold reward SFT {start['gold_reward_mean']:.3f} -> DPO {end['gold_reward_mean']:.3f} (std of SFT "
-                f"{start['gold_reward_std']:.3f}; gain {final.get('gold_reward_gain_in_sft_std', math.nan):.2f} std)"]
+            parts = [f"{name} SFT {start[f'{name}_mean']:.3f} -> DPO {end[f'{name}_mean']:.3f} (std of SFT "
+                     f"{start[f'{name}_std']:.3f}; gain {final.get(f'{name}_gain_in_sft_std', math.nan):.2f} std)"
+                     for name in reward_fns]
             parts.append(f"KL to SFT {end['kl_to_ref']:.3f}")
             if reward_model is not None:
                 parts.append(f"proxy reward SFT {start['proxy_reward_mean']:.3f} -> DPO {end['proxy_reward_mean']:.3f}")

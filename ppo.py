@@ -17,13 +17,14 @@ One iteration (seeds 000, 001, 003, 004):
                loss = L_pg + vf_coef L_V - entropy_coef H, means over real response tokens only
 """
 
-import os
+import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -31,33 +32,54 @@ import common
 
 @dataclass
 class Config:
+    # model
     model_name_or_path: str = "runs/sft"
     """policy to start from (the SFT checkpoint); a frozen copy is the KL reference"""
     reward_model_path: str = "runs/reward_model"
     """frozen reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the output of reward_model.py"""
-    reward_fn: str | None = None
-    """module:function (prompts, completions) -> list[float] used instead of the reward model (rule-based or
-    verifiable rewards, e.g. toy_task:gold_reward)"""
     critic_init: Literal["reward_model", "sft"] = "reward_model"
     """initialise the critic (value model) from the reward model (OpenRLHF's default) or from the SFT model with a
     fresh value head"""
+    trust_remote_code: bool = False
+    """allow model code from the hub"""
+    # data
     prompts: str = "data/toy/prompts_train.jsonl"
-    """training prompts, JSON lines {"prompt": str} or {"messages": [...]} (chat template, generation prompt added)"""
-    eval_prompts: str = "data/toy/prompts_eval.jsonl"
-    """held-out prompts for the periodic evaluation"""
-    eval_reward_fn: str = "auto"
-    """module:function scoring evaluation samples (the gold reward); "auto" = toy_task:gold_reward when the prompts
-    are under data/toy, "none" to disable"""
-    output_dir: str = "runs/ppo"
-    """where the policy (HF format + tokenizer), metrics.jsonl and eval.json are written"""
+    """training prompts, prompt-only rows {"prompt": str | messages} or {"messages": [...]} (chat template, generation
+    prompt added) from a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub dataset id;
+    the rows' other fields are passed to reward functions"""
+    prompts_split: str = "train"
+    """split of a hub dataset or save_to_disk folder with several splits"""
+    eval_prompts: str = "auto"
+    """held-out prompts for the periodic evaluation (same sources and formats); "auto" = the toy's held-out prompts
+    when training on the toy, else none (see --eval_split); "none" to skip"""
+    eval_split: float = 0.0
+    """hold out this fraction of the training prompts (seeded) for evaluation when no eval prompts are given"""
+    max_prompt_length: int = 48
+    """longer prompts are cut from the left (the end of a prompt matters most for its continuation); counted"""
+    # reward
+    reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function used instead of the reward model (rule-based or verifiable
+    rewards, e.g. toy_task:gold_reward); repeat for several. Called like TRL's reward functions: f(prompts=...,
+    completions=..., **the prompt rows' other fields) -> one float per completion, or None where it cannot score (such
+    samples are left out of the loss and counted)"""
+    reward_weights: tuple[float, ...] = ()
+    """weight of each --reward_fn in the score (default 1 each)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of responses that never emit EOS (cut off at max_new_tokens)"""
+    score_norm: Literal["none", "running", "per_prompt"] = "none"
+    """score normalisation: running whitening over all scores seen so far, or seed 002's per-prompt
+    r - mean(r of the same prompt) + global mean (needs num_samples_per_prompt > 1)"""
+    score_clip: float = 0.0
+    """clip scores to [-score_clip, score_clip] after normalisation (0 = off)"""
+    # algorithm
     num_iterations: int = 100
     """rollout + update iterations"""
+    max_steps: int | None = None
+    """stop after this many iterations (overrides num_iterations; the LR schedule spans them)"""
     rollout_batch_size: int = 64
     """prompts per iteration (global, over all ranks)"""
     num_samples_per_prompt: int = 1
     """responses sampled per prompt (N > 1 enables the per-prompt score normalisation)"""
-    max_prompt_length: int = 48
-    """longer prompts are cut from the left (the end of a prompt matters most for its continuation); counted"""
     max_new_tokens: int = 16
     """longest response"""
     temperature: float = 1.0
@@ -66,8 +88,6 @@ class Config:
     """top-k sampling (0 = off). Log-probs are of the full temperature-scaled distribution, as in TRL"""
     top_p: float = 1.0
     """nucleus sampling (1.0 = off)"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of responses that never emit EOS (cut off at max_new_tokens)"""
     kl_coef: float = 0.2
     """beta in r_t = -beta * KL_t; larger keeps the policy closer to the reference (initial value if adaptive). On the
     toy, 0.05 (TRL's default) reaches slightly more gold reward at twice the KL and collapses the diversity"""
@@ -79,11 +99,6 @@ class Config:
     """target per-sequence KL for the adaptive controller"""
     kl_horizon: int = 10000
     """horizon (in episodes) of the adaptive controller: beta moves by at most 20% * episodes / horizon per iteration"""
-    score_norm: Literal["none", "running", "per_prompt"] = "none"
-    """score normalisation: running whitening over all scores seen so far, or seed 002's per-prompt
-    r - mean(r of the same prompt) + global mean (needs num_samples_per_prompt > 1)"""
-    score_clip: float = 0.0
-    """clip scores to [-score_clip, score_clip] after normalisation (0 = off)"""
     gamma: float = 1.0
     """discount"""
     lam: float = 0.95
@@ -104,6 +119,7 @@ class Config:
     """weight of the value loss"""
     entropy_coef: float = 0.0
     """weight of the entropy bonus"""
+    # optimisation
     learning_rate: float = 1e-4
     """actor learning rate (the toy model is tiny; use ~1e-6 to 1e-5 for pretrained models)"""
     critic_learning_rate: float = 2e-4
@@ -118,34 +134,39 @@ class Config:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    eval_every: int = 20
-    """evaluate on held-out prompts every this many iterations (and before and after training)"""
-    eval_samples_per_prompt: int = 8
-    """samples per held-out prompt in each evaluation"""
-    sample_every: int = 20
-    """print a few rollout completions every this many iterations"""
-    log_every: int = 5
-    """print metrics every this many iterations (metrics.jsonl gets every iteration)"""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward (actor and critic)"""
     seed: int = 1
     """seed (each rank samples with seed + rank)"""
-    trust_remote_code: bool = False
-    """allow model code from the hub"""
-    tensorboard: bool = False
-    """also log to TensorBoard"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project"""
-    max_steps: int | None = None
-    """stop after this many iterations (overrides num_iterations; the LR schedule spans them)"""
+    # evaluation
+    eval_every: int = 20
+    """evaluate on held-out prompts every this many iterations (and before and after training)"""
+    eval_samples_per_prompt: int = 8
+    """samples per held-out prompt in each evaluation"""
+    eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function scoring evaluation samples (repeat for several); default: the
+    training --reward_fn, else the toy's gold reward when training on the toy; "none" to disable"""
+    sample_every: int = 20
+    """print a few rollout completions every this many iterations"""
+    # checkpoints
+    output_dir: str = "runs/ppo"
+    """where the policy (HF format + tokenizer), metrics.jsonl and eval.json are written"""
     save_every: int = 0
     """write a checkpoint for --resume every this many iterations into output_dir/checkpoints (0 = never)"""
     save_total_limit: int = 2
     """checkpoints kept (the newest); older ones are deleted after each save"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+
+    # logging
+    log_every: int = 5
+    """print metrics every this many iterations (metrics.jsonl gets every iteration)"""
+    tensorboard: bool = False
+    """also log to TensorBoard"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project"""
 
     def __post_init__(self):
         common.check_options(
@@ -156,7 +177,7 @@ class Config:
                             "eval_samples_per_prompt", "sample_every", "log_every", "save_total_limit"),
             nonnegative=("top_k", "missing_eos_penalty", "kl_coef", "score_clip", "vf_coef", "entropy_coef",
                          "weight_decay", "save_every"),
-            fractions=("gamma", "lam", "warmup_ratio"), probabilities=("top_p",))
+            fractions=("gamma", "lam", "warmup_ratio", "eval_split"), probabilities=("top_p",))
         if self.score_norm == "per_prompt" and self.num_samples_per_prompt < 2:
             raise common.InputError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
         if self.max_steps is not None and self.max_steps < 1:
@@ -236,12 +257,19 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float, token_
     return loss, stats
 
 
-def per_prompt_normalize(scores: torch.Tensor, group_size: int, global_mean: torch.Tensor | None = None):
+def per_prompt_normalize(scores: torch.Tensor, group_size: int, global_mean: torch.Tensor | None = None,
+                         scored: torch.Tensor | None = None):
     """Seed 002: r - mean(r of the same prompt) + global mean, for scores (B,) laid out as consecutive groups of
-    group_size samples of one prompt. global_mean: the batch mean over all ranks (default: of these scores)."""
+    group_size samples of one prompt. global_mean: the batch mean over all ranks (default: of these scores). scored
+    (B,): the samples that have a score; a prompt's mean is over those only."""
     grouped = scores.view(-1, group_size)
     global_mean = scores.mean() if global_mean is None else global_mean
-    return (grouped - grouped.mean(1, keepdim=True) + global_mean).view(-1)
+    if scored is None or scored.all():
+        group_mean = grouped.mean(1, keepdim=True)
+    else:
+        counted = scored.view(-1, group_size).float()
+        group_mean = (grouped * counted).sum(1, keepdim=True) / counted.sum(1, keepdim=True).clamp(min=1)
+    return (grouped - group_mean + global_mean).view(-1)
 
 
 class AdaptiveKLController:
@@ -265,6 +293,8 @@ class RunningMoments:
         count = torch.tensor(float(x.numel()), device=x.device)  # on x's device: stack (and NCCL) need one device
         stats = common.all_reduce_sum(torch.stack([x.sum(), (x ** 2).sum(), count]).double())
         n = stats[2].item()
+        if n == 0:  # nothing was scored in this batch
+            return
         batch_mean = stats[0].item() / n
         batch_var = max(stats[1].item() / n - batch_mean ** 2, 0.0)
         delta, total = batch_mean - self.mean, self.count + n
@@ -279,24 +309,21 @@ class RunningMoments:
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and data
 # ---------------------------------------------------------------------------------------------------------------------
-def load_prompts(path: str, tokenizer, max_prompt_length: int) -> tuple[list[str], list[list[int]], int]:
-    """(prompt texts, token ids, number cut) of a prompts file; chat rows are rendered with the chat template."""
-    rows = common.load_jsonl(path, alternatives=(("prompt",), ("messages",)))
-    texts, ids, cut = [], [], 0
-    for i, row in enumerate(rows):
-        if "messages" in row:
-            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            text = row["prompt"]
-            if not isinstance(text, str) or not text.strip():
-                raise common.InputError(f"{path}:{i + 1}: field 'prompt' must be a non-empty string")
-            tokens = tokenizer(text)["input_ids"]
+def prompt_columns(rows: list[tuple[str, dict]]) -> list[dict]:
+    """The fields of prompt rows other than the prompt itself (e.g. a reference answer), for reward functions."""
+    return [{k: v for k, v in row.items() if k not in ("prompt", "messages")} for _, row in rows]
+
+
+def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int) -> tuple[list[list[int]], int]:
+    """(token ids, number cut) of prompts (strings, or conversations rendered with the chat template); longer prompts
+    keep their last max_prompt_length tokens."""
+    ids, cut = [], 0
+    for prompt in prompts:
+        tokens = common.render_prompt(prompt, tokenizer)[1]
         if len(tokens) > max_prompt_length:
             tokens, cut = tokens[-max_prompt_length:], cut + 1
-        texts.append(text)
         ids.append(tokens)
-    return texts, ids, cut
+    return ids, cut
 
 
 def load_models(cfg: Config, device):
@@ -312,7 +339,7 @@ def load_models(cfg: Config, device):
     common.check_model_kind(actor, cfg.model_name_or_path, policy_opt, "policy")
     ref = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, **kw)
     reward_model = reward_tokenizer = None
-    if cfg.reward_fn is None:
+    if not cfg.reward_fn:
         reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt, **kw)
         common.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
         reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
@@ -364,25 +391,33 @@ def main(cfg: Config) -> dict:
                                 f"{cfg.num_minibatches} of --gradient_accumulation_steps "
                                 f"{cfg.gradient_accumulation_steps} micro-batches")
     num_iterations = cfg.max_steps or cfg.num_iterations
-    reward_fn = common.load_function(cfg.reward_fn) if cfg.reward_fn else None
-    eval_spec = cfg.eval_reward_fn
-    if eval_spec == "auto":
-        eval_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.prompts) else "none"
-    eval_reward_fn = None if eval_spec == "none" else common.load_function(eval_spec, "--eval_reward_fn")
+    reward_fns = common.load_reward_fns(cfg.reward_fn, cfg.reward_weights)
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
-    if cfg.reward_fn is None or cfg.critic_init == "reward_model":
+    if not reward_fns or cfg.critic_init == "reward_model":
         common.require_checkpoint(cfg.reward_model_path, "reward_model.py", "--reward_model_path")
 
-    # 1. models, data
+    # 1. data, models
+    rows = common.load_rows(cfg.prompts, "--prompts", cfg.prompts_split)
+    eval_path = common.eval_data_path(cfg.eval_prompts, cfg.prompts, "data/toy/prompts_eval.jsonl")
+    eval_rows = common.load_rows(eval_path, "--eval_prompts") if eval_path else []
+    if not eval_rows and cfg.eval_split > 0:
+        rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
+        eval_path = f"{cfg.eval_split:.0%} of {cfg.prompts}"
+    prompts = [common.parse_prompt(row, where) for where, row in rows]
+    columns = prompt_columns(rows)
+    eval_prompts = [common.parse_prompt(row, where) for where, row in eval_rows]
+    eval_reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, cfg.prompts, reward_fns)
     actor, ref, reward_model, critic, tokenizer, reward_tokenizer = load_models(cfg, device)
     common.check_length(actor.config, cfg.max_prompt_length + cfg.max_new_tokens,
                         "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
-    prompt_texts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
-    eval_texts, eval_ids, _ = load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
+    prompt_ids, n_cut = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    eval_ids = tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length)[0]
     if rank == 0:
-        print(f"PPO: {len(prompt_texts)} prompts ({n_cut} cut to {cfg.max_prompt_length} tokens), "
-              f"{num_iterations} iterations x {cfg.rollout_batch_size * cfg.num_samples_per_prompt} episodes, "
-              f"reward: {cfg.reward_fn or cfg.reward_model_path}, world size {world_size}", flush=True)
+        print(f"PPO: policy {cfg.model_name_or_path} | prompts {cfg.prompts}: {len(prompts)} ({n_cut} cut to "
+              f"{cfg.max_prompt_length} tokens) | reward {', '.join(reward_fns) or cfg.reward_model_path} | eval "
+              f"prompts {eval_path or 'none'}{f' ({len(eval_prompts)})' if eval_prompts else ''} | eval reward "
+              f"{', '.join(eval_reward_fns) or 'none'} | {num_iterations} iterations x "
+              f"{cfg.rollout_batch_size * cfg.num_samples_per_prompt} episodes | world size {world_size}", flush=True)
     common.prepare_output_dir(cfg.output_dir, rank)
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([actor, critic], actor, cfg.save_every),
@@ -401,7 +436,7 @@ def main(cfg: Config) -> dict:
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
     kl_coef = cfg.kl_coef
     score_moments = RunningMoments()
-    batches = common.BatchOrder(len(prompt_texts), cfg.rollout_batch_size, cfg.seed)  # same on all ranks
+    batches = common.BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.seed)  # same on all ranks
     minibatch_gen = torch.Generator().manual_seed(cfg.seed + 1)  # same on all ranks: the minibatch shuffles
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # per-rank sampling seed
     generators = {"minibatch": minibatch_gen, "sample": sample_gen}
@@ -421,17 +456,20 @@ def main(cfg: Config) -> dict:
     logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
 
     def evaluate(iteration: int) -> dict:
-        m = common.evaluate_policy(actor, tokenizer, eval_texts, device, ref_policy=ref, reward_model=reward_model,
-                                   reward_tokenizer=reward_tokenizer, reward_fn=eval_reward_fn,
-                                   samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                   seed=cfg.seed + 10_000, amp_dtype=amp_dtype, prompt_token_ids=eval_ids)
+        if not eval_prompts:
+            return {}
+        m = common.evaluate_policy(actor, tokenizer, eval_prompts, device, prompt_token_ids=eval_ids, ref_policy=ref,
+                                   reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                                   reward_fns=eval_reward_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                   top_p=cfg.top_p, seed=cfg.seed + 10_000, amp_dtype=amp_dtype)
         per_sample = m.pop("per_sample")
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items()},
-                   ("eval/gold_reward_mean", "eval/proxy_reward_mean", "eval/kl_to_ref", "eval/gold_proxy_agreement",
-                    "eval/eos_rate"))
+                   (*[f"eval/{n}_mean" for n in eval_reward_fns], "eval/proxy_reward_mean", "eval/kl_to_ref",
+                    *[f"eval/{n}_proxy_agreement" for n in eval_reward_fns], "eval/eos_rate"))
         every = max(1, len(per_sample["prompt"]) // 6)  # six samples spread over the prompts
-        m["samples"] = [{k: per_sample[k][i] for k in ("prompt", "completion", "gold", "proxy")}
+        m["samples"] = [{"prompt": common.prompt_text(per_sample["prompt"][i]),
+                         **{k: per_sample[k][i] for k in ("completion", "proxy", *eval_reward_fns)}}
                         for i in range(0, len(per_sample["prompt"]), every)][:6]
         return m
 
@@ -443,7 +481,7 @@ def main(cfg: Config) -> dict:
         t0 = time.time()
         batch_idx = batches.next()[rank::world_size]
         batch_idx = [i for i in batch_idx for _ in range(cfg.num_samples_per_prompt)]  # groups of N per prompt
-        batch_prompts = [prompt_texts[i] for i in batch_idx]
+        batch_prompts = [prompts[i] for i in batch_idx]
         query, query_mask = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id, device)
         actor.eval()
         with autocast():
@@ -468,21 +506,27 @@ def main(cfg: Config) -> dict:
             del out, logits
             ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)
             values = critic_values(critic, seq, seq_mask, P).float() * mask
-            if reward_fn is not None:
-                scores = torch.tensor(common.call_reward_fn(reward_fn, batch_prompts, completions),
-                                      dtype=torch.float32, device=device)
+            if reward_fns:
+                batch_columns = {k: [columns[i][k] for i in batch_idx] for k in columns[batch_idx[0]]
+                                 if all(k in columns[i] for i in batch_idx)}
+                total, per_fn = common.score_with_fns(reward_fns, batch_prompts, completions, batch_columns)
+                scores = torch.tensor([math.nan if v is None else v for v in total], device=device)
             else:
                 scores = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask,
                                                 responses, response_mask, batch_prompts, completions).float()
+        # a sample no reward function could score (None) is left out of the loss: its tokens are masked
+        scored = ~scores.isnan()  # (B,)
+        mask = mask * scored[:, None]
+        scores = torch.where(scored, scores, 0.0)
         raw_scores = scores.clone()
         ended = (responses == tokenizer.eos_token_id).any(1)
         scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         if cfg.score_norm == "running":
-            score_moments.update(scores)
+            score_moments.update(scores[scored])
             scores = score_moments.whiten(scores)
         elif cfg.score_norm == "per_prompt":
-            global_mean = common.all_reduce_sum(scores.sum()) / (scores.numel() * world_size)
-            scores = per_prompt_normalize(scores, cfg.num_samples_per_prompt, global_mean)
+            global_mean = common.all_reduce_sum(scores[scored].sum()) / common.all_reduce_sum(scored.sum()).clamp(min=1)
+            scores = per_prompt_normalize(scores, cfg.num_samples_per_prompt, global_mean, scored)
         if cfg.score_clip > 0:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         t_score = time.time() - t0
@@ -542,13 +586,17 @@ def main(cfg: Config) -> dict:
         n_tok = stats.pop("tokens").clamp(min=1)
         kl_seq = common.all_reduce_sum(torch.stack([kl.sum(), non_score.sum(), mask.sum(), ended.float().sum()]))
         n_seq = B * world_size
-        all_raw = torch.cat(common.gather_lists([raw_scores.cpu()]))
-        all_scores = torch.cat(common.gather_lists([scores.cpu()]))
+        all_raw = torch.cat(common.gather_lists([raw_scores[scored].cpu()]))  # of the scored samples of all ranks
+        all_scores = torch.cat(common.gather_lists([scores[scored].cpu()]))
+        per_fn_means = {f"rewards/{name}": float(np.mean(scored_values)) if scored_values else math.nan
+                        for name, scored_values in ((name, [v for v in common.gather_lists(per_fn[name])
+                                                            if v is not None]) for name in reward_fns)}
         mean_kl = kl_seq[0].item() / n_seq
         var_returns = common.masked_var(returns, mask, distributed=True)
         var_residual = common.masked_var(returns - values, mask, distributed=True)
         metrics = {
             "objective/scores": all_raw.mean().item(), "objective/scores_std": all_raw.std().item(),
+            "objective/unscored": n_seq - len(all_raw), **per_fn_means,
             **{f"objective/scores_p{q}": float(np.percentile(all_raw.numpy(), q)) for q in (10, 50, 90)},
             "objective/normalized_scores": all_scores.mean().item(),
             "objective/kl": mean_kl, "objective/non_score_reward": kl_seq[1].item() / n_seq,
@@ -568,7 +616,7 @@ def main(cfg: Config) -> dict:
                                         "eos_rate", "beta") if iteration % cfg.log_every == 0 else ())
         if iteration % cfg.sample_every == 0 and rank == 0:
             for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
-                print(f"   sample [{s:+.2f}] {p} |{c}")
+                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
         if kl_ctl is not None:
             kl_ctl.update(mean_kl, cfg.rollout_batch_size * cfg.num_samples_per_prompt)
             kl_coef = kl_ctl.value
@@ -585,17 +633,24 @@ def main(cfg: Config) -> dict:
     final_eval = evaluate(num_iterations)
     result = {k: v for k, v in final_eval.items() if k != "samples"}
     result.update({"sft_" + k: v for k, v in initial_eval.items() if k != "samples"})
-    result.update({"samples": final_eval["samples"], "episodes": episodes, "wall_time_s": time.time() - t_start,
-                   "episodes_per_s": episodes / (time.time() - t_start)})
+    result.update({"samples": final_eval.get("samples", []), "episodes": episodes,
+                   "wall_time_s": time.time() - t_start, "episodes_per_s": episodes / (time.time() - t_start)})
     common.save_model(actor, tokenizer, cfg.output_dir, result, logger)
     if rank == 0:
-        print(f"saved {cfg.output_dir}\n"
-              f"held-out gold reward: SFT {initial_eval['gold_reward_mean']:.3f} (std {initial_eval['gold_reward_std']:.3f})"
-              f" -> PPO {final_eval['gold_reward_mean']:.3f} | proxy reward {initial_eval['proxy_reward_mean']:.3f} -> "
-              f"{final_eval['proxy_reward_mean']:.3f} | KL to SFT {final_eval['kl_to_ref']:.3f} | "
-              f"eos rate {final_eval['eos_rate']:.3f}", flush=True)
-        for s in final_eval["samples"]:
-            print(f"   [{s['gold']:+.2f} gold, {s['proxy']:+.2f} proxy] {s['prompt']} |{s['completion']}")
+        line = [f"saved {cfg.output_dir}"]
+        if final_eval:
+            line += [f"held-out {name}: SFT {initial_eval[f'{name}_mean']:.3f} (std "
+                     f"{initial_eval[f'{name}_std']:.3f}) -> PPO {final_eval[f'{name}_mean']:.3f}"
+                     for name in eval_reward_fns]
+            if reward_model is not None:
+                line.append(f"proxy reward {initial_eval['proxy_reward_mean']:.3f} -> "
+                            f"{final_eval['proxy_reward_mean']:.3f}")
+            line += [f"KL to SFT {final_eval['kl_to_ref']:.3f}", f"eos rate {final_eval['eos_rate']:.3f}"]
+        print(" | ".join(line), flush=True)
+        for s in final_eval.get("samples", []):
+            scores = ", ".join(f"{s[k]:+.2f} {k}" for k in (*eval_reward_fns, "proxy")
+                               if s[k] is not None and not math.isnan(s[k]))
+            print(f"   [{scores}] {s['prompt']} |{s['completion']}")
     logger.close()
     common.cleanup_distributed()
     return result

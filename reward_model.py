@@ -22,27 +22,29 @@ After training the score is shifted (and optionally scaled) so that the SFT poli
 score mean 0 (std 1): reward = (r - reward_mean) / reward_std, both stored in config.json and applied by
 common.get_scores, so every later user (ppo.py, best-of-N) sees the normalised reward.
 
-Data (JSON lines), completions carry their leading space and no EOS text (the EOS token is appended here):
+Data (TRL's formats; JSON lines, JSON, parquet, CSV, a datasets.save_to_disk folder or a hub dataset id); string
+completions carry their leading space and no EOS text (the EOS token is appended here):
     {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}        explicit prompt
     {"chosen": str, "rejected": str}            implicit prompt: the shared prefix, cut at its last whitespace
-    {"prompt": [messages], "chosen": [one assistant message] or str, "rejected": ...}   conversational
+    {"prompt": [messages], "chosen": [assistant message] or str, "rejected": ...}      conversational
     {"chosen": [messages], "rejected": [messages]}   conversational, implicit: the shared leading messages
     {"prompt": str or [messages], "completions": [best, ..., worst]}                   --loss ranking
-Conversational prompts are rendered by the tokenizer's chat template (with the generation prompt), the completion is
-the content of the assistant message. Rows whose completions are identical carry no preference: they are skipped and
-counted. Malformed rows (missing field, empty completion, wrong type) stop the run with file:line and the field.
+Conversational prompts are rendered by the tokenizer's chat template (with the generation prompt); a conversational
+completion is what the template renders after the prompt (the assistant message with its end-of-turn text). Rows
+whose completions are identical carry no preference: they are skipped and counted. Malformed rows (missing field,
+empty completion, wrong type) stop the run with file:line and the field.
 """
 
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -56,29 +58,43 @@ EVAL_CONSOLE_KEYS = ("eval/loss", "eval/accuracy", "eval/ceiling_accuracy", "eva
 
 @dataclass
 class Config:
+    # model
     model_name_or_path: str = "runs/sft"
     """model to start from (Hugging Face hub id or local directory): the SFT policy, its LM head is replaced by a
     freshly initialised scalar head (an existing reward-model checkpoint keeps its head)"""
     policy_name_or_path: str | None = None
-    """the policy whose own samples define the zero of the reward and are used for the gold/proxy agreement; default:
-    model_name_or_path (must share the tokenizer)"""
+    """the policy whose own samples define the zero of the reward and are used for the reward/proxy agreement;
+    default: model_name_or_path (must share the tokenizer)"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    # data
     loss: Literal["pairwise", "ranking"] = "pairwise"
-    """pairwise: rows {"prompt","chosen","rejected"}; ranking: rows {"prompt","completions":[best..worst]}"""
+    """pairwise: preference rows {"prompt"?, "chosen", "rejected"}; ranking: rows {"prompt", "completions": [best,
+    ..., worst]}"""
     dataset: str | None = None
-    """training data (JSON lines, see the module docstring); default: the toy file for --loss"""
-    eval_dataset: str | None = None
-    """held-out comparisons for loss / accuracy; default: the toy file for --loss"""
-    output_dir: str = "runs/reward_model"
-    """where the checkpoint (model + tokenizer), metrics.jsonl and eval.json are written"""
+    """training data: a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub dataset id
+    (formats in the module docstring); default: the toy file for --loss"""
+    dataset_split: str = "train"
+    """split of a hub dataset or save_to_disk folder with several splits"""
+    eval_dataset: str = "auto"
+    """held-out comparisons for loss / accuracy (same sources and formats); "auto" = the toy's file for --loss when
+    training on the toy, else none (see --eval_split); "none" to skip"""
+    eval_dataset_split: str = "test"
+    """split of a hub eval dataset or save_to_disk folder with several splits"""
+    eval_split: float = 0.0
+    """hold out this fraction of the training rows (seeded) as eval data when no eval dataset is given"""
     max_length: int = 64
     """longest prompt + completion + EOS (tokens); see `truncation`"""
     truncation: Literal["drop", "truncate_prompt"] = "drop"
     """over-long examples: drop them, or cut tokens from the start of the prompt so that every completion fits whole
     (its EOS is where the score is read); an example whose completion alone does not fit is dropped. Both counted"""
+    # training
     center_rewards_coef: float = 0.0
     """weight of the centering term (sum_k r_k)^2 (TRL uses 0.01 when enabled); 0 disables it"""
     num_epochs: float = 1.0
     """passes over the training data (fractions allowed); the toy gains little from a second one"""
+    max_steps: int | None = None
+    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
     per_device_batch_size: int = 64
     """comparisons (pairs or ranked lists) per micro-batch on each process; a pair is 2 sequences, a list K"""
     gradient_accumulation_steps: int = 1
@@ -97,40 +113,42 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    seed: int = 1
+    """seed of the head initialisation, data order and sampling"""
+    # evaluation and normalisation
     eval_every: int = 100
     """evaluate every this many optimiser steps (and at the end)"""
-    log_every: int = 20
-    """log training metrics (averaged since the last log) every this many optimiser steps"""
     normalize_samples: int = 512
     """policy samples on training prompts whose scores define reward_mean (and reward_std); 0 disables normalisation
     (reward_mean 0, reward_std 1)"""
     normalize_scale: bool = False
     """also divide by the std of those scores (std 1), not only shift them (mean 0)"""
     agreement_samples_per_prompt: int = 8
-    """policy samples per held-out prompt for gold_proxy_agreement (needs eval_reward_fn); 0 disables it"""
+    """policy samples per held-out prompt for the reward/proxy agreement (needs an eval reward function); 0 = off"""
     max_new_tokens: int = 24
-    """maximum response length when sampling from the policy"""
+    """maximum response length when sampling from the policy (tokens)"""
     temperature: float = 1.0
     """sampling temperature of the policy samples (use the one PPO will sample with)"""
-    eval_reward_fn: str = "auto"
-    """module:function (prompts, completions) -> list[float], a known gold reward: gives the accuracy ceiling and
-    the gold/proxy agreement; "auto" = toy_task:gold_reward when the dataset is under data/toy, "none" to disable"""
-    seed: int = 1
-    """seed of the head initialisation, data order and sampling"""
-    trust_remote_code: bool = False
-    """allow model code from the hub (only for models you trust)"""
-    tensorboard: bool = False
-    """also log to TensorBoard (needs the `tensorboard` package)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (needs `wandb`)"""
-    max_steps: int | None = None
-    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
+    eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function, a known reward (TRL's reward-function signature; repeat for
+    several): gives the accuracy it would reach on labels drawn from it (the ceiling) and the agreement of the reward
+    model with it on policy samples; default: the toy's gold reward when training on the toy; "none" to disable"""
+    # checkpoints
+    output_dir: str = "runs/reward_model"
+    """where the model (Hugging Face format), eval.json, metrics.jsonl and checkpoints/ are written"""
     save_every: int = 0
     """write a checkpoint for --resume every this many optimiser steps into output_dir/checkpoints (0 = never)"""
     save_total_limit: int = 2
     """checkpoints kept (the newest); older ones are deleted after each save"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+    # logging
+    log_every: int = 20
+    """log training metrics (averaged since the last log) every this many optimiser steps"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the `tensorboard` package)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (needs `wandb`)"""
 
     def __post_init__(self):
         common.check_options(self, positive=("max_length", "num_epochs", "per_device_batch_size",
@@ -138,7 +156,7 @@ class Config:
                                              "eval_every", "log_every", "max_new_tokens", "save_total_limit"),
                              nonnegative=("center_rewards_coef", "weight_decay", "normalize_samples",
                                           "agreement_samples_per_prompt", "temperature", "save_every"),
-                             fractions=("warmup_ratio",))
+                             fractions=("warmup_ratio", "eval_split"))
         if self.max_steps is not None and self.max_steps < 1:
             raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
@@ -227,104 +245,34 @@ def gold_label_stats(gold_lists: list[list[float]]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
-def _check_completion(value, where: str, field: str, chat: bool):
-    """The text of one completion: a non-empty string, or (conversational) a list with one assistant message."""
-    if isinstance(value, list) and chat:
-        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            raise common.InputError(f"{where}: field '{field}' must hold exactly one assistant message")
-        value = value[0].get("content")
-    if not isinstance(value, str):
-        raise common.InputError(f"{where}: field '{field}' must be a string{' or an assistant message' if chat else ''}, "
-                         f"got {type(value).__name__}")
-    if not value.strip():
-        raise common.InputError(f"{where}: field '{field}' is empty")
-    return value
-
-
-def _check_messages(messages, where: str, field: str) -> None:
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in messages):
-        raise common.InputError(f"{where}: field '{field}' must be a list of {{\"role\": str, \"content\": str}} messages")
-
-
-def split_shared_prefix(chosen, rejected, where: str):
-    """Implicit prompt: (prompt, chosen completion, rejected completion).
-
-    Strings: the longest common prefix cut back to its last whitespace, so no word is split and the completions keep
-    their leading space ("the movie was g|ood" -> "the movie was" + " good"). Message lists: the shared leading
-    messages; what remains of each must be one assistant message."""
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        cut = max((i for i in range(n) if chosen[i].isspace()), default=0)
-        return chosen[:cut], chosen[cut:], rejected[cut:]
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        _check_messages(chosen, where, "chosen")
-        _check_messages(rejected, where, "rejected")
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        if n == 0:
-            raise common.InputError(f"{where}: 'chosen' and 'rejected' share no leading (prompt) messages")
-        return chosen[:n], chosen[n:], rejected[n:]
-    raise common.InputError(f"{where}: 'chosen' and 'rejected' must both be strings or both be lists of messages")
-
-
 def parse_row(row: dict, where: str, loss: str):
-    """(prompt, [completion texts, best to worst], margin) of one row, or None when its completions are identical
-    (no preference; the caller counts it). prompt is a string or a list of messages (conversational)."""
+    """(prompt, [completions, best to worst], margin) of one row, or None when its completions are identical (no
+    preference; the caller counts it). Prompt and completions are strings or conversations (common.parse_*)."""
     if loss == "ranking":
-        prompt, completions, margin = row["prompt"], row["completions"], 0.0
-        if not isinstance(completions, list) or len(completions) < 2:
-            raise common.InputError(f"{where}: field 'completions' must be a list of at least 2 completions, best first")
-        names = [f"completions[{k}]" for k in range(len(completions))]
+        prompt, completions = common.parse_ranking_row(row, where)
+        margin = 0.0
     else:
-        completions, names = [row["chosen"], row["rejected"]], ["chosen", "rejected"]
-        margin = row.get("margin", 0.0)
+        prompt, chosen, rejected = common.parse_preference_row(row, where)
+        completions, margin = [chosen, rejected], row.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
             raise common.InputError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
-        if "prompt" in row:
-            prompt = row["prompt"]
-        else:
-            if completions[0] == completions[1]:
-                return None
-            prompt, *completions = split_shared_prefix(*completions, where)
-    chat = isinstance(prompt, list)
-    if chat:
-        if not prompt:
-            raise common.InputError(f"{where}: field 'prompt' is an empty list of messages")
-        _check_messages(prompt, where, "prompt")
-    elif not isinstance(prompt, str):
-        raise common.InputError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    texts = [_check_completion(c, where, name, chat) for c, name in zip(completions, names)]
-    if len(set(texts)) < len(texts):
+    if len({repr(c) for c in completions}) < len(completions):
         return None
-    return prompt, texts, float(margin)
+    return prompt, completions, float(margin)
 
 
-def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[list[dict], dict]:
+def build_dataset(rows: list[tuple[str, dict]], tokenizer, cfg: Config, reward_fns=None) -> tuple[list[dict], dict]:
     """Tokenised examples {prompt_ids, completions (ids, each ending in EOS), margin, prompt, gold} and the counts of
-    the skip / over-length policies. gold: reward_fn of each completion (string prompts only), else None."""
-    required = ("prompt", "completions") if cfg.loss == "ranking" else ("chosen", "rejected")
-    rows = common.load_jsonl(path, required=required, optional=("prompt", "margin"))
+    the skip / over-length policies. gold: the reward functions' total of each completion (None if one is unscored)."""
     examples, counts = [], {"skipped_identical": 0, "truncated": 0, "dropped": 0}
-    for i, row in enumerate(rows):
-        where = f"{path}:{i + 1}"  # load_jsonl allows no blank line between rows: row i is line i + 1
+    for where, row in rows:
         parsed = parse_row(row, where, cfg.loss)
         if parsed is None:
             counts["skipped_identical"] += 1
             continue
         prompt, texts, margin = parsed
-        if isinstance(prompt, list):
-            if tokenizer.chat_template is None:
-                raise common.InputError(f"{where}: conversational row, but the tokenizer of {cfg.model_name_or_path} has no "
-                                 "chat template")
-            prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the template adds them
-        else:
-            prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS), as in PPO
-        completions = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+        prompt_ids = common.render_prompt(prompt, tokenizer, where)[1]  # with BOS etc. (string) or the template's
+        completions = [common.render_completion(prompt, t, tokenizer, where) for t in texts]
         longest = max(len(c) for c in completions)
         if len(prompt_ids) + longest > cfg.max_length:
             if cfg.truncation == "drop" or longest >= cfg.max_length:
@@ -332,12 +280,16 @@ def build_dataset(path: str, tokenizer, cfg: Config, reward_fn=None) -> tuple[li
                 continue
             prompt_ids = prompt_ids[len(prompt_ids) + longest - cfg.max_length:]
             counts["truncated"] += 1
-        gold = common.call_reward_fn(reward_fn, [prompt] * len(texts), texts) \
-            if reward_fn is not None and isinstance(prompt, str) else None
-        examples.append({"prompt_ids": prompt_ids, "completions": completions, "margin": margin,
-                         "prompt": prompt if isinstance(prompt, str) else None, "gold": gold})
+        gold = None
+        if reward_fns:
+            contents = [t if isinstance(t, str) else t[-1]["content"] for t in texts]
+            gold = common.score_with_fns(reward_fns, [prompt] * len(texts), contents)[0]
+            gold = None if None in gold else gold
+        examples.append({"prompt_ids": prompt_ids, "completions": completions, "margin": margin, "prompt": prompt,
+                         "gold": gold})
     if not examples:
-        raise common.InputError(f"{path}: no usable example (counts: {counts}, max_length={cfg.max_length})")
+        raise common.InputError(f"{rows[0][0].rsplit(':', 1)[0]}: no usable example (counts: {counts}, --max_length "
+                                f"{cfg.max_length})")
     return examples, counts
 
 
@@ -475,19 +427,20 @@ def main(cfg: Config) -> dict:
     common.set_seed(cfg.seed)
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
     dataset = cfg.dataset or TOY_DATA[cfg.loss][0]
-    eval_dataset = cfg.eval_dataset or TOY_DATA[cfg.loss][1]
-
     common.require_checkpoint(cfg.model_name_or_path, "sft.py")
 
     # 1. model and data
+    rows = common.load_rows(dataset, "--dataset", cfg.dataset_split)
+    eval_path = common.eval_data_path(cfg.eval_dataset, dataset, TOY_DATA[cfg.loss][1])
+    eval_rows = common.load_rows(eval_path, "--eval_dataset", cfg.eval_dataset_split) if eval_path else []
+    if not eval_rows and cfg.eval_split > 0:
+        rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
+        eval_path = f"{cfg.eval_split:.0%} of {dataset}"
+    reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, dataset)
     model, tokenizer, new_head = load_reward_model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
-    reward_fn_spec = cfg.eval_reward_fn
-    if reward_fn_spec == "auto":
-        reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(dataset) else "none"
-    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec, "--eval_reward_fn")
-    examples, counts = build_dataset(dataset, tokenizer, cfg)
-    eval_examples, eval_counts = build_dataset(eval_dataset, tokenizer, cfg, reward_fn)
+    examples, counts = build_dataset(rows, tokenizer, cfg)
+    eval_examples, eval_counts = build_dataset(eval_rows, tokenizer, cfg, reward_fns) if eval_rows else ([], {})
     gold_lists = [ex["gold"] for ex in eval_examples if ex["gold"] is not None]
     gold_stats = gold_label_stats(gold_lists) if gold_lists else {}
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
@@ -497,13 +450,14 @@ def main(cfg: Config) -> dict:
                                 f" --per_device_batch_size x --gradient_accumulation_steps x {world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
-        print(f"reward model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
-              f"{'new head' if new_head else 'head from the checkpoint'} | {cfg.loss} loss | train {len(examples)} "
-              f"examples {counts} | eval {len(eval_examples)} {eval_counts} | {total_steps} steps of "
-              f"{global_batch} | world size {world_size}", flush=True)
+        print(f"reward model from {cfg.model_name_or_path}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
+              f"{'new head' if new_head else 'head from the checkpoint'} | {cfg.loss} loss | data {dataset}: "
+              f"{len(examples)} examples {counts} | eval {eval_path or 'none'}: {len(eval_examples)} {eval_counts} | "
+              f"eval reward {', '.join(reward_fns) or 'none'} | {total_steps} steps of {global_batch} | world size "
+              f"{world_size}", flush=True)
         if gold_stats:
-            print(f"gold reward on the eval labels: ceiling accuracy {gold_stats['ceiling_accuracy']:.4f}, "
-                  f"realised {gold_stats['gold_accuracy']:.4f}", flush=True)
+            print(f"{'+'.join(reward_fns)} on the eval labels: ceiling accuracy {gold_stats['ceiling_accuracy']:.4f},"
+                  f" realised {gold_stats['gold_accuracy']:.4f}", flush=True)
     common.prepare_output_dir(cfg.output_dir, rank)
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([model], model, cfg.save_every),
@@ -567,7 +521,7 @@ def main(cfg: Config) -> dict:
                               "epoch": step / steps_per_epoch, "pairs_per_s": pairs_seen / max(1e-9, train_time),
                               "sequences_per_s": sequences_seen / max(1e-9, train_time)},
                        ("loss", "accuracy", "margin", "lr", "epoch", "pairs_per_s"))
-        if step % cfg.eval_every == 0 and step < total_steps:  # the last step is evaluated after normalisation
+        if eval_examples and step % cfg.eval_every == 0 and step < total_steps:  # the last: after normalisation
             metrics = evaluate(model, eval_examples, cfg, device, amp_dtype, tokenizer.pad_token_id, rank, world_size)
             logger.log(step, {f"eval/{k}": v for k, v in {**metrics, **gold_stats}.items()}, EVAL_CONSOLE_KEYS)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -578,7 +532,7 @@ def main(cfg: Config) -> dict:
 
     # 3. normalise: the policy's own samples on training prompts score mean 0 (std 1)
     policy = None
-    if cfg.normalize_samples > 0 or (reward_fn is not None and cfg.agreement_samples_per_prompt > 0):
+    if cfg.normalize_samples > 0 or (reward_fns and cfg.agreement_samples_per_prompt > 0):
         policy = load_policy(cfg.policy_name_or_path or cfg.model_name_or_path, tokenizer, cfg, device)
     reward_mean, reward_std, sample_std = 0.0, 1.0, float("nan")
     if cfg.normalize_samples > 0:
@@ -589,21 +543,24 @@ def main(cfg: Config) -> dict:
         reward_std = sample_std if cfg.normalize_scale else 1.0
     model.config.reward_mean, model.config.reward_std = reward_mean, reward_std  # on every rank: get_scores reads it
 
-    # 4. final evaluation with the normalised score, agreement with the gold reward, save
-    final = evaluate(model, eval_examples, cfg, device, amp_dtype, tokenizer.pad_token_id, rank, world_size)
-    final.update(gold_stats)
-    logger.log(total_steps, {f"eval/{k}": v for k, v in final.items()}, EVAL_CONSOLE_KEYS)
+    # 4. final evaluation with the normalised score, agreement with the eval reward functions, save
+    final = {}
+    if eval_examples:
+        final = evaluate(model, eval_examples, cfg, device, amp_dtype, tokenizer.pad_token_id, rank, world_size)
+        final.update(gold_stats)
+        logger.log(total_steps, {f"eval/{k}": v for k, v in final.items()}, EVAL_CONSOLE_KEYS)
     if gold_stats:
         final["accuracy_over_ceiling"] = final["accuracy"] / gold_stats["ceiling_accuracy"]
-    eval_prompts = sorted({ex["prompt"] for ex in eval_examples if ex["prompt"] is not None})
-    if reward_fn is not None and cfg.agreement_samples_per_prompt > 0 and eval_prompts:
-        # fresh policy samples of held-out prompts: does the RM order them like the gold reward? (seed 002)
+    eval_prompts = list({repr(ex["prompt"]): ex["prompt"] for ex in eval_examples}.values())
+    if reward_fns and cfg.agreement_samples_per_prompt > 0 and eval_prompts:
+        # fresh policy samples of held-out prompts: does the RM order them like the known reward? (seed 002)
         agreement = common.evaluate_policy(policy, tokenizer, eval_prompts, device, reward_model=model,
-                                           reward_fn=reward_fn, samples_per_prompt=cfg.agreement_samples_per_prompt,
+                                           reward_fns=reward_fns, samples_per_prompt=cfg.agreement_samples_per_prompt,
                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                            batch_size=cfg.per_device_batch_size, seed=cfg.seed, amp_dtype=amp_dtype)
         # proxy_reward_mean/std: normalised scores of these held-out samples, ~0 when the normalisation transfers
-        final.update({k: agreement[k] for k in ("gold_proxy_agreement", "proxy_reward_mean", "proxy_reward_std")})
+        final.update({k: agreement[k] for k in (*[f"{n}_proxy_agreement" for n in reward_fns], "proxy_reward_mean",
+                                                 "proxy_reward_std")})
         final["agreement_num_samples"] = agreement["num_samples"]
     final.update({"reward_mean": reward_mean, "reward_std": reward_std, "policy_sample_score_std": sample_std,
                   "train_loss": train["loss"], "train_accuracy": train["accuracy"], "train_steps": total_steps,
@@ -614,12 +571,15 @@ def main(cfg: Config) -> dict:
     common.save_model(model, tokenizer, cfg.output_dir, final, logger,
                       extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     if rank == 0:
-        line = f"saved {cfg.output_dir} | held-out accuracy {final['accuracy']:.4f}"
+        line = f"saved {cfg.output_dir}"
+        if eval_examples:
+            line += f" | held-out accuracy {final['accuracy']:.4f}"
         if gold_stats:
-            line += (f" | gold-label ceiling {final['ceiling_accuracy']:.4f} (accuracy / ceiling "
-                     f"{final['accuracy_over_ceiling']:.3f})")
-        if "gold_proxy_agreement" in final:
-            line += f" | gold/proxy agreement on policy samples {final['gold_proxy_agreement']:.3f}"
+            line += (f" | ceiling of labels drawn from {'+'.join(reward_fns)} {final['ceiling_accuracy']:.4f} "
+                     f"(accuracy / ceiling {final['accuracy_over_ceiling']:.3f})")
+        for name in reward_fns:
+            if f"{name}_proxy_agreement" in final:
+                line += f" | {name}/proxy agreement on policy samples {final[f'{name}_proxy_agreement']:.3f}"
         print(line + f" | reward_mean {reward_mean:.4f} reward_std {reward_std:.4f}", flush=True)
     logger.close()
     common.cleanup_distributed()

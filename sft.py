@@ -1,28 +1,31 @@
 """Supervised fine-tuning (SFT) of a causal language model, in one file.
 
-    python sft.py                                   # toy task: trains the toy GPT-2 from scratch, CPU, ~2 minutes
+    python sft.py                                   # toy task: trains the toy GPT-2 from scratch, CPU, ~1 minute
     python sft.py --help                            # every option, explained
     python sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --no-from_scratch --dataset my.jsonl --learning_rate 2e-5
     torchrun --nproc_per_node 8 sft.py ...          # many GPUs (FSDP2)
 
-Stage one of RLHF (seeds 000, 003): teach the policy the format of good answers. The PPO that follows can only
-re-weight what this model samples (seed 002), so the script also reports how large its sampling space is.
+Stage one of RLHF (InstructGPT, Ouyang et al. 2022): teach the policy the format of good answers. The RL that
+follows can only re-weight what this model samples, so the script also reports how large its sampling space is.
 
-Math: loss = -(1 / N) * sum_{i, t in completion} log pi(y_{i,t} | x_i, y_{i,<t}), N = number of completion tokens in
+Math: loss = -(1 / N) * sum_{i, t in completion} log pi(y_{i,t} | x_i, y_{i,<t}), N = number of trained tokens in
 the global batch (all micro-batches and all ranks), so N processes reproduce one process with the same global batch.
 
-Data (JSON lines): {"prompt": str, "completion": str} (completions carry their leading space and no EOS text; the
-EOS token is appended here) or {"messages": [{"role": ..., "content": ...}, ...]} (the tokenizer's chat template
-renders all but the last message as the prompt; the last, an assistant message, is the completion).
+Data (TRL's formats; JSON lines, JSON, parquet, CSV, a datasets.save_to_disk folder or a hub dataset id):
+    {"prompt": str, "completion": str}             completions carry their leading space; EOS is appended here
+    {"prompt": [messages], "completion": [assistant message]}      rendered by the tokenizer's chat template
+    {"messages": [messages]}                       every assistant turn is trained (--assistant_only_loss)
+    {"text": str}                                  language modelling: every token is trained
 """
 
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+import tyro
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -30,25 +33,40 @@ import common
 
 @dataclass
 class Config:
+    # model
     model_name_or_path: str = "data/toy/base_model"
     """model to start from: Hugging Face hub id or local directory (the toy default holds a config and tokenizer only)"""
     from_scratch: bool = True
     """initialise the weights randomly from the config of model_name_or_path (the toy). It is an error to combine it
     with a checkpoint that holds weights: pass --no-from_scratch to fine-tune a real model"""
+    trust_remote_code: bool = False
+    """allow model code from the hub (only for models you trust)"""
+    # data
     dataset: str = "data/toy/sft_train.jsonl"
-    """training data, JSON lines: {"prompt","completion"} or {"messages":[...]}"""
-    eval_dataset: str = "data/toy/sft_eval.jsonl"
-    """held-out data for eval loss / perplexity and for the prompts of sample generations"""
-    output_dir: str = "runs/sft"
-    """where the checkpoint (model + tokenizer), metrics.jsonl and eval.json are written"""
+    """training data: a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub dataset id
+    (formats in the module docstring)"""
+    dataset_split: str = "train"
+    """split of a hub dataset or save_to_disk folder with several splits"""
+    eval_dataset: str = "auto"
+    """held-out data for eval loss / perplexity and the prompts of sample generations (same sources and formats);
+    "auto" = the toy's sft_eval.jsonl when training on the toy, else none (see --eval_split); "none" to skip"""
+    eval_dataset_split: str = "test"
+    """split of a hub eval dataset or save_to_disk folder with several splits"""
+    eval_split: float = 0.0
+    """hold out this fraction of the training rows (seeded) as eval data when no eval dataset is given"""
     max_length: int = 64
-    """longest prompt + completion (tokens); see `truncation`"""
+    """longest sequence, prompt + completion (tokens); see `truncation`"""
     truncation: Literal["truncate", "drop"] = "truncate"
-    """over-long samples: cut the completion at max_length (it then has no EOS) or drop the sample; either is counted"""
+    """over-long samples: cut them at max_length (the completion then has no EOS) or drop them; either is counted"""
     completion_only_loss: bool = True
-    """train on completion tokens only (prompt tokens masked); False trains on the whole sequence"""
+    """prompt-completion rows: train on the completion only (prompt tokens masked); False trains on everything"""
+    assistant_only_loss: bool = True
+    """conversations ({"messages"}): train on every assistant turn only; False trains on the whole conversation"""
+    # training
     num_epochs: float = 2.0
     """passes over the training data (fractions allowed)"""
+    max_steps: int | None = None
+    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
     per_device_batch_size: int = 64
     """sequences per micro-batch on each process"""
     gradient_accumulation_steps: int = 1
@@ -67,108 +85,100 @@ class Config:
     """bf16 autocast on CUDA (ignored on CPU)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    seed: int = 1
+    """seed of initialisation, data order and sampling"""
+    # evaluation
     eval_every: int = 100
     """evaluate every this many optimiser steps (and at the end)"""
-    log_every: int = 20
-    """log training metrics every this many optimiser steps"""
     num_eval_generations: int = 128
     """completions sampled from eval prompts at each evaluation (diagnostics of the sampling space; 0 = none; a
     multiple of the number of processes)"""
     max_new_tokens: int = 24
-    """maximum completion length when sampling"""
+    """maximum completion length when sampling (tokens)"""
     temperature: float = 1.0
     """sampling temperature of the evaluation generations"""
     top_p: float = 1.0
     """nucleus sampling threshold of the evaluation generations"""
-    eval_reward_fn: str = "auto"
-    """module:function (prompts, completions) -> list[float] scoring eval samples; "auto" = toy_task:gold_reward when
-    the dataset is under data/toy, "none" to disable"""
-    seed: int = 1
-    """seed of initialisation, data order and sampling"""
-    trust_remote_code: bool = False
-    """allow model code from the hub (only for models you trust)"""
-    tensorboard: bool = False
-    """also log to TensorBoard (needs the `tensorboard` package)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (needs `wandb`)"""
-    max_steps: int | None = None
-    """stop after this many optimiser steps (overrides num_epochs; the LR schedule spans them)"""
+    eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function scoring eval samples (TRL's reward-function signature; repeat the
+    option for several); default: the toy's gold reward when training on the toy, else none; "none" to disable"""
+    # checkpoints
+    output_dir: str = "runs/sft"
+    """where the model (Hugging Face format), eval.json, metrics.jsonl and checkpoints/ are written"""
     save_every: int = 0
     """write a checkpoint for --resume every this many optimiser steps into output_dir/checkpoints (0 = never)"""
     save_total_limit: int = 2
     """checkpoints kept (the newest); older ones are deleted after each save"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+    # logging
+    log_every: int = 20
+    """log training metrics every this many optimiser steps"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the `tensorboard` package)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (needs `wandb`)"""
 
     def __post_init__(self):
         common.check_options(self, positive=("max_length", "num_epochs", "per_device_batch_size",
                                              "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
                                              "eval_every", "log_every", "max_new_tokens", "save_total_limit"),
                              nonnegative=("weight_decay", "num_eval_generations", "save_every", "temperature"),
-                             fractions=("warmup_ratio",), probabilities=("top_p",))
+                             fractions=("warmup_ratio", "eval_split"), probabilities=("top_p",))
         if self.max_steps is not None and self.max_steps < 1:
             raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
 
-def render_chat_prompt(messages: list, tokenizer) -> str:
-    """The prompt text of a conversation: every message but the last, plus the assistant generation prompt."""
-    return tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+def tokenize_example(row: dict, tokenizer, cfg: Config, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one row; labels are -100 where no loss is taken. Prompt and completion are tokenised
+    separately (a conversation turn by turn), so the loss mask is exact even where the tokenizer would merge tokens
+    across the boundary. Completions end with EOS (the chat template's end of turn for conversations)."""
+    prompt, completion = common.parse_completion_row(row, where)
+    if prompt is None and isinstance(completion, list):  # a whole conversation
+        ids, assistant = common.render_conversation(completion, tokenizer, where)
+        trained = assistant if cfg.assistant_only_loss else [1] * len(ids)
+        return ids, [t if m else -100 for t, m in zip(ids, trained)]
+    if prompt is None:  # language modelling: every token
+        ids = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
+        return ids, list(ids)
+    prompt_ids = common.render_prompt(prompt, tokenizer, where)[1]
+    completion_ids = common.render_completion(prompt, completion, tokenizer, where)
+    labels = ([-100] * len(prompt_ids) if cfg.completion_only_loss else prompt_ids) + completion_ids
+    return prompt_ids + completion_ids, labels
 
 
-def tokenize_example(row: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids ending with EOS) of one row. Prompt and completion are tokenised separately, so
-    the loss mask is exact even when the tokenizer would merge tokens across the boundary.
-
-    Conversations: the completion is what the chat template renders after the prompt (the assistant message with the
-    template's own end-of-turn text, as in TRL); EOS is appended unless the rendering already ends with it."""
-    if "messages" in row:
-        messages = row["messages"]
-        common.check_messages(messages, where, "messages")
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise common.InputError(f"{where}: 'messages' must be a list of at least 2 messages ending with an assistant one")
-        prompt_text = render_chat_prompt(messages, tokenizer)
-        full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise common.InputError(f"{where}: the chat template does not render the conversation as prompt + completion")
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the template holds BOS etc.
-        completion = full_text[len(prompt_text):]
-        if not messages[-1]["content"].strip():
-            raise common.InputError(f"{where}: empty assistant message")
-    else:
-        prompt, completion = row["prompt"], row["completion"]
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise common.InputError(f"{where}: 'prompt' and 'completion' must be strings")
-        prompt_ids = tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens (e.g. BOS)
-    if not completion.strip():
-        raise common.InputError(f"{where}: empty completion")
-    completion_ids = tokenizer(completion.rstrip() if "messages" in row else completion,
-                               add_special_tokens=False)["input_ids"]
-    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
-        completion_ids.append(tokenizer.eos_token_id)
-    return prompt_ids, completion_ids
-
-
-def build_dataset(path: str, tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int]]], dict]:
+def build_dataset(rows: list[tuple[str, dict]], tokenizer, cfg: Config) -> tuple[list[tuple[list[int], list[int]]],
+                                                                              dict]:
     """Tokenised (input_ids, labels) pairs and counts of the truncation policy."""
-    rows = common.load_jsonl(path, alternatives=(("prompt", "completion"), ("messages",)))
     examples, counts = [], {"truncated": 0, "dropped": 0}
-    for i, row in enumerate(rows):
-        prompt_ids, completion_ids = tokenize_example(row, tokenizer, f"{path}:{i + 1}")
-        if len(prompt_ids) + len(completion_ids) > cfg.max_length:
-            if cfg.truncation == "drop" or len(prompt_ids) >= cfg.max_length:
+    for where, row in rows:
+        ids, labels = tokenize_example(row, tokenizer, cfg, where)
+        if len(ids) > cfg.max_length:
+            if cfg.truncation == "drop" or all(label == -100 for label in labels[1:cfg.max_length]):
                 counts["dropped"] += 1
                 continue
-            completion_ids = completion_ids[: cfg.max_length - len(prompt_ids)]
+            ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
             counts["truncated"] += 1
-        labels = ([-100] * len(prompt_ids) if cfg.completion_only_loss else prompt_ids) + completion_ids
-        examples.append((prompt_ids + completion_ids, labels))
+        examples.append((ids, labels))
     if not examples:
-        raise common.InputError(f"{path}: every example was dropped (max_length={cfg.max_length})")
+        raise common.InputError(f"{rows[0][0].rsplit(':', 1)[0]}: every example was dropped (--max_length "
+                                f"{cfg.max_length})")
     return examples, counts
 
 
+def eval_prompts(rows: list[tuple[str, dict]]) -> list:
+    """The distinct prompts of held-out rows (strings or conversations), for sample generations; language-modelling
+    rows have none."""
+    prompts = {}
+    for where, row in rows:
+        if "prompt" in row or "messages" in row:
+            prompt = common.parse_prompt(row, where)
+            prompts[repr(prompt)] = prompt
+    return [prompts[k] for k in sorted(prompts)]
+
+
 def collate(batch, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels); labels are -100 on prompt (if masked) and padding."""
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 where masked and on padding."""
     input_ids = common.right_pad([ids for ids, _ in batch], pad_token_id, device)
     labels = common.right_pad([lab for _, lab in batch], -100, device)
     attention_mask = common.right_pad([[1] * len(ids) for ids, _ in batch], 0, device)
@@ -188,7 +198,8 @@ def load_model(cfg: Config, device):
     tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
                                        trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise common.InputError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the model could never learn to stop")
+        raise common.InputError(f"{cfg.model_name_or_path}: tokenizer has no EOS token; the model could never learn "
+                                "to stop")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # pad == eos would mask the EOS labels out of the loss together with the padding, so the model never learns
         # to stop; a dedicated pad token keeps them apart (its embedding is never trained, it is always masked)
@@ -217,20 +228,8 @@ def load_model(cfg: Config, device):
     return model.to(device), tokenizer
 
 
-def eval_prompt_ids(eval_rows: list[dict], tokenizer) -> dict[str, list[int]]:
-    """prompt text -> token ids of the held-out prompts, for plain and chat rows alike."""
-    prompt_ids_of = {}
-    for row in eval_rows:
-        if "messages" in row:
-            text = render_chat_prompt(row["messages"], tokenizer)
-            prompt_ids_of[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids_of[row["prompt"]] = tokenizer(row["prompt"])["input_ids"]
-    return prompt_ids_of
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, eval_examples, prompt_ids_of, cfg: Config, device, amp_dtype, reward_fn, rank,
+def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, device, amp_dtype, reward_fns, rank,
              world_size):
     """Eval loss / perplexity on held-out data, and the sampling space of completions of held-out prompts."""
     model.eval()
@@ -244,40 +243,48 @@ def evaluate(model, tokenizer, eval_examples, prompt_ids_of, cfg: Config, device
     metrics = {"eval/loss": (nll / count).item(), "eval/perplexity": math.exp(min(20.0, (nll / count).item()))}
 
     # completions of held-out prompts: each rank samples its share; all ranks decode the same number of steps
-    prompts = sorted(prompt_ids_of)
     n = cfg.num_eval_generations // world_size  # per rank
     if prompts and n > 0:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 + rank)
-        batch_prompts = [prompts[(rank * n + i) % len(prompts)] for i in range(n)]
-        prompt_ids, prompt_mask = common.left_pad([prompt_ids_of[p] for p in batch_prompts],
-                                                  tokenizer.pad_token_id, device)
+        picked = [(rank * n + i) % len(prompts) for i in range(n)]
+        batch_prompts = [prompts[j] for j in picked]
+        query, query_mask = common.left_pad([prompt_ids[j] for j in picked], tokenizer.pad_token_id, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             responses, response_mask = common.generate(
-                model, prompt_ids, prompt_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                model, query, query_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                 cfg.temperature, 0, cfg.top_p, gen, sync_ranks=True)
-            seq = torch.cat([prompt_ids, responses], 1)
-            seq_mask = torch.cat([prompt_mask, response_mask], 1)
+            seq = torch.cat([query, responses], 1)
+            seq_mask = torch.cat([query_mask, response_mask], 1)
             logits = model(input_ids=seq, attention_mask=seq_mask, position_ids=common.position_ids_from_mask(seq_mask),
-                           use_cache=False).logits[:, prompt_ids.size(1) - 1:-1]
+                           use_cache=False).logits[:, query.size(1) - 1:-1]
         diag = common.sampling_diagnostics(logits, responses, response_mask, cfg.temperature)
-        eos = (responses == tokenizer.eos_token_id).any(1).float()
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        local = {k: torch.tensor(v * n, device=device) for k, v in diag.items()}  # sums over samples for reduction
-        local["eos_rate"] = eos.sum()
-        local["response_length"] = response_mask.sum().float()
-        if reward_fn is not None:
-            gold = torch.tensor([math.nan if v is None else v for v in
-                                 common.call_reward_fn(reward_fn, batch_prompts, completions)], device=device)
-            local["gold_reward_mean"], local["gold_sq"] = gold.sum(), (gold ** 2).sum()
+        sums = {f"eval/{k}".replace("eval/sampling/", "sampling/"): v * n for k, v in diag.items()}  # over samples
+        sums["eos_rate"] = (responses == tokenizer.eos_token_id).any(1).float().sum().item()
+        sums["eval/response_length"] = response_mask.sum().item()
+        if reward_fns:
+            _, per_fn = common.score_with_fns(reward_fns, batch_prompts, completions)
+            for name, values in per_fn.items():
+                scored = [v for v in values if v is not None]
+                sums.update({f"{name}_sum": sum(scored), f"{name}_sq": sum(v * v for v in scored),
+                             f"{name}_count": len(scored)})
+        names = sorted(sums)
+        totals = dict(zip(names, common.all_reduce_sum(torch.tensor([sums[k] for k in names], device=device,
+                                                                    dtype=torch.float64)).tolist()))
         total = n * world_size
-        for k, v in local.items():
-            metrics[k if k.startswith(("gold", "eos")) else f"eval/{k}".replace("eval/sampling/", "sampling/")] = \
-                common.all_reduce_sum(v).item() / total
-        if reward_fn is not None:
-            metrics["gold_reward_std"] = math.sqrt(max(0.0, metrics.pop("gold_sq") - metrics["gold_reward_mean"] ** 2))
+        for k in names:
+            if not k.endswith(("_sum", "_sq", "_count")):
+                metrics[k] = totals[k] / total
+        for name in reward_fns or {}:
+            scored = totals[f"{name}_count"]
+            mean = totals[f"{name}_sum"] / scored if scored else math.nan
+            metrics[f"{name}_mean"] = mean
+            metrics[f"{name}_std"] = math.sqrt(max(0.0, totals[f"{name}_sq"] / scored - mean ** 2)) if scored \
+                else math.nan
+            metrics[f"{name}_unscored"] = int(total - scored)
         metrics["distinct_completions"] = common.distinct_fraction(completions)  # of rank 0's samples
         metrics["num_samples"] = total
-        metrics["samples"] = [p + " |" + c for p, c in zip(batch_prompts[:4], completions[:4])]
+        metrics["samples"] = [common.prompt_text(p) + " |" + c for p, c in zip(batch_prompts[:4], completions[:4])]
     model.train()
     return metrics
 
@@ -288,18 +295,22 @@ def main(cfg: Config) -> dict:
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
 
     # 1. model and data
+    rows = common.load_rows(cfg.dataset, "--dataset", cfg.dataset_split)
+    eval_path = common.eval_data_path(cfg.eval_dataset, cfg.dataset, "data/toy/sft_eval.jsonl")
+    eval_rows = common.load_rows(eval_path, "--eval_dataset", cfg.eval_dataset_split) if eval_path else []
+    if not eval_rows and cfg.eval_split > 0:
+        rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
+        eval_path = f"{cfg.eval_split:.0%} of {cfg.dataset}"
+    reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, cfg.dataset)
     model, tokenizer = load_model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
-    examples, counts = build_dataset(cfg.dataset, tokenizer, cfg)
-    eval_rows = common.load_jsonl(cfg.eval_dataset, alternatives=(("prompt", "completion"), ("messages",)))
-    eval_examples, _ = build_dataset(cfg.eval_dataset, tokenizer, cfg)
-    prompt_ids_of = eval_prompt_ids(eval_rows, tokenizer)
-    common.check_length(model.config, max(map(len, prompt_ids_of.values())) + cfg.max_new_tokens,
-                        "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
-    reward_fn_spec = cfg.eval_reward_fn
-    if reward_fn_spec == "auto":
-        reward_fn_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.dataset) else "none"
-    reward_fn = None if reward_fn_spec == "none" else common.load_function(reward_fn_spec, "--eval_reward_fn")
+    examples, counts = build_dataset(rows, tokenizer, cfg)
+    eval_examples = build_dataset(eval_rows, tokenizer, cfg)[0] if eval_rows else []
+    prompts = eval_prompts(eval_rows)
+    prompt_ids = [common.render_prompt(p, tokenizer)[1] for p in prompts]
+    if prompts:
+        common.check_length(model.config, max(map(len, prompt_ids)) + cfg.max_new_tokens,
+                            "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
@@ -308,9 +319,11 @@ def main(cfg: Config) -> dict:
                                 f"{world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
-        print(f"model: {n_params / 1e6:.2f}M parameters | train examples: {len(examples)} "
-              f"(truncated {counts['truncated']}, dropped {counts['dropped']}, max_length {cfg.max_length}) | "
-              f"{total_steps} steps of {global_batch} | world size {world_size}", flush=True)
+        print(f"model {cfg.model_name_or_path} ({n_params / 1e6:.2f}M parameters) | data {cfg.dataset}: "
+              f"{len(examples)} examples (truncated {counts['truncated']}, dropped {counts['dropped']}, max_length "
+              f"{cfg.max_length}) | eval {eval_path or 'none'}: {len(eval_examples)} examples, {len(prompts)} prompts "
+              f"| eval reward {', '.join(reward_fns) or 'none'} | {total_steps} steps of {global_batch} | world size "
+              f"{world_size}", flush=True)
     common.prepare_output_dir(cfg.output_dir, rank)
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([model], model, cfg.save_every),
@@ -322,20 +335,20 @@ def main(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
     batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
-    tokens_seen, train_time, start_step = 0, 0.0, 0
+    tokens_seen, train_time, wall_time, start_step = 0, 0.0, 0.0, 0
     if resume_from is not None:
         state = common.load_state(resume_from, {"model": model}, [optimizer], {}, cfg)
         start_step = state["step"]
         batches.load_state_dict(state["state"]["batches"])
         scheduler.load_state_dict(state["state"]["scheduler"])
-        tokens_seen, train_time = state["state"]["tokens_seen"], state["state"]["train_time"]
+        tokens_seen, train_time, wall_time = (state["state"][k] for k in ("tokens_seen", "train_time", "wall_time"))
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
     logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
 
     # 2. training loop
     model.train()
-    t_start = time.time()
+    t_start, metrics = time.time() - wall_time, {}
     for step in range(start_step + 1, total_steps + 1):
         batch_idx = batches.next()
         # this rank's micro-batches; the loss is normalised by the label tokens of the whole global batch
@@ -364,27 +377,28 @@ def main(cfg: Config) -> dict:
             logger.log(step, {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                               "epoch": step / steps_per_epoch, "tokens_per_s": tokens_seen / max(1e-9, train_time)},
                        ("loss", "lr", "epoch", "tokens_per_s"))
-        if step % cfg.eval_every == 0 or step == total_steps:
-            metrics = evaluate(model, tokenizer, eval_examples, prompt_ids_of, cfg, device, amp_dtype, reward_fn,
-                               rank, world_size)
+        if eval_examples and (step % cfg.eval_every == 0 or step == total_steps):
+            metrics = evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg, device, amp_dtype,
+                               reward_fns, rank, world_size)
             samples = metrics.pop("samples", [])
-            logger.log(step, metrics, ("eval/loss", "eos_rate", "gold_reward_mean", "sampling/entropy",
-                                       "distinct_completions"))
+            logger.log(step, metrics, ("eval/loss", "eos_rate", *[f"{n}_mean" for n in reward_fns],
+                                       "sampling/entropy", "distinct_completions"))
             if rank == 0:
                 for s in samples:
                     print("   sample:", s)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             common.save_state(cfg.output_dir, step, {"model": model}, [optimizer], {}, {
                 "batches": batches.state_dict(), "scheduler": scheduler.state_dict(), "tokens_seen": tokens_seen,
-                "train_time": train_time}, logger, cfg, cfg.save_total_limit)
+                "train_time": train_time, "wall_time": time.time() - t_start}, logger, cfg, cfg.save_total_limit)
 
     # 3. save the model with its evaluation beside it
     final = {**metrics, "train_loss": loss, "train_steps": total_steps, "tokens_per_s": tokens_seen / train_time,
              "wall_time_s": time.time() - t_start, "num_parameters": n_params, **counts}
     common.save_model(model, tokenizer, cfg.output_dir, final, logger)
     if rank == 0:
-        print(f"saved {cfg.output_dir} | eval loss {final['eval/loss']:.4f} | eos rate {final.get('eos_rate', 0):.3f}"
-              f" | gold reward {final.get('gold_reward_mean', float('nan')):.3f}", flush=True)
+        shown = [f"{k} {final[k]:.4f}" for k in ("eval/loss", "eos_rate", *[f"{n}_mean" for n in reward_fns])
+                 if isinstance(final.get(k), float)]
+        print(f"saved {cfg.output_dir} | " + " | ".join(shown or [f"train loss {loss:.4f}"]), flush=True)
     logger.close()
     common.cleanup_distributed()
     return final

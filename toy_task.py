@@ -149,11 +149,15 @@ def gold_reward_one(prompt: str, completion: str) -> float:
     return round(reward, 6)
 
 
-def gold_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """The toy task's gold reward for a batch; signature of `--reward_fn` / `--eval_reward_fn` (module:function)."""
+def gold_reward(prompts: list, completions: list) -> list[float]:
+    """The toy task's gold reward for a batch; usable as `--reward_fn toy_task:gold_reward` / `--eval_reward_fn`.
+
+    Takes strings or, as TRL passes them for conversational data, message lists (the prompt's last message and the
+    completion's assistant message are scored)."""
     if len(prompts) != len(completions):
         raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(completions)} completions")
-    return [gold_reward_one(p, c) for p, c in zip(prompts, completions)]
+    text = lambda x: x if isinstance(x, str) else x[-1]["content"]  # noqa: E731
+    return [gold_reward_one(text(p), text(c)) for p, c in zip(prompts, completions)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,13 +358,15 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
         reward_model = AutoModelForSequenceClassification.from_pretrained(paths["reward_model"]).eval()
     prompts = [r["prompt"] for r in (json.loads(l) for l in open(os.path.join(DATA_DIR, "prompts_eval.jsonl")))]
     prompts = prompts[:num_prompts] if num_prompts else prompts
-    kw = dict(ref_policy=sft, reward_model=reward_model, reward_fn=gold_reward, max_new_tokens=16, seed=seed)
+    kw = dict(ref_policy=sft, reward_model=reward_model, reward_fns={"gold": (gold_reward, 1.0)}, max_new_tokens=16,
+              seed=seed)
     rows, samples, stats = [], {}, {}
 
     # SFT and best-of-N: one pool of max(N) samples per prompt; best-of-N is computed exactly from the pool
     pool_size = max(max(best_of), samples_per_prompt)
     t0 = time.time()
     pool = common.evaluate_policy(sft, tokenizer, prompts, device, samples_per_prompt=pool_size, **kw)
+    pool["gold_reward_std"], pool["gold_reward_sem"] = pool["gold_std"], pool["gold_sem"]
     per = pool["per_sample"]
     samples["sft"] = list(zip(per["prompt"], per["completion"], per["gold"]))[::pool_size][:3]
     for n in best_of if reward_model is not None else (1,):
@@ -388,8 +394,8 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
         m = common.evaluate_policy(policy, tokenizer, prompts, device, samples_per_prompt=samples_per_prompt, **kw)
         per = m["per_sample"]
         samples[name] = list(zip(per["prompt"], per["completion"], per["gold"]))[::samples_per_prompt][:3]
-        rows.append({"method": name.upper(), "gold_reward_mean": m["gold_reward_mean"],
-                     "gold_reward_sem": m["gold_reward_sem"], "proxy_reward_mean": m["proxy_reward_mean"],
+        rows.append({"method": name.upper(), "gold_reward_mean": m["gold_mean"],
+                     "gold_reward_sem": m["gold_sem"], "proxy_reward_mean": m["proxy_reward_mean"],
                      "kl_to_sft": m["kl_to_ref"], "eos_rate": m["eos_rate"], "num_samples": m["num_samples"]})
         print(f"report: evaluated runs/{name}", flush=True)
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import common
 import toy_task
 
+GOLD = {"gold_reward": (toy_task.gold_reward, 1.0)}
 TOK = toy_task.build_tokenizer()
 PROMPTS = ["the phone was", "honestly the movie was", "i think the pizza is", "my new laptop is",
            "overall the concert was not"]
@@ -419,20 +420,20 @@ def test_evaluate_policy_metrics(tmp_path):
     reward_model = tiny_reward_model("gpt2")
     prompts = PROMPTS[:3]
     m = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), ref_policy=policy,
-                               reward_model=reward_model, reward_fn=toy_task.gold_reward, samples_per_prompt=3,
+                               reward_model=reward_model, reward_fns=GOLD, samples_per_prompt=3,
                                max_new_tokens=6, batch_size=4, seed=0)
     for key in ["gold_reward_mean", "gold_reward_std", "proxy_reward_mean", "proxy_reward_std", "kl_to_ref",
-                "gold_proxy_agreement", "eos_rate", "response_length", "distinct_completions", "num_samples"]:
+                "gold_reward_proxy_agreement", "eos_rate", "response_length", "distinct_completions", "num_samples"]:
         assert key in m and isinstance(m[key], (int, float)), key
     rows = m["per_sample"]
     assert m["num_samples"] == 9 and sorted(rows["prompt"]) == sorted(p for p in prompts for _ in range(3))
     assert m["kl_to_ref"] == 0.0  # the policy is its own reference
     assert m["gold_reward_mean"] == pytest.approx(np.mean(toy_task.gold_reward(rows["prompt"], rows["completion"])))
-    assert m["gold_proxy_agreement"] == pytest.approx(common.ordering_agreement(rows["proxy"], rows["gold"]))
+    assert m["gold_reward_proxy_agreement"] == pytest.approx(common.ordering_agreement(rows["proxy"], rows["gold_reward"]))
     assert 1 <= m["response_length"] <= 6 and 0 <= m["eos_rate"] <= 1
     # same seed -> same samples; the training flag of the policy is restored
     policy.train()
-    again = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), reward_fn=toy_task.gold_reward,
+    again = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), reward_fns=GOLD,
                                    samples_per_prompt=3, max_new_tokens=6, batch_size=4, seed=0)
     assert again["per_sample"]["completion"] == rows["completion"] and policy.training
     # prompts given as token ids (e.g. rendered by a chat template) decode the same way

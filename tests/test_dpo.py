@@ -119,16 +119,21 @@ def test_gradient_signs_and_values():
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
-def test_split_implicit_prompt():
-    assert dpo.split_implicit_prompt("the phone was fantastic .", "the phone was fine .", "x") == \
-        ("the phone was", " fantastic .", " fine .")
-    assert dpo.split_implicit_prompt("the phone was good", "the phone was good but slow .", "x") == \
-        ("the phone was", " good", " good but slow .")
-    user = {"role": "user", "content": "hi"}
-    a, b = {"role": "assistant", "content": "good ."}, {"role": "assistant", "content": "bad ."}
-    assert dpo.split_implicit_prompt([user, a], [user, b], "x") == ([user], [a], [b])
-    with pytest.raises(ValueError, match="f.jsonl:3: implicit-prompt conversations"):
-        dpo.split_implicit_prompt([user, a, user, a], [user, b], "f.jsonl:3")
+def test_dpo_and_reward_model_read_pairs_alike(tmp_path):
+    """One parser per format (common.py): dpo.py and reward_model.py split and tokenise the same rows identically,
+    including an implicit prompt with a double space before the responses."""
+    import reward_model as rm
+
+    tok = toy_task.build_tokenizer()
+    rows = [{"chosen": "the movie was  good .", "rejected": "the movie was  bad ."},
+            {"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."},
+            {"chosen": "honestly the cafe was great !", "rejected": "honestly the cafe was not great ."}]
+    loaded = common.load_rows(write_jsonl(tmp_path / "p.jsonl", rows))
+    pairs = dpo.build_dataset(loaded, tok, dpo.Config())[0]
+    ranked = rm.build_dataset(loaded, tok, rm.Config())[0]
+    for (prompt_ids, chosen_ids, rejected_ids), ex in zip(pairs, ranked):
+        assert ex["prompt_ids"] == prompt_ids and ex["completions"] == [chosen_ids, rejected_ids]
+    assert tok.decode(pairs[0][0]) == "<bos> the movie was" and tok.decode(pairs[0][1]) == "good . <eos>"
 
 
 def write_jsonl(path, rows):
@@ -146,7 +151,7 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
     explicit = {"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."}
     implicit = {"chosen": "the phone was very good .", "rejected": "the phone was bad ."}
     path = write_jsonl(tmp_path / "p.jsonl", [explicit, implicit, {**explicit, "rejected": " very good ."}])
-    examples, counts = dpo.build_dataset(path, tok, cfg)
+    examples, counts = dpo.build_dataset(common.load_rows(path), tok, cfg)
     assert counts == {"truncated": 0, "dropped": 0, "identical": 1}
     assert examples[0] == examples[1]
     prompt_ids, chosen_ids, rejected_ids = examples[0]
@@ -158,23 +163,25 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
             "rejected": [{"role": "assistant", "content": "bad ."}]}
     conv_implicit = {"chosen": user + conv["chosen"], "rejected": user + conv["rejected"]}
     path = write_jsonl(tmp_path / "c.jsonl", [conv, conv_implicit])
-    examples, _ = dpo.build_dataset(path, tok, cfg)
+    examples, _ = dpo.build_dataset(common.load_rows(path), tok, cfg)
     assert examples[0] == examples[1]
     assert tok.decode(examples[0][0]) == "user : the phone was <eos> assistant :"
     assert examples[0][1][:-1] == chosen_ids[:-1]
     # truncation policy
-    examples, counts = dpo.build_dataset(write_jsonl(tmp_path / "t.jsonl", [explicit]), tok, dpo.Config(max_length=6))
+    examples, counts = dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "t.jsonl", [explicit])), tok,
+                                         dpo.Config(max_length=6))
     assert counts["truncated"] == 1 and all(len(examples[0][0]) + len(x) <= 6 for x in examples[0][1:])
     with pytest.raises(ValueError, match="no usable pair"):
-        dpo.build_dataset(write_jsonl(tmp_path / "d.jsonl", [explicit]), tok, dpo.Config(max_length=6,
-                                                                                              truncation="drop"))
+        dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "d.jsonl", [explicit])), tok,
+                          dpo.Config(max_length=6, truncation="drop"))
     bad = [({"prompt": "a", "chosen": " good ."}, r"b.jsonl:2: missing field 'rejected'"),
-           ({**explicit, "chosen": " "}, r"b.jsonl:2: empty 'chosen'"),
-           ({**explicit, "prompt": 3}, r"b.jsonl:2: 'prompt' must be a string"),
-           ({**conv, "chosen": "very good ."}, r"b.jsonl:2: 'chosen' must be a list holding one assistant")]
+           ({**explicit, "chosen": " "}, r"b.jsonl:2: field 'chosen' is empty"),
+           ({**explicit, "prompt": 3}, r"b.jsonl:2: field 'prompt' must be a string or a list of messages"),
+           ({**conv, "chosen": user}, r"b.jsonl:2: field 'chosen' must end with a non-empty assistant message"),
+           ({**conv, "rejected": ["bad ."]}, r"b.jsonl:2: field 'rejected' must be a non-empty list of \{")]
     for row, message in bad:
         with pytest.raises(ValueError, match=message):
-            dpo.build_dataset(write_jsonl(tmp_path / "b.jsonl", [explicit, row]), tok, cfg)
+            dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "b.jsonl", [explicit, row])), tok, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,7 +245,7 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
         cfg = dpo.Config(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, eval_prompts=prompts,
                          output_dir=out, per_device_batch_size=16, num_epochs=4, learning_rate=1e-3, warmup_ratio=0,
                          lr_scheduler="constant", log_every=1, eval_every=8, eval_samples_per_prompt=2,
-                         eval_reward_fn="toy_task:gold_reward", reward_model_path="none",
+                         eval_reward_fn=("toy_task:gold_reward",), reward_model_path="none",
                          precompute_ref_log_probs=precompute)
         runs[precompute] = (dpo.main(cfg), read_metrics(out))
     final, metrics = runs[False]
@@ -297,7 +304,7 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
             model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data, eval_prompts=prompts,
             output_dir=out, per_device_batch_size=4, num_epochs=1, learning_rate=1e-3, log_every=1,
             loss_type=loss_type, label_smoothing=eps, rpo_alpha=rpo_alpha, eval_samples_per_prompt=2, max_new_tokens=6,
-            eval_reward_fn="toy_task:gold_reward", reward_model_path="none"))
+            eval_reward_fn=("toy_task:gold_reward",), reward_model_path="none"))
         logs = read_metrics(out)
         assert [m["step"] for m in logs if "loss" in m] == [1, 2], arch
         assert all(math.isfinite(v) for m in logs for v in m.values() if isinstance(v, float)), arch

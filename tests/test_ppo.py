@@ -298,7 +298,7 @@ def eval_prompts(tmp_path_factory):
 def small_config(out, **overrides) -> ppo.Config:
     kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=4, max_new_tokens=8, ppo_epochs=1,
               num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100, log_every=100,
-              eval_reward_fn="toy_task:gold_reward")
+              eval_reward_fn=("toy_task:gold_reward",))
     kw.update(overrides)
     return ppo.Config(**kw)
 
@@ -345,7 +345,7 @@ def test_end_to_end_reward_fn_critic_sft_k3_adaptive_per_prompt(toy_sft_checkpoi
     out = tmp_path / "ppo"
     penalty, beta0, target, horizon = 1.0, 0.05, 0.5, 40
     cfg = small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_reward_model_needed",
-                       reward_fn="toy_task:gold_reward", critic_init="sft", kl_estimator="k3", adaptive_kl=True,
+                       reward_fn=("toy_task:gold_reward",), critic_init="sft", kl_estimator="k3", adaptive_kl=True,
                        kl_coef=beta0, target_kl=target, kl_horizon=horizon, score_norm="per_prompt",
                        num_samples_per_prompt=2, num_iterations=3, missing_eos_penalty=penalty,
                        eval_prompts=eval_prompts)
@@ -392,7 +392,7 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
                               reward_model_path=toy_reward_model, score_norm="per_prompt"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "the phone was"}\n{"text": "oops"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing fields"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a prompt-only row"):
         ppo.main(small_config(tmp_path / "d", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path=toy_reward_model, prompts=str(bad)))
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
@@ -447,13 +447,14 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
                                for p in ["the phone was", "honestly the movie was", "this book is"]))
     tok = AutoTokenizer.from_pretrained(policy)
-    texts, ids, _ = ppo.load_prompts(str(prompts), tok, 48)
-    assert texts[0] == tok.apply_chat_template([{"role": "user", "content": "the phone was"}],
-                                               add_generation_prompt=True, tokenize=False)
-    assert texts[0].endswith("assistant :")
+    rows = common.load_rows(str(prompts))
+    ids, _ = ppo.tokenize_prompts([common.parse_prompt(row, where) for where, row in rows], tok, 48)
+    text = tok.apply_chat_template([{"role": "user", "content": "the phone was"}], add_generation_prompt=True,
+                                   tokenize=False)
+    assert ids[0] == tok(text, add_special_tokens=False)["input_ids"] and text.endswith("assistant :")
     out = tmp_path / "ppo"
     cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, critic_init="sft",
-                       prompts=str(prompts), eval_prompts=str(prompts), eval_reward_fn="none",
+                       prompts=str(prompts), eval_prompts=str(prompts), eval_reward_fn=("none",),
                        eval_samples_per_prompt=1, max_new_tokens=5)
     ppo.main(cfg)
     train, _, eval_json = read_outputs(out)
@@ -479,8 +480,9 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, toy_reward_model, e
     ppo.main(small_config(one, **settings))
     two = tmp_path / "two"
     cfg = small_config(two, **settings)
-    args = [f"--{k}={v}" for k, v in vars(cfg).items()
-            if v is not None and not isinstance(v, bool) and v != getattr(ppo.Config, k)]
+    args = [f"--{k}={item}" for k, v in vars(cfg).items()
+            if v is not None and not isinstance(v, bool) and v != getattr(ppo.Config, k)
+            for item in (v if isinstance(v, tuple) else [v])]  # --eval_reward_fn is repeated per function
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "ppo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

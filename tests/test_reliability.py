@@ -425,9 +425,9 @@ def test_reward_function_returning_garbage_is_refused_with_its_name(returned, me
     global BAD_REWARD
     BAD_REWARD = returned
     with pytest.raises(common.InputError, match="reward function bad_reward " + message):
-        ppo.main(ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_fn="test_reliability:bad_reward",
+        ppo.main(ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_fn=("test_reliability:bad_reward",),
                             critic_init="sft", rollout_batch_size=4, max_steps=1, max_new_tokens=4,
-                            eval_samples_per_prompt=1, eval_reward_fn="none", output_dir=str(tmp_path / "p")))
+                            eval_samples_per_prompt=1, eval_reward_fn=("none",), output_dir=str(tmp_path / "p")))
 
 
 def test_reward_function_spec_errors(tmp_path):
@@ -464,7 +464,8 @@ def test_runtime_input_error_on_the_command_line_is_one_line_without_traceback(t
     proc = subprocess.run([sys.executable, "sft.py", "--dataset", str(tmp_path / "missing.jsonl"), "--output_dir",
                            str(tmp_path / "x")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert f"error: {tmp_path}/missing.jsonl: no such file" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"error: --dataset {tmp_path}/missing.jsonl: no such file or directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def test_a_failed_rerun_keeps_the_previous_runs_files_until_it_saves(tmp_path):
     # a re-run that crashes at its first evaluation (step 2), before any save of its own
     with pytest.raises(RuntimeError, match="the reward service is down"):
         sft.main(sft_config(tmp_path, max_steps=4, log_every=1, eval_every=2, seed=2,
-                            eval_reward_fn="test_reliability:failing_reward"))
+                            eval_reward_fn=("test_reliability:failing_reward",)))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert f.read() == log
     with open(os.path.join(out, "eval.json")) as f:

@@ -84,8 +84,8 @@ def test_preference_metrics_against_naive():
 def test_gold_ceiling_matches_stats_json():
     """The ceiling computed from the gold reward equals the one the data generator wrote (same definition)."""
     stats = json.load(open(os.path.join(ROOT, "data/toy/stats.json")))
-    examples, _ = rm.build_dataset("data/toy/preferences_eval.jsonl", toy_task.build_tokenizer(), rm.Config(),
-                                   toy_task.gold_reward)
+    examples, _ = build("data/toy/preferences_eval.jsonl", toy_task.build_tokenizer(), rm.Config(),
+                        {"gold_reward": (toy_task.gold_reward, 1.0)})
     gold = rm.gold_label_stats([ex["gold"] for ex in examples])
     assert round(gold["ceiling_accuracy"], 4) == stats["preferences_eval_ceiling_accuracy"]
     assert round(gold["gold_accuracy"], 4) == stats["preferences_eval_gold_accuracy"]
@@ -120,6 +120,10 @@ def test_scores_at_last_real_token_any_padding(tiny_checkpoints, arch):
 # ---------------------------------------------------------------------------------------------------------------------
 # Data formats and bad rows
 # ---------------------------------------------------------------------------------------------------------------------
+def build(path, tokenizer, cfg, reward_fns=None):
+    return rm.build_dataset(common.load_rows(path), tokenizer, cfg, reward_fns)
+
+
 def write_rows(tmp_path, rows, name="data.jsonl"):
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -127,14 +131,14 @@ def write_rows(tmp_path, rows, name="data.jsonl"):
 
 
 def test_implicit_prompt_split():
-    assert rm.split_shared_prefix("the movie was good .", "the movie was great !", "f:1") == \
-        ("the movie was", " good .", " great !")
-    assert rm.split_shared_prefix("the movie was good", "the movie was good indeed", "f:1") == \
-        ("the movie was", " good", " good indeed")
-    assert rm.split_shared_prefix("good", "bad", "f:1") == ("", "good", "bad")
+    split = common.split_implicit_prompt  # shared with dpo.py, so both scripts split a pair the same way
+    assert split("the movie was good .", "the movie was great !", "f:1") == ("the movie was", " good .", " great !")
+    assert split("the movie was good", "the movie was good indeed", "f:1") == ("the movie was", " good", " good indeed")
+    assert split("the movie was  good .", "the movie was  bad .", "f:1") == ("the movie was", "  good .", "  bad .")
+    assert split("good", "bad", "f:1") == ("", "good", "bad")
     user = {"role": "user", "content": "how was it"}
     a, b = {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
-    assert rm.split_shared_prefix([user, a], [user, b], "f:1") == ([user], [a], [b])
+    assert split([user, a], [user, b], "f:1") == ([user], [a], [b])
 
 
 def test_formats_tokenise_alike(tmp_path):
@@ -148,7 +152,7 @@ def test_formats_tokenise_alike(tmp_path):
              "chosen": [{"role": "assistant", "content": "good ."}], "rejected": "bad ."},
             {"chosen": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "good ."}],
              "rejected": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "bad ."}]}]
-    examples, counts = rm.build_dataset(write_rows(tmp_path, rows), tok, rm.Config())
+    examples, counts = build(write_rows(tmp_path, rows), tok, rm.Config())
     assert counts == {"skipped_identical": 0, "truncated": 0, "dropped": 0}
     eos = tok.eos_token_id
     good = tok("good .", add_special_tokens=False)["input_ids"]
@@ -174,7 +178,7 @@ def test_bad_rows_name_file_line_field(tmp_path, row, message):
     good = {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."}
     path = write_rows(tmp_path, [good, row])
     with pytest.raises(ValueError) as err:
-        rm.build_dataset(path, toy_task.build_tokenizer(), rm.Config())
+        build(path, toy_task.build_tokenizer(), rm.Config())
     assert f"{path}:2" in str(err.value) and message in str(err.value)
 
 
@@ -182,15 +186,15 @@ def test_identical_completions_skipped_and_counted(tmp_path):
     rows = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
             {"prompt": "the movie was", "chosen": " good .", "rejected": " good ."},
             {"chosen": "the movie was good .", "rejected": "the movie was good ."}]
-    examples, counts = rm.build_dataset(write_rows(tmp_path, rows), toy_task.build_tokenizer(), rm.Config())
+    examples, counts = build(write_rows(tmp_path, rows), toy_task.build_tokenizer(), rm.Config())
     assert len(examples) == 1 and counts["skipped_identical"] == 2
     ranking = [{"prompt": "the movie was", "completions": [" good .", " fine .", " good ."]},
                {"prompt": "the movie was", "completions": [" good .", " fine .", " bad ."]}]
-    examples, counts = rm.build_dataset(write_rows(tmp_path, ranking, "r.jsonl"), toy_task.build_tokenizer(),
+    examples, counts = build(write_rows(tmp_path, ranking, "r.jsonl"), toy_task.build_tokenizer(),
                                         rm.Config(loss="ranking"))
     assert len(examples) == 1 and counts["skipped_identical"] == 1 and len(examples[0]["completions"]) == 3
     with pytest.raises(ValueError, match=r"r1\.jsonl:1: field 'completions' must be a list of at least 2"):
-        rm.build_dataset(write_rows(tmp_path, [{"prompt": "x", "completions": [" good ."]}], "r1.jsonl"),
+        build(write_rows(tmp_path, [{"prompt": "x", "completions": [" good ."]}], "r1.jsonl"),
                          toy_task.build_tokenizer(), rm.Config(loss="ranking"))
 
 
@@ -201,13 +205,13 @@ def test_over_long_policy(tmp_path):
             {"prompt": prompt, "chosen": " good .", "rejected": " bad ."}]
     path = write_rows(tmp_path, rows)
     # longest completion of row 1: 8 words + EOS = 9 tokens; 5 + 9 = 14 > 12
-    examples, counts = rm.build_dataset(path, tok, rm.Config(max_length=12))
+    examples, counts = build(path, tok, rm.Config(max_length=12))
     assert counts["dropped"] == 1 and len(examples) == 1
-    examples, counts = rm.build_dataset(path, tok, rm.Config(max_length=12, truncation="truncate_prompt"))
+    examples, counts = build(path, tok, rm.Config(max_length=12, truncation="truncate_prompt"))
     assert counts["truncated"] == 1 and len(examples) == 2
     assert examples[0]["prompt_ids"] == tok(prompt)["input_ids"][-3:]  # cut from the start, completions whole
     assert max(len(examples[0]["prompt_ids"]) + len(c) for c in examples[0]["completions"]) == 12
-    examples, counts = rm.build_dataset(path, tok, rm.Config(max_length=9, truncation="truncate_prompt"))
+    examples, counts = build(path, tok, rm.Config(max_length=9, truncation="truncate_prompt"))
     assert counts["dropped"] == 1  # the completion alone does not fit
 
 
@@ -222,7 +226,7 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
     final = rm.main(cfg)
     assert final["loss"] < math.log(2)  # held-out loss below chance after ~18 steps
     assert final["ceiling_accuracy"] == pytest.approx(0.7974, abs=1e-4)
-    assert 0 <= final["gold_proxy_agreement"] <= 1 and final["agreement_num_samples"] == 36
+    assert 0 <= final["gold_reward_proxy_agreement"] <= 1 and final["agreement_num_samples"] == 36
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert {"loss", "accuracy", "margin", "reward/mean", "reward/std", "pairs_per_s"} <= set(lines[0])
     assert {"eval/accuracy", "eval/ceiling_accuracy", "eval/accuracy_by_confidence/0.5-0.6"} <= set(lines[-1])
@@ -239,7 +243,7 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
                                   0, 1)
     assert np.mean(raw) == pytest.approx(model.config.reward_mean, abs=1e-5)
     assert np.std(raw) == pytest.approx(model.config.reward_std, abs=1e-5)
-    ex, _ = rm.build_dataset(write_rows(tmp_path, [{"prompt": "the movie was", "chosen": " good .",
+    ex, _ = build(write_rows(tmp_path, [{"prompt": "the movie was", "chosen": " good .",
                                                     "rejected": " not bad but the battery is ugly !"}]), tok, cfg)
     ids, mask, *_ = rm.collate(ex, tok.pad_token_id, None)  # right-padded
     with torch.no_grad():
@@ -276,7 +280,7 @@ def test_tiny_architectures_conversational(tiny_checkpoints, tmp_path, arch):
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id  # gpt2's BPE had no pad token
-    ex, _ = rm.build_dataset(data, tok, rm.Config())
+    ex, _ = build(data, tok, rm.Config())
     ids, mask, *_ = rm.collate(ex[:2], tok.pad_token_id, None)
     with torch.no_grad():  # the plain forward reads the same token as get_scores on right padding
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:, 0],

@@ -37,7 +37,7 @@ def small_config(tmp_path, name: str, **kw) -> sft.Config:
     defaults = dict(output_dir=str(tmp_path / name), dataset=write_jsonl(tmp_path / "train.jsonl", TOY_ROWS[:64]),
                     eval_dataset=write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL_ROWS), per_device_batch_size=16,
                     num_epochs=1.0, log_every=1, eval_every=1000, num_eval_generations=4, max_new_tokens=8,
-                    eval_reward_fn="toy_task:gold_reward")
+                    eval_reward_fn=("toy_task:gold_reward",))
     return sft.Config(**{**defaults, **kw})
 
 
@@ -105,7 +105,7 @@ def check_masking(examples, rows, tok, prompt_ids_of):
 def test_completion_only_masking_and_padding(tmp_path):
     tok = toy_task.build_tokenizer()
     cfg = sft.Config(dataset=write_jsonl(tmp_path / "d.jsonl", TOY_ROWS[:8]))
-    examples, counts = sft.build_dataset(cfg.dataset, tok, cfg)
+    examples, counts = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
     assert counts == {"truncated": 0, "dropped": 0}
     check_masking(examples, TOY_ROWS[:8], tok, lambda r: tok(r["prompt"])["input_ids"])
     for (ids, _), row in zip(examples, TOY_ROWS[:8]):  # the completion is the row's text (with its leading space)
@@ -118,7 +118,7 @@ def test_completion_only_masking_and_padding(tmp_path):
         assert attention_mask[b].tolist() == [1] * n + [0] * (input_ids.size(1) - n)
     # whole-sequence loss: every real token is a label
     cfg = sft.Config(dataset=cfg.dataset, completion_only_loss=False)
-    for ids, labels in sft.build_dataset(cfg.dataset, tok, cfg)[0]:
+    for ids, labels in sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)[0]:
         assert labels == ids
 
 
@@ -126,8 +126,7 @@ def test_token_nll_sum_matches_cross_entropy():
     torch.manual_seed(0)
     tok = toy_task.build_tokenizer()
     model = AutoModelForCausalLM.from_config(toy_task.build_config(tok)).eval()
-    examples = [sft.tokenize_example(r, tok, "row") for r in TOY_ROWS[:5]]
-    examples = [(p + c, [-100] * len(p) + c) for p, c in examples]
+    examples = [sft.tokenize_example(r, tok, sft.Config(), "row") for r in TOY_ROWS[:5]]
     with torch.no_grad():
         nll, count = sft.token_nll_sum(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
         expected, n = 0.0, 0
@@ -144,7 +143,7 @@ def test_truncation_policy_counts(tmp_path, policy):
     long_prompt = "the phone was good and the battery was fine and"  # 11 tokens with <bos>: longer than max_length
     rows = TOY_ROWS[:30] + [{"prompt": long_prompt, "completion": " good ."}]
     cfg = sft.Config(dataset=write_jsonl(tmp_path / "d.jsonl", rows), max_length=10, truncation=policy)
-    examples, counts = sft.build_dataset(cfg.dataset, tok, cfg)
+    examples, counts = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
     lengths = [(len(tok(r["prompt"])["input_ids"]),
                 len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + 1) for r in rows]
     over = [P + C > 10 for P, C in lengths]
@@ -165,7 +164,7 @@ def test_truncation_policy_counts(tmp_path, policy):
         assert len(examples) == len(rows) - sum(over) and all(len(ids) <= 10 for ids, _ in examples)
     cfg = sft.Config(dataset=write_jsonl(tmp_path / "long.jsonl", rows[-1:]), max_length=10, truncation=policy)
     with pytest.raises(ValueError, match="every example was dropped"):
-        sft.build_dataset(cfg.dataset, tok, cfg)
+        sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,7 +201,7 @@ def test_tiny_architectures_with_chat_data(tmp_path, tiny_checkpoints, arch):
         text = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    examples, _ = sft.build_dataset(cfg.dataset, tok, cfg)
+    examples, _ = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
     check_masking(examples, chat, tok, prompt_ids_of)
     assert "assistant" in tok.decode(prompt_ids_of(chat[0]))
 
@@ -212,8 +211,8 @@ def test_chat_row_must_end_with_assistant(tmp_path, tiny_checkpoints):
     rows = as_chat(TOY_ROWS[:2])
     rows[1]["messages"] = rows[1]["messages"][:1]
     cfg = sft.Config(dataset=write_jsonl(tmp_path / "chat.jsonl", rows))
-    with pytest.raises(ValueError, match=rf"{cfg.dataset}:2: 'messages' must be a list of at least 2 messages ending with an"):
-        sft.build_dataset(cfg.dataset, tok, cfg)
+    with pytest.raises(ValueError, match=rf"{cfg.dataset}:2: field 'messages' holds no assistant message to train on"):
+        sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,11 +232,11 @@ def test_from_scratch_guard(tmp_path, tiny_checkpoints):
     ('{"prompt": "the phone was", "completion": " good ."}\n{"prompt": "the phone was", "completion": \n', 2,
      "not valid JSON"),
     ('{"prompt": "the phone was", "completion": " good ."}\n{"prompt": "the phone was"}\n', 2,
-     r"missing fields: expected \{'prompt', 'completion'\} or \{'messages'\}"),
+     r"expected \{prompt: str \| messages, completion: .*\} or \{text: str\} or \{messages: \[...\]\}, got keys"),
     ('{"prompt": "the phone was", "completion": " good ."}\n\n{"prompt": "the phone was", "completion": " ok ."}\n',
      2, "blank line between JSON rows"),
-    ('{"prompt": "the phone was", "completion": ""}\n', 1, "empty completion"),
-    ('{"prompt": "the phone was", "completion": 3}\n', 1, "'prompt' and 'completion' must be strings"),
+    ('{"prompt": "the phone was", "completion": ""}\n', 1, "field 'completion' is empty"),
+    ('{"prompt": "the phone was", "completion": 3}\n', 1, "field 'completion' must be a string or a list of messages"),
     ("\n", None, "file is empty"),
 ])
 @pytest.mark.parametrize("which", ["dataset", "eval_dataset"])
