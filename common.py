@@ -35,16 +35,15 @@ def cli(main, config_class) -> None:
     """Entry point of every script: parse the options into config_class (tyro; a bad option value is reported by
     tyro with its name), then run main(config).
 
-    An InputError ends the run with its one-line message and exit status 2. In a multi-process run a rank that fails
-    (any exception) prints its rank and exits at once with os._exit, without the interpreter's teardown: torchrun then
-    stops the other ranks, instead of leaving them waiting forever in a collective for the dead one."""
-    import tyro
-
-    config = tyro.cli(config_class)
+    `--help` opens with the script's docstring and shows the options in the groups that the `# group` comment lines of
+    the config class mark (model, data, training, ...). An InputError ends the run with its one-line message and exit
+    status 2. In a multi-process run a rank that fails (any exception) prints its rank and exits at once with
+    os._exit, without the interpreter's teardown: torchrun then stops the other ranks, instead of leaving them
+    waiting forever in a collective for the dead one."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if distributed else ""
     try:
-        main(config)
+        main(parse_grouped(config_class))
     except InputError as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         if distributed:
@@ -57,6 +56,37 @@ def cli(main, config_class) -> None:
         print(f"{prefix}failed; ending this process so that torchrun stops the other ranks", file=sys.stderr,
               flush=True)
         os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+
+
+def parse_grouped(config_class, args: list[str] | None = None):
+    """tyro.cli for a flat config dataclass, with the options shown in groups: each `# name` comment line in the
+    class body starts a group. The groups exist only for --help (tyro groups nested dataclasses; their prefixes are
+    omitted), so the options keep their names and the script keeps one flat config."""
+    import dataclasses
+    import inspect
+    import re
+    from typing import Annotated
+
+    import tyro
+
+    group, group_of = "options", {}
+    for line in inspect.getsource(config_class).splitlines():
+        if m := re.match(r"    # (\w[\w ]*)$", line):
+            group = m.group(1)
+        elif m := re.match(r"    (\w+): ", line):
+            group_of[m.group(1)] = group
+    fields = dataclasses.fields(config_class)
+    nested = []
+    for name in dict.fromkeys(group_of.get(f.name, "options") for f in fields):
+        members = [f for f in fields if group_of.get(f.name, "options") == name]
+        specs = [(f.name, Annotated[f.type, tyro.conf.arg(help=" ".join(tyro._docstrings.get_field_docstring(
+            config_class, f.name, ()).split()))], dataclasses.field(default=f.default)) for f in members]
+        group_class = dataclasses.make_dataclass(name.replace(" ", "_"), specs)
+        nested.append((name.replace(" ", "_"), group_class, dataclasses.field(default_factory=group_class)))
+    parsed = tyro.cli(dataclasses.make_dataclass(config_class.__name__, nested), args=args,
+                      description=inspect.cleandoc(sys.modules[config_class.__module__].__doc__ or ""),
+                      config=(tyro.conf.OmitArgPrefixes,))
+    return config_class(**{k: v for name, *_ in nested for k, v in vars(getattr(parsed, name)).items()})
 
 
 def check_options(config, positive=(), nonnegative=(), fractions=(), probabilities=()) -> None:
@@ -1324,6 +1354,14 @@ def as_completions(prompts: list, texts: list[str]) -> list:
     return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
 
 
+def batch_columns(columns: list[dict] | None, idx: list[int]) -> dict:
+    """The other fields of the prompt rows idx (e.g. a reference answer) as reward functions get them, like TRL:
+    {field: [the value of each row]}, for the fields that every one of these rows has."""
+    if not columns or not idx:
+        return {}
+    return {k: [columns[i][k] for i in idx] for k in columns[idx[0]] if all(k in columns[i] for i in idx)}
+
+
 def score_with_fns(fns: dict, prompts: list, texts: list[str], columns: dict | None = None):
     """(total, per_function) scores of completions: per_function[name] is each function's list (None where it cannot
     score); total is the weighted sum over the functions that scored a completion, None where none did."""
@@ -1421,13 +1459,15 @@ def prompt_text(prompt) -> str:
 
 @torch.no_grad()
 def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_ids: list[list[int]] | None = None,
-                    ref_policy=None, reward_model=None, reward_tokenizer=None, reward_fns: dict | None = None,
+                    prompt_columns: list[dict] | None = None, ref_policy=None, reward_model=None,
+                    reward_tokenizer=None, reward_fns: dict | None = None,
                     samples_per_prompt: int = 4, max_new_tokens: int = 24, temperature: float = 1.0, top_k: int = 0,
                     top_p: float = 1.0, batch_size: int = 64, seed: int = 0, amp_dtype=None) -> dict:
     """Sample `samples_per_prompt` completions of every prompt (a string or a conversation) from the policy and
     measure them.
 
-    prompt_token_ids: the token ids of each prompt (default: render_prompt). reward_fns: {name: (function, weight)}
+    prompt_token_ids: the token ids of each prompt (default: render_prompt). prompt_columns: the other fields of each
+    prompt's row, passed to the reward functions (batch_columns). reward_fns: {name: (function, weight)}
     (load_reward_fns). Returns flat metrics: for each reward function f, f_mean / f_std / f_sem over the samples it
     scored and f_unscored (those it returned None for), and with a reward model f_proxy_agreement (the fraction of
     sample pairs the reward model orders like f: the over-optimisation signal of seed 002); reward_mean / reward_std
@@ -1474,7 +1514,7 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_id
         rows["prompt"] += batch
         rows["completion"] += completions
         if reward_fns:
-            total, per_fn = score_with_fns(reward_fns, batch, completions)
+            total, per_fn = score_with_fns(reward_fns, batch, completions, batch_columns(prompt_columns, idx))
             rows["reward"] += total
             for name, values in per_fn.items():
                 rows[name] += values

@@ -406,6 +406,7 @@ def main(cfg: Config) -> dict:
     prompts = [common.parse_prompt(row, where) for where, row in rows]
     columns = prompt_columns(rows)
     eval_prompts = [common.parse_prompt(row, where) for where, row in eval_rows]
+    eval_columns = prompt_columns(eval_rows)
     eval_reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, cfg.prompts, reward_fns)
     actor, ref, reward_model, critic, tokenizer, reward_tokenizer = load_models(cfg, device)
     common.check_length(actor.config, cfg.max_prompt_length + cfg.max_new_tokens,
@@ -458,7 +459,8 @@ def main(cfg: Config) -> dict:
     def evaluate(iteration: int) -> dict:
         if not eval_prompts:
             return {}
-        m = common.evaluate_policy(actor, tokenizer, eval_prompts, device, prompt_token_ids=eval_ids, ref_policy=ref,
+        m = common.evaluate_policy(actor, tokenizer, eval_prompts, device, prompt_token_ids=eval_ids,
+                                   prompt_columns=eval_columns, ref_policy=ref,
                                    reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                    reward_fns=eval_reward_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -507,9 +509,8 @@ def main(cfg: Config) -> dict:
             ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)
             values = critic_values(critic, seq, seq_mask, P).float() * mask
             if reward_fns:
-                batch_columns = {k: [columns[i][k] for i in batch_idx] for k in columns[batch_idx[0]]
-                                 if all(k in columns[i] for i in batch_idx)}
-                total, per_fn = common.score_with_fns(reward_fns, batch_prompts, completions, batch_columns)
+                total, per_fn = common.score_with_fns(reward_fns, batch_prompts, completions,
+                                                      common.batch_columns(columns, batch_idx))
                 scores = torch.tensor([math.nan if v is None else v for v in total], device=device)
             else:
                 scores = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask,

@@ -115,7 +115,7 @@ class Config:
     """recompute activations in backward to save memory"""
     seed: int = 1
     """seed of the head initialisation, data order and sampling"""
-    # evaluation and normalisation
+    # evaluation
     eval_every: int = 100
     """evaluate every this many optimiser steps (and at the end)"""
     normalize_samples: int = 512

@@ -106,3 +106,35 @@ def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
     return out
+
+
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chatml_tokenizer(pad: str):
+    """A Qwen2-style tokenizer built here: byte-level BPE, ChatML chat template, EOS = <|im_end|>; pad "missing" (no pad
+    token, as many Llama checkpoints) or "eos" (pad == EOS, as Qwen2's chat models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = ["What is two plus two? Four.", "Name a colour. Blue is a colour.", "Say hello. Hello there!",
+             "user\nassistant\nsystem\n", "Write a haiku about rain. Soft rain on the roof."]
+    tok.train_from_iterator(texts * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    kw = {"pad_token": "<|im_end|>"} if pad == "eos" else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", **kw)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def chatml_checkpoints(tmp_path_factory):
+    """Tiny random stand-ins for real chat models: {"qwen2": pad == EOS, "llama": no pad token}, ChatML template."""
+    root = tmp_path_factory.mktemp("chatml")
+    return {arch: make_tiny_checkpoint(str(root / arch), arch, chatml_tokenizer(pad))
+            for arch, pad in (("qwen2", "eos"), ("llama", "missing"))}

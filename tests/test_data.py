@@ -1,0 +1,376 @@
+"""Real data: every source (JSON lines, JSON, parquet, CSV, save_to_disk, hub id), every TRL format through the one
+parser per format in common.py, the assistant-turn mask, reward functions as TRL calls them, defaults that follow the
+data, strict JSON outputs and the grouped --help."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, chatml_tokenizer, toy_tokenizer_with_chat
+
+import common
+import sft
+import toy_task
+
+USER = {"role": "user", "content": "What is two plus two?"}
+ANSWER = {"role": "assistant", "content": "Four."}
+ROWS = [{"prompt": "What is two plus two?", "completion": " Four.", "source": "math"},
+        {"prompt": "Name a colour.", "completion": " Blue.", "source": "trivia"},
+        {"prompt": "Say hello.", "completion": " Hello there!", "source": "chat"}]
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def strict_load(path: str):
+    """json.load that refuses NaN and infinity, as strict JSON parsers (and other languages) do."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line, parse_constant=refuse) for line in f]
+        return json.load(f, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------------------------------
+def test_every_source_gives_the_same_rows(tmp_path):
+    import datasets
+
+    expected = ROWS
+    paths = {"jsonl": write_jsonl(tmp_path / "d.jsonl", expected),
+             "json array": str(tmp_path / "array.json"), "json lines": write_jsonl(tmp_path / "lines.json", expected),
+             "parquet": str(tmp_path / "d.parquet"), "csv": str(tmp_path / "d.csv"),
+             "save_to_disk": str(tmp_path / "saved"), "save_to_disk splits": str(tmp_path / "splits")}
+    with open(paths["json array"], "w") as f:
+        json.dump(expected, f)
+    data = datasets.Dataset.from_list(expected)
+    data.to_parquet(paths["parquet"])
+    data.to_csv(paths["csv"], index=False)
+    data.save_to_disk(paths["save_to_disk"])
+    datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(paths["save_to_disk splits"])
+    for name, path in paths.items():
+        rows = common.load_rows(path)
+        assert [row for _, row in rows] == expected, name
+    assert [w for w, _ in common.load_rows(paths["jsonl"])] == [f"{paths['jsonl']}:{i}" for i in (1, 2, 3)]
+    assert [w for w, _ in common.load_rows(paths["parquet"])] == [f"{paths['parquet']}[{i}]" for i in (0, 1, 2)]
+    assert [r for _, r in common.load_rows(paths["save_to_disk splits"], split="test")] == expected[:1]
+    with pytest.raises(common.InputError, match=r"--dataset .*splits: no split 'dev' \(it has \['test', 'train'\]\)"):
+        common.load_rows(paths["save_to_disk splits"], split="dev")
+
+
+def test_conversational_rows_survive_parquet_and_save_to_disk(tmp_path):
+    import datasets
+
+    rows = [{"prompt": [USER], "chosen": [ANSWER], "rejected": [{"role": "assistant", "content": "Five."}]}] * 2
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "c"))
+    for path in (str(tmp_path / "c.parquet"), str(tmp_path / "c")):
+        assert [common.parse_preference_row(r, w) for w, r in common.load_rows(path)] == \
+            [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+
+def test_source_errors_name_the_option(tmp_path, monkeypatch):
+    with pytest.raises(common.InputError, match="--dataset /nowhere/x.parquet: no such file or directory"):
+        common.load_rows("/nowhere/x.parquet")
+    with pytest.raises(common.InputError, match=r"--eval_dataset .*\.txt: unknown file type '.txt'"):
+        common.load_rows(write_jsonl(tmp_path / "d.txt", ROWS), "--eval_dataset")
+    os.makedirs(tmp_path / "plain")
+    with pytest.raises(common.InputError, match="not one written by datasets' save_to_disk"):
+        common.load_rows(str(tmp_path / "plain"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(common.InputError, match="--dataset someone/no-such-dataset: not a local file and cannot be "
+                                                "loaded from the Hugging Face hub"):
+        common.load_rows("someone/no-such-dataset")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
+    with pytest.raises(common.InputError, match=r"needs the `datasets` package \(pip install datasets\)"):
+        common.load_rows(str(tmp_path / "plain"))
+    assert len(common.load_rows(write_jsonl(tmp_path / "ok.jsonl", ROWS))) == 3  # JSON lines need nothing
+
+
+def test_eval_split_is_seeded_and_disjoint():
+    rows = [(f"f:{i}", {"prompt": str(i)}) for i in range(20)]
+    train, held = common.split_rows(rows, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15 and not {w for w, _ in train} & {w for w, _ in held}
+    assert common.split_rows(rows, 0.25, seed=3) == (train, held)
+    assert common.split_rows(rows, 0.25, seed=4) != (train, held)
+    with pytest.raises(common.InputError, match="--eval_split 1.0: would leave no training rows"):
+        common.split_rows(rows, 1.0, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# formats: one parser each
+# ---------------------------------------------------------------------------------------------------------------------
+def test_prompt_only_formats():
+    assert common.parse_prompt({"prompt": "Say hello."}, "f:1") == "Say hello."
+    assert common.parse_prompt({"prompt": [USER]}, "f:1") == [USER]
+    assert common.parse_prompt({"messages": [USER]}, "f:1") == [USER]
+    assert common.parse_prompt({"messages": [USER, ANSWER]}, "f:1") == [USER]  # the answer is not part of the prompt
+    with pytest.raises(common.InputError, match="f:2: expected a prompt-only row"):
+        common.parse_prompt({"question": "x"}, "f:2")
+    with pytest.raises(common.InputError, match="f:2: unknown field 'promtp'; did you mean 'prompt'"):
+        common.parse_prompt({"promtp": "x", "messages": [USER]}, "f:2")
+
+
+def test_completion_formats():
+    assert common.parse_completion_row({"prompt": "a", "completion": " b"}, "f") == ("a", " b")
+    assert common.parse_completion_row({"prompt": [USER], "completion": [ANSWER]}, "f") == ([USER], [ANSWER])
+    assert common.parse_completion_row({"messages": [USER, ANSWER]}, "f") == (None, [USER, ANSWER])
+    assert common.parse_completion_row({"text": "free text"}, "f") == (None, "free text")
+    with pytest.raises(common.InputError, match="f: field 'completion' must end with a non-empty assistant message"):
+        common.parse_completion_row({"prompt": [USER], "completion": [USER]}, "f")
+    with pytest.raises(common.InputError, match="f: field 'messages' holds no assistant message"):
+        common.parse_completion_row({"messages": [USER]}, "f")
+
+
+def test_preference_and_ranking_formats():
+    five = {"role": "assistant", "content": "Five."}
+    assert common.parse_preference_row({"prompt": "a", "chosen": " b", "rejected": " c"}, "f") == ("a", " b", " c")
+    assert common.parse_preference_row({"chosen": "a b", "rejected": "a c"}, "f") == ("a", " b", " c")
+    assert common.parse_preference_row({"prompt": [USER], "chosen": [ANSWER], "rejected": [five]}, "f") == \
+        ([USER], [ANSWER], [five])
+    assert common.parse_preference_row({"chosen": [USER, ANSWER], "rejected": [USER, five]}, "f") == \
+        ([USER], [ANSWER], [five])
+    assert common.parse_preference_row({"prompt": [USER], "chosen": "Four.", "rejected": "Five."}, "f") == \
+        ([USER], [ANSWER], [five])  # a string response after a conversational prompt is the assistant's message
+    assert common.parse_ranking_row({"prompt": [USER], "completions": ["Four.", "Five."]}, "f") == \
+        ([USER], [[ANSWER], [five]])
+
+
+def test_chat_rendering_of_prompt_and_completion():
+    tok = chatml_tokenizer("eos")
+    text, ids = common.render_prompt([USER], tok)
+    assert text == "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    completion = common.render_completion([USER], [ANSWER], tok)  # the template's own end of turn is the EOS
+    assert tok.decode(completion) == "Four.<|im_end|>" and completion.count(tok.eos_token_id) == 1
+    assert common.render_completion("Say hello.", " Hello there!", tok)[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("template", ["chatml", "toy"])
+def test_assistant_only_mask_matches_a_naive_scan_of_the_rendering(template):
+    """Every assistant turn of a multi-turn conversation is trained, nothing else: against a naive computation that
+    tokenises the template's rendering of the whole conversation in one piece and marks, token by token, the spans
+    between each assistant header and the end-of-turn token that closes it."""
+    tok = chatml_tokenizer("missing") if template == "chatml" else toy_tokenizer_with_chat()
+    words = ["Be brief.", "What is two plus two?", "Four.", "Name a colour.", "Blue.", "Say hello.", "Hello there!"]
+    if template == "toy":  # the toy tokenizer knows only the toy's words
+        words = ["the phone was", "the movie was", "good .", "this book is", "very bad !", "my new pizza is", "fine ."]
+    conversation = [{"role": role, "content": w} for role, w in zip(
+        ["system", "user", "assistant", "user", "assistant", "user", "assistant"], words)]
+    ids, mask = common.render_conversation(conversation, tok, "f:1")
+    full = tok(tok.apply_chat_template(conversation, tokenize=False).rstrip(), add_special_tokens=False)["input_ids"]
+    header = tok("<|im_start|>assistant\n" if template == "chatml" else "assistant :",
+                 add_special_tokens=False)["input_ids"]
+    naive, inside = [], False
+    for i, t in enumerate(full):
+        if full[i - len(header):i] == header and i >= len(header):
+            inside = True
+        naive.append(int(inside))
+        if inside and t == tok.eos_token_id:
+            inside = False
+    assert ids == full and mask == naive and sum(mask) > 0
+    assert tok.decode([t for t, m in zip(ids, mask) if m]).count(words[4].rstrip(".! ")) == 1
+    examples = sft.build_dataset([("f:1", {"messages": conversation})], tok, sft.Config(max_length=512))[0]
+    assert [label != -100 for label in examples[0][1]] == [bool(m) for m in mask]
+    whole = sft.build_dataset([("f:1", {"messages": conversation})], tok,
+                              sft.Config(max_length=512, assistant_only_loss=False))[0]
+    assert whole[0][1] == ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reward functions, as TRL calls them
+# ---------------------------------------------------------------------------------------------------------------------
+def test_reward_functions_keyword_positional_columns_none_and_weights(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(
+        "def exact(completions, answer, **kwargs):\n"  # TRL's signature, with a dataset column
+        "    return [1.0 if c[0]['content'] == a else 0.0 for c, a in zip(completions, answer)]\n"
+        "def length(prompts, completions):\n"  # the older positional signature
+        "    return [float(len(c)) for c in completions]\n"
+        "def picky(prompts=None, completions=None, **kwargs):\n"
+        "    return [None if kwargs['source'][i] == 'skip' else 2.0 for i in range(len(completions))]\n")
+    fns = common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0, 0.5))
+    assert list(fns) == ["exact", "picky"]
+    prompts = [[USER], [USER], [USER]]
+    total, per_fn = common.score_with_fns(fns, prompts, ["Four.", "Five.", "Four."],
+                                          {"answer": ["Four.", "Four.", "Four."], "source": ["a", "a", "skip"]})
+    assert per_fn == {"exact": [1.0, 0.0, 1.0], "picky": [2.0, 2.0, None]}
+    assert total == [1.0 + 0.5 * 2.0, 0.5 * 2.0, 1.0]  # a function that cannot score is left out of the sum
+    length = common.load_function(f"{path}:length")
+    assert common.call_reward_fn(length, ["a"], [" bcd"]) == [4.0]
+    nobody = {"picky": (common.load_function(f"{path}:picky"), 1.0)}
+    assert common.score_with_fns(nobody, ["a"], ["b"], {"source": ["skip"]})[0] == [None]
+    with pytest.raises(common.InputError, match="--reward_weights: 1 weights for 2 reward functions"):
+        common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0,))
+
+
+def test_evaluation_reports_each_function_by_its_name_and_counts_unscored(tiny_checkpoints, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "rewards.py"
+    path.write_text("def brevity(completions, **kwargs):\n    return [-float(len(c.split())) for c in completions]\n"
+                    "def unsure(prompts, completions):\n    return [None] * len(completions)\n")
+    policy = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    tok = toy_tokenizer_with_chat()
+    m = common.evaluate_policy(policy, tok, ["the phone was", "this book is"], torch.device("cpu"),
+                               reward_fns=common.load_reward_fns([f"{path}:brevity", f"{path}:unsure"]),
+                               samples_per_prompt=2, max_new_tokens=4)
+    rows = m["per_sample"]
+    assert m["brevity_mean"] == pytest.approx(-sum(len(c.split()) for c in rows["completion"]) / 4)
+    assert m["brevity_unscored"] == 0 and m["unsure_unscored"] == 4 and m["unsure_mean"] != m["unsure_mean"]
+    assert not any(k.startswith("gold") for k in m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# defaults follow the data; strict JSON; help
+# ---------------------------------------------------------------------------------------------------------------------
+def test_toy_defaults_only_for_toy_data():
+    assert common.is_toy_data("data/toy/sft_train.jsonl") and not common.is_toy_data("my/data.jsonl")
+    assert common.eval_data_path("auto", "data/toy/sft_train.jsonl", "data/toy/sft_eval.jsonl") == \
+        "data/toy/sft_eval.jsonl"
+    assert common.eval_data_path("auto", "mine.jsonl", "data/toy/sft_eval.jsonl") is None
+    assert common.eval_data_path("none", "data/toy/sft_train.jsonl", "x") is None
+    assert list(common.eval_reward_fns((), "data/toy/prompts_train.jsonl")) == ["gold_reward"]
+    assert common.eval_reward_fns((), "mine.jsonl") == {}
+    assert common.eval_reward_fns(("none",), "data/toy/prompts_train.jsonl") == {}
+    training = common.load_reward_fns(["toy_task:gold_reward"])
+    assert common.eval_reward_fns((), "mine.jsonl", training) is training
+
+
+def test_strict_json_everywhere(tmp_path):
+    common.write_json_atomic(str(tmp_path / "e.json"), {"a": float("nan"), "b": [float("inf"), 1.5],
+                                                         "c": {"d": float("-inf")}})
+    assert strict_load(str(tmp_path / "e.json")) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+    logger = common.MetricsLogger(str(tmp_path))
+    logger.log(1, {"loss": float("nan"), "ok": 2.0}, ())
+    logger.close()
+    assert strict_load(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "loss": None, "ok": 2.0}]
+
+
+@pytest.mark.parametrize("script", ["sft", "reward_model", "dpo", "ppo"])
+def test_help_opens_with_the_script_and_groups_options(script):
+    out = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120).stdout
+    first_line = open(os.path.join(ROOT, f"{script}.py")).readline().strip('"\n ')
+    assert first_line in out
+    groups = re.findall(r"─ ([\w-]+) options ─", out)
+    assert groups[:3] == ["model", "data", groups[2]] and {"checkpoints", "logging"} <= set(groups)
+    assert "--learning-rate" in out and "(default: " in out
+    assert toy_task.gold_reward([[USER]], [[ANSWER]]) == toy_task.gold_reward(["What is two plus two?"], ["Four."])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the whole pipeline on chat-model stand-ins, in every source type, with every format somewhere
+# ---------------------------------------------------------------------------------------------------------------------
+QUESTIONS = [("What is two plus two?", "Four.", "Five."), ("Name a colour.", "Blue.", "Rain."),
+             ("Say hello.", "Hello there!", "Soft rain."), ("Write a haiku about rain.", "Soft rain on the roof.", "Two.")]
+REWARDS = '''
+def exact(completions, answer, **kwargs):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [1.0 if t.strip() == a else 0.0 for t, a in zip(texts, answer)]
+
+def brevity(prompts, completions):
+    return [-0.1 * len(c if isinstance(c, str) else c[0]["content"]) for c in completions]
+'''
+
+
+def chat(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def datasets_for(source: str, tmp_path) -> dict:
+    """Training files of every stage in one source type; each source holds other formats."""
+    import datasets
+
+    n = 4  # repeats of the four questions
+    if source == "jsonl":
+        sets = {"sft": [{"messages": chat(q, a)[:1] + [{"role": "assistant", "content": a},
+                                                       {"role": "user", "content": "Say hello."},
+                                                       {"role": "assistant", "content": "Hello there!"}]}
+                        for q, a, _ in QUESTIONS * n],
+                "prefs": [{"chosen": chat(q, a), "rejected": chat(q, b)} for q, a, b in QUESTIONS * n],
+                "dpo": [{"prompt": chat(q, a)[:1], "chosen": chat(q, a)[1:], "rejected": chat(q, b)[1:]}
+                        for q, a, b in QUESTIONS * n],
+                "prompts": [{"prompt": chat(q, a)[:1], "answer": a} for q, a, _ in QUESTIONS * 2]}
+    elif source == "parquet":
+        sets = {"sft": [{"prompt": chat(q, a)[:1], "completion": chat(q, a)[1:]} for q, a, _ in QUESTIONS * n],
+                "prefs": [{"prompt": chat(q, a)[:1], "chosen": chat(q, a)[1:], "rejected": chat(q, b)[1:],
+                           "margin": 0.5} for q, a, b in QUESTIONS * n],
+                "dpo": [{"chosen": chat(q, a), "rejected": chat(q, b)} for q, a, b in QUESTIONS * n],
+                "prompts": [{"messages": chat(q, a), "answer": a} for q, a, _ in QUESTIONS * 2]}
+    else:
+        sets = {"sft": [{"prompt": q, "completion": " " + a} for q, a, _ in QUESTIONS * n],
+                "prefs": [{"prompt": q, "completions": [" " + a, " " + b, " ..."]} for q, a, b in QUESTIONS * n],
+                "dpo": [{"chosen": f"{q} {a}", "rejected": f"{q} {b}"} for q, a, b in QUESTIONS * n],
+                "prompts": [{"prompt": q, "answer": a} for q, a, _ in QUESTIONS * 2]}
+    paths = {}
+    for name, rows in sets.items():
+        if source == "jsonl":
+            paths[name] = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        elif source == "parquet":
+            paths[name] = str(tmp_path / f"{name}.parquet")
+            datasets.Dataset.from_list(rows).to_parquet(paths[name])
+        else:
+            paths[name] = str(tmp_path / name)
+            data = datasets.Dataset.from_list(rows)
+            datasets.DatasetDict({"train": data, "test": data.select(range(4))}).save_to_disk(paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("source,arch", [("jsonl", "qwen2"), ("parquet", "llama"), ("save_to_disk", "qwen2")])
+def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoints, tmp_path, capsys):
+    import dpo
+    import ppo
+    import reward_model
+
+    data = datasets_for(source, tmp_path)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    fns = str(tmp_path / "rewards.py")
+    small = dict(max_steps=2, log_every=1, max_new_tokens=6)
+    held_out = dict(eval_dataset=data["sft"], eval_dataset_split="test") if source == "save_to_disk" \
+        else dict(eval_split=0.25)
+    runs = tmp_path / "runs"
+    sft.main(sft.Config(model_name_or_path=chatml_checkpoints[arch], from_scratch=False, dataset=data["sft"],
+                        per_device_batch_size=4, max_length=96, eval_every=2, num_eval_generations=2,
+                        output_dir=str(runs / "sft"), **held_out, **small))
+    policy = str(runs / "sft")
+    reward_model.main(reward_model.Config(
+        model_name_or_path=policy, dataset=data["prefs"], loss="ranking" if source == "save_to_disk" else "pairwise",
+        per_device_batch_size=4, max_length=96, normalize_samples=4, output_dir=str(runs / "rm"),
+        **{k: v.replace(data["sft"], data["prefs"]) if isinstance(v, str) else v for k, v in held_out.items()},
+        **small))
+    dpo.main(dpo.Config(model_name_or_path=policy, dataset=data["dpo"], per_device_batch_size=4, max_length=96,
+                        eval_samples_per_prompt=1, output_dir=str(runs / "dpo"), eval_split=0.25,
+                        eval_reward_fn=(f"{fns}:brevity",), **small))
+    reward = dict(reward_model_path=str(runs / "rm")) if source == "parquet" else \
+        dict(reward_fn=(f"{fns}:exact", f"{fns}:brevity"), reward_weights=(1.0, 0.5), critic_init="sft")
+    ppo.main(ppo.Config(model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=4,
+                        num_samples_per_prompt=2, eval_split=0.25, eval_samples_per_prompt=1,
+                        output_dir=str(runs / "ppo"), **reward, **small))
+
+    printed = capsys.readouterr()
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        out = runs / stage
+        assert os.path.exists(out / "model.safetensors") and os.path.exists(out / "eval.json"), stage
+        outputs = json.dumps([strict_load(str(out / "eval.json")), strict_load(str(out / "metrics.jsonl"))])
+        for toy in ("data/toy", "gold", "honestly the", "ceiling"):  # nothing of the toy task in a real run
+            assert toy not in outputs and toy not in printed.out, (stage, toy)
+    ppo_eval = strict_load(str(runs / "ppo" / "eval.json"))
+    if source == "parquet":
+        assert "proxy_reward_mean" in ppo_eval and "exact_mean" not in ppo_eval
+    else:  # the evaluation uses the training reward functions, under their own names
+        assert {"exact_mean", "brevity_mean", "reward_mean", "sft_exact_mean"} <= set(ppo_eval)
+        ppo_rows = strict_load(str(runs / "ppo" / "metrics.jsonl"))
+        assert all("rewards/exact" in r for r in ppo_rows if "objective/scores" in r)
+    assert "brevity_mean" in strict_load(str(runs / "dpo" / "eval.json"))
