@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,6 +154,30 @@ def autocast_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
     return None
 
 
+def weight_dtypes(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the trained models' weights, dtype of the frozen models) for --dtype.
+
+    auto: trained weights in fp32 (the optimiser's master weights; the compute runs in bf16 through autocast or
+    FSDP2's mixed precision), frozen models (reference, reward model) in bf16 on a GPU that supports it, which halves
+    their memory at no cost to training; everything fp32 on CPU. bfloat16: every weight in bf16, AdamW states too
+    (half the memory, less precise updates). float32: everything in fp32."""
+    if dtype == "bfloat16":
+        return torch.bfloat16, torch.bfloat16
+    if dtype == "float32":
+        return torch.float32, torch.float32
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.float32, torch.bfloat16 if bf16_gpu else torch.float32
+
+
+def check_attn_implementation(name: str) -> None:
+    """flash_attention_2 needs the flash-attn package; say so before any model loads."""
+    import importlib.util
+
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError("--attn_implementation flash_attention_2 needs the `flash-attn` package (pip install "
+                         "flash-attn, on CUDA); or use sdpa")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (identity in a single process). Returns a new tensor, differentiable-free."""
     x = x.detach().clone()
@@ -161,20 +186,26 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2: shard every transformer block, then the root, across all ranks. No-op in a single process.
 
     Parameters become DTensors; forward/backward all-gather them block by block. Gradients are averaged over ranks
-    by the reduce-scatter, so scripts scale their per-rank loss by world_size where they want a global sum."""
+    by the reduce-scatter, so scripts scale their per-rank loss by world_size where they want a global sum.
+    compute_dtype (bf16 for fp32 trained weights on CUDA): FSDP2's MixedPrecisionPolicy gathers the parameters in
+    that dtype for the forward and backward (half the all-gather traffic) and reduces gradients in fp32, while the
+    sharded fp32 parameters stay the optimiser's master weights."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {}
+    if compute_dtype is not None and any(p.dtype == torch.float32 for p in model.parameters()):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):  # the list of decoder blocks in every HF causal LM
             for block in module:
-                fully_shard(block)
-    fully_shard(model)
+                fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 
@@ -668,8 +699,25 @@ def checkpoint_bytes(trained: list[torch.nn.Module], saved: torch.nn.Module, sav
     return final + ckpt
 
 
+def _save_adapter(model, out_dir: str, state_dict: dict | None, merge_lora: bool) -> None:
+    """A LoRA model: its adapter (adapter_config.json + adapter_model.safetensors, with the embeddings when the run
+    added a token), which later stages and peft load onto the base model; with merge_lora, the merged full model in
+    out_dir (loads with plain transformers) and the adapter in out_dir/adapter. Built from the (gathered) state dict
+    on a CPU copy, so it works the same under FSDP."""
+    import peft
+
+    base = model.get_base_model()
+    skeleton = peft.get_peft_model(type(base)(base.config), model.peft_config["default"])
+    skeleton.load_state_dict(state_dict if state_dict is not None else model.state_dict())
+    adapter_dir = os.path.join(out_dir, "adapter") if merge_lora else out_dir
+    skeleton.save_pretrained(adapter_dir, safe_serialization=True)
+    base.config.save_pretrained(adapter_dir)  # keeps keys such as the reward normalisation beside the adapter
+    if merge_lora:
+        skeleton.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+
+
 def save_model(model, tokenizer, out_dir: str, eval_results: dict | None = None, logger=None,
-               extra_config: dict | None = None) -> None:
+               extra_config: dict | None = None, merge_lora: bool = False) -> None:
     """Save the final model as a Hugging Face checkpoint (safetensors) with eval.json beside it, atomically.
 
     The new model is written into a sibling directory, which is then exchanged with out_dir in one atomic rename, so
@@ -688,7 +736,10 @@ def save_model(model, tokenizer, out_dir: str, eval_results: dict | None = None,
             setattr(model.config, k, v)
         saving, old = _saving_paths(out_dir)
         shutil.rmtree(saving, ignore_errors=True)
-        model.save_pretrained(saving, state_dict=state_dict, safe_serialization=True)
+        if is_peft(model):
+            _save_adapter(model, saving, state_dict, merge_lora)
+        else:
+            model.save_pretrained(saving, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(saving)
         if eval_results is not None:
@@ -778,10 +829,11 @@ def prune_checkpoints(output_dir: str, run_id: str, keep: int | None) -> None:
 def _model_and_optimizer_state(models: dict, optimizers: list):
     """State dicts of every trained model and optimiser, keyed by module path, sharded under FSDP2 (each rank holds its
     shards): what torch.distributed.checkpoint saves and loads without gathering anything to one rank."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     modules = torch.nn.ModuleDict(models)
-    model_state, optim_state = get_state_dict(modules, optimizers)
+    # frozen weights (a LoRA model's base) never change: they are reloaded from their path, not checkpointed
+    model_state, optim_state = get_state_dict(modules, optimizers, options=StateDictOptions(ignore_frozen_params=True))
     return modules, {"model": model_state, "optim": optim_state}
 
 
@@ -827,7 +879,7 @@ def load_state(path: str, models: dict, optimizers: list, generators: dict, conf
     random generators of this rank; returns its trainer_state.json with this rank's rank_state under "rank_state".
     Options that differ from the checkpoint's are printed: a resumed run is exact only with the same options."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -845,7 +897,8 @@ def load_state(path: str, models: dict, optimizers: list, generators: dict, conf
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(sharded, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(modules, optimizers, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
+    set_state_dict(modules, optimizers, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True))
     with open(os.path.join(path, f"rank{rank}.json")) as f:
         per_rank = json.load(f)
     set_random_state(per_rank["random"], generators)
@@ -905,9 +958,16 @@ class BatchOrder:
 # ---------------------------------------------------------------------------------------------------------------------
 def from_pretrained(model_class, path: str, option: str, **kwargs):
     """model_class.from_pretrained(path) with a clear error naming the option when path is neither a local checkpoint
-    nor a hub id that can be loaded (transformers would report a missing directory as a malformed repo id)."""
+    nor a hub id that can be loaded (transformers would report a missing directory as a malformed repo id).
+
+    A directory holding a LoRA adapter (adapter_config.json, written by these scripts without --merge_lora) is loaded
+    onto its base model (itself possibly an adapter directory) and merged, so a later stage takes either output."""
     if path.startswith("runs/") and not os.path.isdir(path):
         raise InputError(f"{option} {path}: not found; run the stage that writes it first (or pass another path)")
+    adapter = os.path.join(path, "adapter_config.json")
+    if model_class is not AutoTokenizer and os.path.isfile(adapter) and not any(
+            f.startswith("model") and f.endswith(".safetensors") for f in os.listdir(path)):
+        return _load_adapter(model_class, path, option, **kwargs)
     try:
         return model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -915,6 +975,79 @@ def from_pretrained(model_class, path: str, option: str, **kwargs):
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise InputError(f"{option} {path}: cannot load ({where} is not a loadable Hugging Face checkpoint or hub "
                          f"id: {reason})") from None
+
+
+def _import_peft(option: str):
+    try:
+        import peft  # optional dependency: LoRA
+    except ImportError:
+        raise InputError(f"{option}: LoRA needs the `peft` package (pip install peft)") from None
+    return peft
+
+
+def _load_adapter(model_class, path: str, option: str, **kwargs):
+    """The base model of a LoRA adapter directory with the adapter merged into it (a plain model)."""
+    peft = _import_peft(option)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base_path = json.load(f)["base_model_name_or_path"]
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    base = from_pretrained(model_class, base_path, f"{option} (the base of the adapter {path})", **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) > base.get_input_embeddings().weight.size(0):  # the adapter's run added a pad token
+        base.resize_token_embeddings(len(tokenizer))
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
+    if os.path.isfile(os.path.join(path, "config.json")):  # e.g. a reward model's reward_mean / reward_std
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+        for key in ("reward_mean", "reward_std"):
+            if key in saved:
+                setattr(model.config, key, saved[key])
+    model.config._name_or_path = path
+    return (model, {"missing_keys": []}) if output_loading_info else model
+
+
+def add_lora(model, cfg, option_prefix: str = "--lora", modules_to_save: list[str] | None = None):
+    """Wrap model with a LoRA adapter (peft) when cfg.lora_r > 0: only the adapter (and modules_to_save, e.g. a
+    reward model's score head, trained fully) is trained; the base weights stay frozen. Default targets: every linear
+    layer of the transformer blocks (peft's "all-linear", which leaves the LM head out)."""
+    if not cfg.lora_r:
+        return model
+    peft = _import_peft(f"{option_prefix}_r")
+    config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules=list(cfg.lora_target_modules) or "all-linear",
+                             modules_to_save=modules_to_save)
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need inputs with grad
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise InputError(f"--lora_target_modules {list(cfg.lora_target_modules)}: {e}") from None
+    return model
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+class WithoutAdapter:
+    """The policy with its LoRA adapter switched off: the frozen reference of PPO / DPO / GRPO without a second copy
+    of the backbone in memory. Its outputs are the base model's, exactly (the adapter's layers add nothing)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):  # .training, .eval(), .config ...: the policy's
+        return getattr(self.model, name)
+
+
+def check_lora_options(config) -> None:
+    check_options(config, nonnegative=("lora_r",), positive=("lora_alpha",), fractions=("lora_dropout",))
+    if config.merge_lora and not config.lora_r:
+        raise InputError("--merge_lora needs --lora_r > 0")
 
 
 def check_model_kind(model, path: str, option: str, kind: str) -> None:

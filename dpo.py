@@ -53,6 +53,24 @@ class Config:
     """frozen reference pi_ref (default: model_name_or_path, the usual choice); must share the policy's tokenizer"""
     trust_remote_code: bool = False
     """allow model code from the hub (only for models you trust)"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
+    models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
+    (float16 training would need loss scaling, which these scripts do not do)"""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA only the adapter is trained and saved (see merge_lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is lora_alpha / lora_r * B A"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch; must be 0 here: the ratios / implicit rewards compare forward passes, which must
+    be deterministic"""
+    lora_target_modules: tuple[str, ...] = ()
+    """module names to adapt (e.g. q_proj v_proj); default: every linear layer of the transformer blocks"""
+    merge_lora: bool = False
+    """also write the adapter merged into the base model: a full checkpoint that plain transformers loads (the
+    adapter goes to output_dir/adapter)"""
     # data
     dataset: str = "data/toy/preferences_train.jsonl"
     """training preference pairs: a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub
@@ -147,6 +165,10 @@ class Config:
     """also log to this Weights & Biases project (needs `wandb`)"""
 
     def __post_init__(self):
+        common.check_lora_options(self)
+        if self.lora_dropout:
+            raise common.InputError("--lora_dropout must be 0: the forward passes that are compared must be "
+                                    "deterministic (dropout is disabled everywhere for the same reason)")
         common.check_options(self, positive=("beta", "max_length", "num_epochs", "per_device_batch_size",
                                              "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
                                              "eval_every", "log_every", "eval_samples_per_prompt", "max_new_tokens",
@@ -351,10 +373,10 @@ def load_tokenizer(cfg: Config):
     return tokenizer
 
 
-def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool):
+def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool, dtype: torch.dtype):
     option = "--model_name_or_path" if trainable else "--ref_model_name_or_path"
     model = common.from_pretrained(AutoModelForCausalLM, path, option, trust_remote_code=cfg.trust_remote_code,
-                                   dtype=torch.float32)
+                                   dtype=dtype, attn_implementation=cfg.attn_implementation)
     common.check_model_kind(model, path, option, "policy")
     common.check_length(model.config, cfg.max_length, "--max_length", path)
     if model.get_input_embeddings().weight.size(0) < len(tokenizer):
@@ -367,20 +389,29 @@ def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool):
     if trainable:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.train()
+        model = common.add_lora(model, cfg).train()
     else:
         model.eval().requires_grad_(False)
-    return common.shard_model(model.to(device))
+    return common.shard_model(model.to(device), common.autocast_dtype(device, cfg.bf16))
 
 
-def load_reward_model(cfg: Config, device):
+def load_reference(ref_path: str, policy, cfg: Config, tokenizer, device, dtype: torch.dtype):
+    """The frozen reference: with LoRA and the policy's own starting point, the policy with its adapter switched off
+    (no second copy of the backbone); otherwise a frozen copy loaded from ref_path."""
+    if cfg.lora_r and ref_path == cfg.model_name_or_path:
+        return common.WithoutAdapter(policy)
+    return load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False, dtype=dtype)
+
+
+def load_reward_model(cfg: Config, device, dtype: torch.dtype):
     path = cfg.reward_model_path
     if path == "auto":  # never guessed for real data: a leftover toy reward model would score with another tokenizer
         path = "runs/reward_model" if common.is_toy_data(cfg.dataset) and os.path.isdir("runs/reward_model") else "none"
     if path == "none":
         return None, None
     reward_model = common.from_pretrained(AutoModelForSequenceClassification, path, "--reward_model_path",
-                                          trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+                                          trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                          attn_implementation=cfg.attn_implementation)
     common.check_model_kind(reward_model, path, "--reward_model_path", "reward")
     common.disable_dropout(reward_model)
     reward_tokenizer = common.from_pretrained(AutoTokenizer, path, "--reward_model_path",
@@ -426,9 +457,11 @@ def main(cfg: Config) -> dict:
 
     # 2. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
     tokenizer = load_tokenizer(cfg)
-    policy = load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, trainable=True)
-    ref_model = load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False)
-    reward_model, reward_tokenizer = load_reward_model(cfg, device)
+    common.check_attn_implementation(cfg.attn_implementation)
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device)
+    policy = load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, True, trained_dtype)
+    ref_model = load_reference(ref_path, policy, cfg, tokenizer, device, frozen_dtype)
+    reward_model, reward_tokenizer = load_reward_model(cfg, device, frozen_dtype)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the full size under FSDP
     examples, counts = build_dataset(rows, tokenizer, cfg)
     eval_examples = build_dataset(eval_rows, tokenizer, cfg)[0] if eval_rows else None
@@ -469,7 +502,8 @@ def main(cfg: Config) -> dict:
     warmup = int(cfg.warmup_ratio * total_steps)
     # the optimiser must hold FSDP2's sharded parameters: built before any forward pass, since after a forward that no
     # backward follows (the evaluation below) the root module's parameters() are its temporary gathered copies
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
     batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
@@ -497,8 +531,9 @@ def main(cfg: Config) -> dict:
     if cfg.precompute_ref_log_probs:
         train_ref_logps = all_pair_logps(ref_model, examples, cfg.per_device_batch_size, tokenizer.pad_token_id,
                                          device, amp_dtype)
-        ref_model = None
-        gc.collect()
+        if not isinstance(ref_model, common.WithoutAdapter):
+            ref_model = None
+            gc.collect()
 
     # 3. training loop
     console = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "pairs_per_s")
@@ -558,7 +593,7 @@ def main(cfg: Config) -> dict:
             final["accuracy_ceiling"] = ceiling
     if eval_prompts:
         if ref_model is None:  # freed after precomputing; the KL of the final evaluation needs it back
-            ref_model = load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False)
+            ref_model = load_reference(ref_path, policy, cfg, tokenizer, device, frozen_dtype)
         end, samples = evaluate_samples(ref_model)
         final.update(end)
         final.update({f"sft_{k}": v for k, v in start.items()})
@@ -569,7 +604,7 @@ def main(cfg: Config) -> dict:
                  wall_time_s=time.time() - t_start, num_parameters=n_params, **counts)
     # what does not apply (NaN in this run, null when read back from a checkpoint) is left out
     final = {k: v for k, v in final.items() if not (v is None or isinstance(v, float) and math.isnan(v))}
-    common.save_model(policy, tokenizer, cfg.output_dir, final, logger)
+    common.save_model(policy, tokenizer, cfg.output_dir, final, logger, merge_lora=cfg.merge_lora)
     if rank == 0:
         if eval_examples is not None:
             ceiling = f" (ceiling of the toy's labels {final['accuracy_ceiling']:.3f})" if "accuracy_ceiling" in final \

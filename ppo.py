@@ -42,6 +42,24 @@ class Config:
     fresh value head"""
     trust_remote_code: bool = False
     """allow model code from the hub"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
+    models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
+    (float16 training would need loss scaling, which these scripts do not do)"""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA only the adapter is trained and saved (see merge_lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is lora_alpha / lora_r * B A"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch; must be 0 here: the ratios / implicit rewards compare forward passes, which must
+    be deterministic"""
+    lora_target_modules: tuple[str, ...] = ()
+    """module names to adapt (e.g. q_proj v_proj); default: every linear layer of the transformer blocks"""
+    merge_lora: bool = False
+    """also write the adapter merged into the base model: a full checkpoint that plain transformers loads (the
+    adapter goes to output_dir/adapter)"""
     # data
     prompts: str = "data/toy/prompts_train.jsonl"
     """training prompts, prompt-only rows {"prompt": str | messages} or {"messages": [...]} (chat template, generation
@@ -169,6 +187,10 @@ class Config:
     """also log to this Weights & Biases project"""
 
     def __post_init__(self):
+        common.check_lora_options(self)
+        if self.lora_dropout:
+            raise common.InputError("--lora_dropout must be 0: the forward passes that are compared must be "
+                                    "deterministic (dropout is disabled everywhere for the same reason)")
         common.check_options(
             self, positive=("num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_prompt_length",
                             "max_new_tokens", "temperature", "target_kl", "kl_horizon", "ppo_epochs",
@@ -327,32 +349,37 @@ def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int) -> tuple[
 
 
 def load_models(cfg: Config, device):
-    """actor (trained), ref (frozen), reward model (frozen, or None with --reward_fn), critic (trained)."""
-    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    """actor (trained), ref (frozen; with LoRA the actor with its adapter switched off), reward model (frozen, or None
+    with --reward_fn), critic (trained; with LoRA an adapter on its own backbone and a fully trained value head)."""
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device)
+    kw = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     policy_opt, rm_opt = "--model_name_or_path", "--reward_model_path"
     tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
                                        trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise common.InputError(f"{policy_opt} {cfg.model_name_or_path}: the tokenizer needs a pad token distinct from "
                                 "EOS (sft.py adds one)")
-    actor = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, **kw)
+    actor = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=trained_dtype, **kw)
     common.check_model_kind(actor, cfg.model_name_or_path, policy_opt, "policy")
-    ref = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, **kw)
+    ref = None if cfg.lora_r else common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt,
+                                                         dtype=frozen_dtype, **kw)
     reward_model = reward_tokenizer = None
     if not cfg.reward_fn:
-        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt, **kw)
+        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
+                                              dtype=frozen_dtype, **kw)
         common.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
         reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
                                                   trust_remote_code=cfg.trust_remote_code)
     if cfg.critic_init == "reward_model":
-        critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt, **kw)
+        critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
+                                        dtype=trained_dtype, **kw)
         common.check_model_kind(critic, cfg.reward_model_path, rm_opt, "reward")
         if not common.same_tokenizer(AutoTokenizer.from_pretrained(cfg.reward_model_path), tokenizer):
             raise common.InputError("--critic_init reward_model needs the reward model to share the policy's "
                                     "tokenizer; use --critic_init sft")
     else:
         critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path, policy_opt,
-                                        num_labels=1, **kw)
+                                        num_labels=1, dtype=trained_dtype, **kw)
         hidden = critic.score.weight.size(1)
         torch.nn.init.normal_(critic.score.weight, std=1 / np.sqrt(hidden + 1))
     critic.config.pad_token_id = tokenizer.pad_token_id
@@ -365,8 +392,11 @@ def load_models(cfg: Config, device):
     if cfg.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
         critic.gradient_checkpointing_enable()
-    models = [common.shard_model(m.to(device)) if m is not None else None for m in (actor, ref, reward_model, critic)]
-    return (*models, tokenizer, reward_tokenizer)
+    actor, critic = common.add_lora(actor, cfg), common.add_lora(critic, cfg, modules_to_save=["score"])
+    compute = common.autocast_dtype(device, cfg.bf16)
+    actor, ref, reward_model, critic = [common.shard_model(m.to(device), compute) if m is not None else None
+                                        for m in (actor, ref, reward_model, critic)]
+    return actor, ref or common.WithoutAdapter(actor), reward_model, critic, tokenizer, reward_tokenizer
 
 
 def critic_values(critic, input_ids, attention_mask, context_length: int) -> torch.Tensor:
@@ -397,6 +427,7 @@ def main(cfg: Config) -> dict:
         common.require_checkpoint(cfg.reward_model_path, "reward_model.py", "--reward_model_path")
 
     # 1. data, models
+    common.check_attn_implementation(cfg.attn_implementation)
     rows = common.load_rows(cfg.prompts, "--prompts", cfg.prompts_split)
     eval_path = common.eval_data_path(cfg.eval_prompts, cfg.prompts, "data/toy/prompts_eval.jsonl")
     eval_rows = common.load_rows(eval_path, "--eval_prompts") if eval_path else []
@@ -424,13 +455,15 @@ def main(cfg: Config) -> dict:
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([actor, critic], actor, cfg.save_every),
                             "the final policy and a checkpoint of actor and critic")
 
+    actor_params = [p for p in actor.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.parameters() if p.requires_grad]
     if cfg.shared_optimizer:
-        optimizers = [torch.optim.AdamW(list(actor.parameters()) + list(critic.parameters()), lr=cfg.learning_rate,
+        optimizers = [torch.optim.AdamW(actor_params + critic_params, lr=cfg.learning_rate,
                                         weight_decay=cfg.weight_decay, eps=1e-5)]
     else:
-        optimizers = [torch.optim.AdamW(actor.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5),
-                      torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate,
-                                        weight_decay=cfg.weight_decay, eps=1e-5)]
+        optimizers = [torch.optim.AdamW(actor_params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5),
+                      torch.optim.AdamW(critic_params, lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay,
+                                        eps=1e-5)]
     total_updates = num_iterations * cfg.ppo_epochs * cfg.num_minibatches
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: common.cosine_schedule(
         s, total_updates, int(cfg.warmup_ratio * total_updates), cfg.lr_scheduler)) for o in optimizers]
@@ -636,7 +669,7 @@ def main(cfg: Config) -> dict:
     result.update({"sft_" + k: v for k, v in initial_eval.items() if k != "samples"})
     result.update({"samples": final_eval.get("samples", []), "episodes": episodes,
                    "wall_time_s": time.time() - t_start, "episodes_per_s": episodes / (time.time() - t_start)})
-    common.save_model(actor, tokenizer, cfg.output_dir, result, logger)
+    common.save_model(actor, tokenizer, cfg.output_dir, result, logger, merge_lora=cfg.merge_lora)
     if rank == 0:
         line = [f"saved {cfg.output_dir}"]
         if final_eval:

@@ -67,6 +67,23 @@ class Config:
     default: model_name_or_path (must share the tokenizer)"""
     trust_remote_code: bool = False
     """allow model code from the hub (only for models you trust)"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
+    models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
+    (float16 training would need loss scaling, which these scripts do not do)"""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA only the adapter is trained and saved (see merge_lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is lora_alpha / lora_r * B A"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch"""
+    lora_target_modules: tuple[str, ...] = ()
+    """module names to adapt (e.g. q_proj v_proj); default: every linear layer of the transformer blocks"""
+    merge_lora: bool = False
+    """also write the adapter merged into the base model: a full checkpoint that plain transformers loads (the
+    adapter goes to output_dir/adapter)"""
     # data
     loss: Literal["pairwise", "ranking"] = "pairwise"
     """pairwise: preference rows {"prompt"?, "chosen", "rejected"}; ranking: rows {"prompt", "completions": [best,
@@ -151,6 +168,7 @@ class Config:
     """also log to this Weights & Biases project (needs `wandb`)"""
 
     def __post_init__(self):
+        common.check_lora_options(self)
         common.check_options(self, positive=("max_length", "num_epochs", "per_device_batch_size",
                                              "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
                                              "eval_every", "log_every", "max_new_tokens", "save_total_limit"),
@@ -328,7 +346,7 @@ def example_scores_and_losses(model, batch: list[dict], cfg: Config, device, amp
 # ---------------------------------------------------------------------------------------------------------------------
 # Models, evaluation, normalisation
 # ---------------------------------------------------------------------------------------------------------------------
-def load_reward_model(cfg: Config, device):
+def load_reward_model(cfg: Config, device, dtype: torch.dtype):
     tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
                                        trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -339,7 +357,8 @@ def load_reward_model(cfg: Config, device):
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     model, info = common.from_pretrained(
         AutoModelForSequenceClassification, cfg.model_name_or_path, "--model_name_or_path", num_labels=1,
-        trust_remote_code=cfg.trust_remote_code, dtype=torch.float32, output_loading_info=True)
+        trust_remote_code=cfg.trust_remote_code, dtype=dtype, attn_implementation=cfg.attn_implementation,
+        output_loading_info=True)
     common.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
@@ -355,10 +374,11 @@ def load_reward_model(cfg: Config, device):
     common.disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model.to(device), tokenizer, new_head
+    # with LoRA the score head is trained fully (a new head must be learnt, not adapted)
+    return common.add_lora(model, cfg, modules_to_save=["score"]).to(device), tokenizer, new_head
 
 
-def load_policy(path: str, tokenizer, cfg: Config, device):
+def load_policy(path: str, tokenizer, cfg: Config, device, dtype: torch.dtype):
     """The SFT policy as a causal LM, for its own samples. It must share the reward model's tokenizer (up to the pad
     token added above, which is only ever attended to as padding)."""
     policy_tokenizer = common.from_pretrained(AutoTokenizer, path, "--policy_name_or_path",
@@ -367,12 +387,13 @@ def load_policy(path: str, tokenizer, cfg: Config, device):
             policy_tokenizer.eos_token_id != tokenizer.eos_token_id:
         raise common.InputError(f"policy {path} and reward model {cfg.model_name_or_path} have different tokenizers")
     policy = common.from_pretrained(AutoModelForCausalLM, path, "--policy_name_or_path",
-                                    trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+                                    trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                    attn_implementation=cfg.attn_implementation)
     common.check_model_kind(policy, path, "--policy_name_or_path", "policy")
     if len(tokenizer) > policy.get_input_embeddings().weight.size(0):
         policy.resize_token_embeddings(len(tokenizer))
     common.disable_dropout(policy)
-    return common.shard_model(policy.to(device).eval())
+    return common.shard_model(policy.to(device).eval().requires_grad_(False))
 
 
 @torch.no_grad()
@@ -437,7 +458,9 @@ def main(cfg: Config) -> dict:
         rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
         eval_path = f"{cfg.eval_split:.0%} of {dataset}"
     reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, dataset)
-    model, tokenizer, new_head = load_reward_model(cfg, device)
+    common.check_attn_implementation(cfg.attn_implementation)
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device)
+    model, tokenizer, new_head = load_reward_model(cfg, device, trained_dtype)
     n_params = sum(p.numel() for p in model.parameters())
     examples, counts = build_dataset(rows, tokenizer, cfg)
     eval_examples, eval_counts = build_dataset(eval_rows, tokenizer, cfg, reward_fns) if eval_rows else ([], {})
@@ -462,9 +485,9 @@ def main(cfg: Config) -> dict:
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([model], model, cfg.save_every),
                             "the final model and a checkpoint")
-    model = common.shard_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95))
+    model = common.shard_model(model, amp_dtype)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
@@ -533,7 +556,7 @@ def main(cfg: Config) -> dict:
     # 3. normalise: the policy's own samples on training prompts score mean 0 (std 1)
     policy = None
     if cfg.normalize_samples > 0 or (reward_fns and cfg.agreement_samples_per_prompt > 0):
-        policy = load_policy(cfg.policy_name_or_path or cfg.model_name_or_path, tokenizer, cfg, device)
+        policy = load_policy(cfg.policy_name_or_path or cfg.model_name_or_path, tokenizer, cfg, device, frozen_dtype)
     reward_mean, reward_std, sample_std = 0.0, 1.0, float("nan")
     if cfg.normalize_samples > 0:
         prompts = sorted({tuple(ex["prompt_ids"]) for ex in examples})
@@ -568,7 +591,7 @@ def main(cfg: Config) -> dict:
                   "wall_time_s": time.time() - t_start, "num_parameters": n_params, "num_train_examples": len(examples),
                   "num_eval_examples": len(eval_examples), **counts,
                   **{f"eval_{k}": v for k, v in eval_counts.items()}})
-    common.save_model(model, tokenizer, cfg.output_dir, final, logger,
+    common.save_model(model, tokenizer, cfg.output_dir, final, logger, merge_lora=cfg.merge_lora,
                       extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     if rank == 0:
         line = f"saved {cfg.output_dir}"

@@ -41,6 +41,23 @@ class Config:
     with a checkpoint that holds weights: pass --no-from_scratch to fine-tune a real model"""
     trust_remote_code: bool = False
     """allow model code from the hub (only for models you trust)"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
+    models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
+    (float16 training would need loss scaling, which these scripts do not do)"""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA only the adapter is trained and saved (see merge_lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is lora_alpha / lora_r * B A"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch"""
+    lora_target_modules: tuple[str, ...] = ()
+    """module names to adapt (e.g. q_proj v_proj); default: every linear layer of the transformer blocks"""
+    merge_lora: bool = False
+    """also write the adapter merged into the base model: a full checkpoint that plain transformers loads (the
+    adapter goes to output_dir/adapter)"""
     # data
     dataset: str = "data/toy/sft_train.jsonl"
     """training data: a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub dataset id
@@ -120,6 +137,7 @@ class Config:
     """also log to this Weights & Biases project (needs `wandb`)"""
 
     def __post_init__(self):
+        common.check_lora_options(self)
         common.check_options(self, positive=("max_length", "num_epochs", "per_device_batch_size",
                                              "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
                                              "eval_every", "log_every", "max_new_tokens", "save_total_limit"),
@@ -194,7 +212,7 @@ def token_nll_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tenso
     return -(logprobs * mask).sum(), mask.sum()
 
 
-def load_model(cfg: Config, device):
+def load_model(cfg: Config, device, dtype: torch.dtype):
     tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
                                        trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -210,13 +228,18 @@ def load_model(cfg: Config, device):
         if not os.path.isdir(cfg.model_name_or_path) or has_weights:
             raise common.InputError(f"--from_scratch would discard the weights of {cfg.model_name_or_path}; "
                                     "pass --no-from_scratch to fine-tune them")
+        if cfg.lora_r:
+            raise common.InputError("--lora_r with --from_scratch would adapt random weights; LoRA fine-tunes a "
+                                    "pretrained model (--no-from_scratch)")
         config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
+                                                 attn_implementation=cfg.attn_implementation).to(dtype)
         print(f"initialising {type(model).__name__} from random weights (--from_scratch) with the config of "
               f"{cfg.model_name_or_path}", flush=True)
     else:
         model = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, "--model_name_or_path",
-                                       trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+                                       trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                       attn_implementation=cfg.attn_implementation)
         common.check_model_kind(model, cfg.model_name_or_path, "--model_name_or_path", "policy")
     common.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
@@ -225,7 +248,7 @@ def load_model(cfg: Config, device):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model.to(device), tokenizer
+    return common.add_lora(model, cfg).to(device), tokenizer
 
 
 @torch.no_grad()
@@ -302,8 +325,10 @@ def main(cfg: Config) -> dict:
         rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
         eval_path = f"{cfg.eval_split:.0%} of {cfg.dataset}"
     reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, cfg.dataset)
-    model, tokenizer = load_model(cfg, device)
+    common.check_attn_implementation(cfg.attn_implementation)
+    model, tokenizer = load_model(cfg, device, common.weight_dtypes(cfg.dtype, device)[0])
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     examples, counts = build_dataset(rows, tokenizer, cfg)
     eval_examples = build_dataset(eval_rows, tokenizer, cfg)[0] if eval_rows else []
     prompts = eval_prompts(eval_rows)
@@ -319,7 +344,8 @@ def main(cfg: Config) -> dict:
                                 f"{world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
-        print(f"model {cfg.model_name_or_path} ({n_params / 1e6:.2f}M parameters) | data {cfg.dataset}: "
+        print(f"model {cfg.model_name_or_path} ({n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained, "
+              f"{next(model.parameters()).dtype}) | data {cfg.dataset}: "
               f"{len(examples)} examples (truncated {counts['truncated']}, dropped {counts['dropped']}, max_length "
               f"{cfg.max_length}) | eval {eval_path or 'none'}: {len(eval_examples)} examples, {len(prompts)} prompts "
               f"| eval reward {', '.join(reward_fns) or 'none'} | {total_steps} steps of {global_batch} | world size "
@@ -328,9 +354,9 @@ def main(cfg: Config) -> dict:
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([model], model, cfg.save_every),
                             "the final model and a checkpoint")
-    model = common.shard_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95))
+    model = common.shard_model(model, amp_dtype)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
@@ -394,7 +420,7 @@ def main(cfg: Config) -> dict:
     # 3. save the model with its evaluation beside it
     final = {**metrics, "train_loss": loss, "train_steps": total_steps, "tokens_per_s": tokens_seen / train_time,
              "wall_time_s": time.time() - t_start, "num_parameters": n_params, **counts}
-    common.save_model(model, tokenizer, cfg.output_dir, final, logger)
+    common.save_model(model, tokenizer, cfg.output_dir, final, logger, merge_lora=cfg.merge_lora)
     if rank == 0:
         shown = [f"{k} {final[k]:.4f}" for k in ("eval/loss", "eos_rate", *[f"{n}_mean" for n in reward_fns])
                  if isinstance(final.get(k), float)]

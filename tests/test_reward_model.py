@@ -236,7 +236,7 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     assert (model.config.reward_mean, model.config.reward_std) == (final["reward_mean"], final["reward_std"])
-    policy = rm.load_policy(toy_sft_checkpoint, tok, cfg, torch.device("cpu"))
+    policy = rm.load_policy(toy_sft_checkpoint, tok, cfg, torch.device("cpu"), torch.float32)
     prompts = sorted({tuple(tok(r["prompt"])["input_ids"]) for r in common.load_jsonl(
         "data/toy/preferences_train.jsonl")})
     raw = rm.policy_sample_scores(policy, model, tok, [list(p) for p in prompts], 48, cfg, torch.device("cpu"), None,
