@@ -742,6 +742,8 @@ def save_model(model, tokenizer, out_dir: str, eval_results: dict | None = None,
             model.save_pretrained(saving, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(saving)
+            if is_peft(model) and merge_lora:
+                tokenizer.save_pretrained(os.path.join(saving, "adapter"))
         if eval_results is not None:
             write_json_atomic(os.path.join(saving, "eval.json"), eval_results)
         if logger is not None:
@@ -898,7 +900,7 @@ def load_state(path: str, models: dict, optimizers: list, generators: dict, conf
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(sharded, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(modules, optimizers, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True))
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights: not saved
     with open(os.path.join(path, f"rank{rank}.json")) as f:
         per_rank = json.load(f)
     set_random_state(per_rank["random"], generators)
@@ -986,22 +988,26 @@ def _import_peft(option: str):
 
 
 def _load_adapter(model_class, path: str, option: str, **kwargs):
-    """The base model of a LoRA adapter directory with the adapter merged into it (a plain model)."""
+    """The base model of a LoRA adapter directory with the adapter merged into it (a plain model). The config.json
+    saved beside the adapter gives what the base's own config lacks: the vocabulary size after a token was added,
+    the number of labels of a score head, the reward normalisation."""
     peft = _import_peft(option)
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_path = json.load(f)["base_model_name_or_path"]
-    output_loading_info = kwargs.pop("output_loading_info", False)
-    base = from_pretrained(model_class, base_path, f"{option} (the base of the adapter {path})", **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if len(tokenizer) > base.get_input_embeddings().weight.size(0):  # the adapter's run added a pad token
-        base.resize_token_embeddings(len(tokenizer))
-    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
-    if os.path.isfile(os.path.join(path, "config.json")):  # e.g. a reward model's reward_mean / reward_std
+    saved = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             saved = json.load(f)
-        for key in ("reward_mean", "reward_std"):
-            if key in saved:
-                setattr(model.config, key, saved[key])
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    if "id2label" in saved and "ForSequenceClassification" in model_class.__name__:
+        kwargs.setdefault("num_labels", len(saved["id2label"]))
+    base = from_pretrained(model_class, base_path, f"{option} (the base of the adapter {path})", **kwargs)
+    if saved.get("vocab_size", 0) > base.get_input_embeddings().weight.size(0):  # the adapter's run added a token
+        base.resize_token_embeddings(saved["vocab_size"])
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
+    for key in ("reward_mean", "reward_std", "pad_token_id"):
+        if key in saved:
+            setattr(model.config, key, saved[key])
     model.config._name_or_path = path
     return (model, {"missing_keys": []}) if output_loading_info else model
 
