@@ -154,19 +154,22 @@ def autocast_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
     return None
 
 
-def weight_dtypes(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the trained models' weights, dtype of the frozen models) for --dtype.
+def weight_dtypes(dtype: str, device: torch.device, frozen_dtype: str = "auto") -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the trained models' weights, dtype of the frozen models) for --dtype and --frozen_dtype.
 
-    auto: trained weights in fp32 (the optimiser's master weights; the compute runs in bf16 through autocast or
+    dtype auto: trained weights in fp32 (the optimiser's master weights; the compute runs in bf16 through autocast or
     FSDP2's mixed precision), frozen models (reference, reward model) in bf16 on a GPU that supports it, which halves
     their memory at no cost to training; everything fp32 on CPU. bfloat16: every weight in bf16, AdamW states too
-    (half the memory, less precise updates). float32: everything in fp32."""
-    if dtype == "bfloat16":
-        return torch.bfloat16, torch.bfloat16
-    if dtype == "float32":
-        return torch.float32, torch.float32
+    (half the memory, less precise updates). float32: everything in fp32. frozen_dtype, unless auto, sets the frozen
+    models' dtype alone (e.g. bf16 frozen models on CPU)."""
+    names = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    trained = names.get(dtype, torch.float32)
+    if frozen_dtype != "auto":
+        return trained, names[frozen_dtype]
+    if dtype != "auto":
+        return trained, trained
     bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.float32, torch.bfloat16 if bf16_gpu else torch.float32
+    return trained, torch.bfloat16 if bf16_gpu else torch.float32
 
 
 def check_attn_implementation(name: str) -> None:

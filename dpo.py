@@ -57,6 +57,8 @@ class Config:
     """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
     models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
     (float16 training would need loss scaling, which these scripts do not do)"""
+    frozen_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """dtype of the frozen models (reference, reward model); auto follows --dtype"""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
     lora_r: int = 0
@@ -458,7 +460,7 @@ def main(cfg: Config) -> dict:
     # 2. models: the policy (trained) and the frozen reference pi_ref, both usually the SFT model
     tokenizer = load_tokenizer(cfg)
     common.check_attn_implementation(cfg.attn_implementation)
-    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device)
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device, cfg.frozen_dtype)
     policy = load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, True, trained_dtype)
     ref_model = load_reference(ref_path, policy, cfg, tokenizer, device, frozen_dtype)
     reward_model, reward_tokenizer = load_reward_model(cfg, device, frozen_dtype)

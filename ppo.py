@@ -46,6 +46,8 @@ class Config:
     """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
     models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
     (float16 training would need loss scaling, which these scripts do not do)"""
+    frozen_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """dtype of the frozen models (reference, reward model); auto follows --dtype"""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
     lora_r: int = 0
@@ -351,7 +353,7 @@ def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int) -> tuple[
 def load_models(cfg: Config, device):
     """actor (trained), ref (frozen; with LoRA the actor with its adapter switched off), reward model (frozen, or None
     with --reward_fn), critic (trained; with LoRA an adapter on its own backbone and a fully trained value head)."""
-    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device)
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device, cfg.frozen_dtype)
     kw = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     policy_opt, rm_opt = "--model_name_or_path", "--reward_model_path"
     tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,

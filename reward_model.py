@@ -71,6 +71,8 @@ class Config:
     """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
     models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
     (float16 training would need loss scaling, which these scripts do not do)"""
+    frozen_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """dtype of the frozen models (reference, reward model, the policy sampled for the normalisation); auto follows --dtype"""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
     lora_r: int = 0
@@ -459,7 +461,7 @@ def main(cfg: Config) -> dict:
         eval_path = f"{cfg.eval_split:.0%} of {dataset}"
     reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, dataset)
     common.check_attn_implementation(cfg.attn_implementation)
-    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device)
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device, cfg.frozen_dtype)
     model, tokenizer, new_head = load_reward_model(cfg, device, trained_dtype)
     n_params = sum(p.numel() for p in model.parameters())
     examples, counts = build_dataset(rows, tokenizer, cfg)

@@ -177,6 +177,7 @@ def test_bfloat16_weights_train_with_finite_losses(arch, tiny_checkpoints, tmp_p
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     assert common.weight_dtypes("auto", torch.device("cpu")) == (torch.float32, torch.float32)  # CPU: fp32 unless
     assert common.weight_dtypes("bfloat16", torch.device("cpu")) == (torch.bfloat16, torch.bfloat16)  # asked
+    assert common.weight_dtypes("auto", torch.device("cpu"), "bfloat16") == (torch.float32, torch.bfloat16)
 
 
 def test_lora_and_dtype_options_are_checked(tmp_path):
