@@ -72,7 +72,7 @@ class Config:
     models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
     (float16 training would need loss scaling, which these scripts do not do)"""
     frozen_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """dtype of the frozen models (reference, reward model, the policy sampled for the normalisation); auto follows --dtype"""
+    """dtype of the frozen policy sampled for the normalisation and the agreement; auto follows --dtype"""
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
     lora_r: int = 0
