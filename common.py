@@ -649,7 +649,8 @@ def _exchange(a: str, b: str) -> bool:
 def _carry_run_files(src: str, dst: str) -> None:
     """Move the run's own files (log, checkpoints) from the directory holding the previous model into the new one."""
     for name in os.listdir(src):
-        if (name in RUN_FILES or name.startswith("events.out.tfevents")) and not os.path.exists(os.path.join(dst, name)):
+        ours = name in RUN_FILES or name.startswith("events.out.tfevents")
+        if ours and not os.path.exists(os.path.join(dst, name)):
             os.rename(os.path.join(src, name), os.path.join(dst, name))
 
 
@@ -1100,7 +1101,8 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
     return torch.where(bools, idx, T).min(dim=-1).values
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: int,
+                       pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(responses with every token after the first EOS set to pad, response_mask) for responses (B, R).
 
     response_mask is 1 on real response tokens up to and including the EOS, 0 after it."""
@@ -1123,7 +1125,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, distributed: bool = False):
     """Variance of the masked values; with distributed=True the statistics are over the tokens of all ranks."""
     mean, count = masked_mean_count(values, mask, distributed)
-    sq = all_reduce_sum(masked_sum((values - mean) ** 2, mask)) if distributed else masked_sum((values - mean) ** 2, mask)
+    sq = masked_sum((values - mean) ** 2, mask)
+    sq = all_reduce_sum(sq) if distributed else sq
     if unbiased:
         if count < 2:
             raise ValueError("masked_var: unbiased variance of fewer than 2 elements")

@@ -181,7 +181,8 @@ class Config:
             raise common.InputError(f"--label_smoothing must be in [0, 0.5) (the assumed rate of flipped labels), "
                                     f"got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise common.InputError(f"--label_smoothing applies to --loss_type sigmoid and robust, not {self.loss_type}")
+            raise common.InputError(f"--label_smoothing applies to --loss_type sigmoid and robust, not "
+                                    f"{self.loss_type}")
         if self.max_steps is not None and self.max_steps < 1:
             raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 

@@ -212,7 +212,9 @@ class Config:
 # The math, as small pure functions (tested against naive loops in tests/test_ppo.py)
 # ---------------------------------------------------------------------------------------------------------------------
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples y_t ~ pi, (B, R) -> (B, R). With log_ratio = log pi - log pi_ref:
+    """Per-token estimate of KL(pi || pi_ref) from samples y_t ~ pi, (B, R) -> (B, R).
+
+    With log_ratio = log pi - log pi_ref:
     k1 = log_ratio (unbiased, can be negative), k2 = log_ratio^2 / 2 (biased, low variance),
     k3 = exp(-log_ratio) - 1 + log_ratio (unbiased, always >= 0)."""
     log_ratio = logprobs - ref_logprobs
@@ -638,7 +640,8 @@ def main(cfg: Config) -> dict:
             "objective/kl": mean_kl, "objective/non_score_reward": kl_seq[1].item() / n_seq,
             "objective/rlhf_reward": all_scores.mean().item() + kl_seq[1].item() / n_seq,
             "objective/entropy": (stats["entropy"] / n_tok).item(),
-            "policy/approxkl": (stats["approxkl"] / n_tok).item(), "policy/clipfrac": (stats["clipfrac"] / n_tok).item(),
+            "policy/approxkl": (stats["approxkl"] / n_tok).item(),
+            "policy/clipfrac": (stats["clipfrac"] / n_tok).item(),
             "loss/policy": (stats["pg_loss"] / n_tok).item(), "loss/value": (stats["vf_loss"] / n_tok).item(),
             "val/clipfrac": (stats["vf_clipfrac"] / n_tok).item(),
             "val/explained_variance": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),

@@ -35,7 +35,8 @@ import common
 class Config:
     # model
     model_name_or_path: str = "data/toy/base_model"
-    """model to start from: Hugging Face hub id or local directory (the toy default holds a config and tokenizer only)"""
+    """model to start from: Hugging Face hub id or local directory (the toy default holds a config and tokenizer
+    only)"""
     from_scratch: bool = True
     """initialise the weights randomly from the config of model_name_or_path (the toy). It is an error to combine it
     with a checkpoint that holds weights: pass --no-from_scratch to fine-tune a real model"""
@@ -260,7 +261,8 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
     shard = eval_examples[rank::world_size]
     for i in range(0, len(shard), cfg.per_device_batch_size):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            s, n = token_nll_sum(model, *collate(shard[i:i + cfg.per_device_batch_size], tokenizer.pad_token_id, device))
+            batch = collate(shard[i:i + cfg.per_device_batch_size], tokenizer.pad_token_id, device)
+            s, n = token_nll_sum(model, *batch)
         nll, count = nll + s.float(), count + n
     nll, count = common.all_reduce_sum(nll), common.all_reduce_sum(count)
     metrics = {"eval/loss": (nll / count).item(), "eval/perplexity": math.exp(min(20.0, (nll / count).item()))}

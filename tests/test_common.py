@@ -429,7 +429,8 @@ def test_evaluate_policy_metrics(tmp_path):
     assert m["num_samples"] == 9 and sorted(rows["prompt"]) == sorted(p for p in prompts for _ in range(3))
     assert m["kl_to_ref"] == 0.0  # the policy is its own reference
     assert m["gold_reward_mean"] == pytest.approx(np.mean(toy_task.gold_reward(rows["prompt"], rows["completion"])))
-    assert m["gold_reward_proxy_agreement"] == pytest.approx(common.ordering_agreement(rows["proxy"], rows["gold_reward"]))
+    agreement = common.ordering_agreement(rows["proxy"], rows["gold_reward"])
+    assert m["gold_reward_proxy_agreement"] == pytest.approx(agreement)
     assert 1 <= m["response_length"] <= 6 and 0 <= m["eos_rate"] <= 1
     # same seed -> same samples; the training flag of the policy is restored
     policy.train()

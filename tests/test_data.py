@@ -274,7 +274,8 @@ def test_help_opens_with_the_script_and_groups_options(script):
 # the whole pipeline on chat-model stand-ins, in every source type, with every format somewhere
 # ---------------------------------------------------------------------------------------------------------------------
 QUESTIONS = [("What is two plus two?", "Four.", "Five."), ("Name a colour.", "Blue.", "Rain."),
-             ("Say hello.", "Hello there!", "Soft rain."), ("Write a haiku about rain.", "Soft rain on the roof.", "Two.")]
+             ("Say hello.", "Hello there!", "Soft rain."),
+             ("Write a haiku about rain.", "Soft rain on the roof.", "Two.")]
 REWARDS = '''
 def exact(completions, answer, **kwargs):
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]

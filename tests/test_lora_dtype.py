@@ -124,7 +124,8 @@ def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(
                         output_dir=sft_out, **LORA))
     assert not os.path.exists(os.path.join(sft_out, "model.safetensors"))
     prefs = head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 16)
-    final = dpo.main(dpo.Config(model_name_or_path=sft_out, dataset=prefs, per_device_batch_size=8, max_steps=2, log_every=1,
+    final = dpo.main(dpo.Config(model_name_or_path=sft_out, dataset=prefs, per_device_batch_size=8, max_steps=2,
+                                log_every=1,
                                 eval_prompts="none", eval_dataset="none", output_dir=str(tmp_path / "dpo"), **LORA))
     assert math.isfinite(final["train_loss"])
     # at the first step the adapter is zero: policy == reference, so every implicit reward is exactly 0

@@ -382,9 +382,11 @@ def test_end_to_end_k2_running_norm_and_more_options(toy_sft_checkpoint, toy_rew
 
 
 def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
-    with pytest.raises(common.InputError, match=r"--model_name_or_path runs/missing_sft_for_test: not found; run `python sft.py` first"):
+    with pytest.raises(common.InputError,
+                       match=r"--model_name_or_path runs/missing_sft_for_test: not found; run `python sft.py` first"):
         ppo.main(small_config(tmp_path / "a", model_name_or_path="runs/missing_sft_for_test"))
-    with pytest.raises(common.InputError, match=r"--reward_model_path runs/missing_rm_for_test: not found; run `python reward_model.py` first"):
+    with pytest.raises(common.InputError, match=r"--reward_model_path runs/missing_rm_for_test: not found; "
+                                                r"run `python reward_model.py` first"):
         ppo.main(small_config(tmp_path / "b", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path="runs/missing_rm_for_test"))
     with pytest.raises(ValueError, match="per_prompt needs --num_samples_per_prompt >= 2"):

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 
-import pytest
 from conftest import ROOT
 
 import common

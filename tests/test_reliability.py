@@ -102,7 +102,8 @@ def kill_after_first_checkpoint(cmd: list[str], out: str, delay: float, timeout:
 
 
 def assert_same_run(reference: str, resumed: str, where: str) -> None:
-    a, b = load_file(os.path.join(reference, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    a = load_file(os.path.join(reference, "model.safetensors"))
+    b = load_file(os.path.join(resumed, "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{where}: weight {k} differs"
@@ -211,7 +212,6 @@ def crash_at(monkeypatch, k: int) -> list:
 
 
 def tiny_model(seed: int):
-    from conftest import make_tiny_checkpoint  # noqa: F401  (the same tiny config the other tests use)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -388,7 +388,8 @@ def test_missing_model_directory_names_the_option(tmp_path):
     with pytest.raises(common.InputError, match=r"--model_name_or_path /nonexistent/model: cannot load \(no such "
                                                 r"local directory"):
         sft.main(sft_config(tmp_path, model_name_or_path="/nonexistent/model", from_scratch=False))
-    with pytest.raises(common.InputError, match="--model_name_or_path runs/none_such_sft: not found; run `python sft.py` first"):
+    with pytest.raises(common.InputError,
+                       match="--model_name_or_path runs/none_such_sft: not found; run `python sft.py` first"):
         reward_model.main(reward_model.Config(model_name_or_path="runs/none_such_sft", output_dir=str(tmp_path / "r")))
 
 
@@ -439,7 +440,8 @@ def test_reward_function_spec_errors(tmp_path):
         common.load_function("toy_task:nope")
     with pytest.raises(common.InputError, match="no such file /nowhere/rewards.py"):
         common.load_function("/nowhere/rewards.py:f")
-    path = write(tmp_path / "rewards.py", "def length(completions, **kwargs):\n    return [len(c) for c in completions]\n")
+    path = write(tmp_path / "rewards.py",
+                 "def length(completions, **kwargs):\n    return [len(c) for c in completions]\n")
     fn = common.load_function(f"{path}:length")
     assert common.call_reward_fn(fn, ["a", "b"], [" xy", " z"]) == [3.0, 2.0]
 
