@@ -220,6 +220,33 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Optimisation: the learning-rate schedule, mixed-precision compute
+# ---------------------------------------------------------------------------------------------------------------------
+def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine") -> float:
+    """The factor on the peak learning rate at optimiser step `step` of `total`: linear warmup over `warmup` steps,
+    then cosine or linear decay to 0 over the rest, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_scheduler(optimizer, kind: str, total_steps: int, warmup_ratio: float):
+    """LambdaLR of lr_multiplier over total_steps, the first warmup_ratio of them in warmup."""
+    warmup = int(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, warmup, kind))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision compute in dtype (autocast_dtype), or nothing when None (CPU, --no-bf16)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
 def load_jsonl(path: str, required: tuple[str, ...] = (), alternatives: tuple[tuple[str, ...], ...] = (),
@@ -1256,15 +1283,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                      temperature: float = 1.0, return_entropy: bool = False):
-    """Per-token log-probs of the response part of [prompt | response] sequences.
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
+    """The logits that predict the response part of [prompt | response] sequences: (B, P + R) -> (B, R, V).
 
-    input_ids, attention_mask: (B, P + R) with left-padded prompts in the first context_length=P columns.
-    Returns logprobs (B, R) of input_ids[:, P:] (and the next-token entropy (B, R) if asked)."""
+    The prompts are left-padded into the first context_length = P columns. The logits at position t predict token
+    t + 1, so the response tokens P ... P + R - 1 are predicted at positions P - 1 ... P + R - 2."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False)
-    logits = out.logits[:, context_length - 1:-1]  # logits at t predict token t + 1
+    return out.logits[:, context_length - 1:-1]
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                      temperature: float = 1.0, return_entropy: bool = False):
+    """Per-token log-probs (B, R) of the response part of [prompt | response] sequences (B, P + R), at the sampling
+    temperature; and the next-token entropy (B, R) if asked."""
+    logits = response_logits(model, input_ids, attention_mask, context_length)
     logprobs = logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
     if return_entropy:
         return logprobs, entropy_from_logits(logits.float() / temperature)
@@ -1528,18 +1561,6 @@ def mean_std(xs) -> tuple[float, float]:
     return float(xs.mean()), float(xs.std())
 
 
-def cosine_schedule(step: int, total: int, warmup: int, kind: str = "cosine") -> float:
-    """LR multiplier: linear warmup, then cosine / linear decay to 0, or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring responses and evaluating a policy (shared by ppo.py, dpo.py and the toy report, so they compare)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1639,7 +1660,7 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_id
         real = b * batch_size < len(work)
         batch = [prompts[i] for i in idx]
         prompt_ids, prompt_mask = left_pad([prompt_token_ids[i] for i in idx], tokenizer.pad_token_id, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             responses, response_mask = generate(policy, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id, temperature, top_k, top_p, gen,
                                                 sync_ranks=True)

@@ -328,7 +328,7 @@ def all_pair_logps(model, examples, batch_size: int, pad_token_id: int, device, 
     local = []
     for b in range(n_batches):
         idx = share[b * batch_size:(b + 1) * batch_size]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with common.autocast(device, amp_dtype):
             c, r = concatenated_logps(model, *collate_pairs([examples[i] for i in idx or [0]], pad_token_id, device))
         local += [(i, float(lc), float(lr)) for i, lc, lr in zip(idx, c.float().tolist(), r.float().tolist())]
     model.train(was_training)
@@ -502,13 +502,11 @@ def main(cfg: Config) -> dict:
     resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
     common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([policy], policy, cfg.save_every),
                             "the final model and a checkpoint")
-    warmup = int(cfg.warmup_ratio * total_steps)
     # the optimiser must hold FSDP2's sharded parameters: built before any forward pass, since after a forward that no
     # backward follows (the evaluation below) the root module's parameters() are its temporary gathered copies
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
+    scheduler = common.lr_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
     batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
     sums, n_summed, pairs_seen, train_time, wall_time, start_step = {}, 0, 0, 0.0, 0.0, 0
     if resume_from is not None:
@@ -545,7 +543,7 @@ def main(cfg: Config) -> dict:
         t0 = time.time()
         for mb in (local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)):
             batch = collate_pairs([examples[j] for j in mb], tokenizer.pad_token_id, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 chosen_logps, rejected_logps = concatenated_logps(policy, *batch)
                 if train_ref_logps is not None:
                     ref_chosen_logps, ref_rejected_logps = train_ref_logps[mb, 0], train_ref_logps[mb, 1]

@@ -256,30 +256,33 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     return advantages, (advantages + values) * response_mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, token_count):
-    """Clipped surrogate: sum_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) / token_count over real tokens.
+def policy_loss(logprobs, old_logprobs, advantages, response_mask, cliprange: float, token_count):
+    """Clipped surrogate (Schulman et al. 2017): sum_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) / token_count,
+    over real response tokens; all inputs (B, R).
 
-    token_count: the number of real tokens the mean is over (the global minibatch's, for multi-process runs).
-    Returns (loss, stats) with approx KL (k2 of new vs old) and the clip fraction."""
+    token_count: the number of real tokens the mean is over, those of the whole global minibatch (all
+    micro-batches and ranks). Returns (loss, stats): approxkl_sum, the sum of k2 = (log ratio)^2 / 2 of new vs old
+    policy, and clipped_tokens, the number of tokens whose clipped term was the larger one (zero gradient)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = common.masked_sum(torch.max(pg_losses, pg_losses_clipped), mask) / token_count
+    loss = common.masked_sum(torch.max(pg_losses, pg_losses_clipped), response_mask) / token_count
     with torch.no_grad():
-        stats = {"approxkl": common.masked_sum(0.5 * log_ratio ** 2, mask),
-                 "clipfrac": common.masked_sum((pg_losses_clipped > pg_losses).float(), mask)}
+        stats = {"approxkl_sum": common.masked_sum(0.5 * log_ratio ** 2, response_mask),
+                 "clipped_tokens": common.masked_sum((pg_losses_clipped > pg_losses).float(), response_mask)}
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, cliprange_value: float, token_count):
-    """1/2 sum_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) / token_count over real tokens."""
+def value_loss(values, old_values, returns, response_mask, cliprange_value: float, token_count):
+    """1/2 sum_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) / token_count over real tokens, (B, R)
+    inputs. Returns (loss, stats) with clipped_tokens, the tokens whose clipped value error was the larger one."""
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     losses = (values - returns) ** 2
     losses_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * common.masked_sum(torch.max(losses, losses_clipped), mask) / token_count
+    loss = 0.5 * common.masked_sum(torch.max(losses, losses_clipped), response_mask) / token_count
     with torch.no_grad():
-        stats = {"clipfrac": common.masked_sum((losses_clipped > losses).float(), mask)}
+        stats = {"clipped_tokens": common.masked_sum((losses_clipped > losses).float(), response_mask)}
     return loss, stats
 
 
@@ -415,7 +418,6 @@ def main(cfg: Config) -> dict:
     rank, world_size, device = common.setup_distributed()
     common.set_seed(cfg.seed)
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     if cfg.rollout_batch_size % world_size:
         raise common.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} is not divisible by the "
                                 f"{world_size} processes")
@@ -469,8 +471,7 @@ def main(cfg: Config) -> dict:
                       torch.optim.AdamW(critic_params, lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay,
                                         eps=1e-5)]
     total_updates = num_iterations * cfg.ppo_epochs * cfg.num_minibatches
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: common.cosine_schedule(
-        s, total_updates, int(cfg.warmup_ratio * total_updates), cfg.lr_scheduler)) for o in optimizers]
+    schedulers = [common.lr_scheduler(o, cfg.lr_scheduler, total_updates, cfg.warmup_ratio) for o in optimizers]
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
     kl_coef = cfg.kl_coef
     score_moments = RunningMoments()
@@ -523,41 +524,39 @@ def main(cfg: Config) -> dict:
         batch_prompts = [prompts[i] for i in batch_idx]
         query, query_mask = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id, device)
         actor.eval()
-        with autocast():
-            responses, response_mask = common.generate(
+        with common.autocast(device, amp_dtype):
+            responses, response_mask = common.generate(  # (B, R) each
                 actor, query, query_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                 cfg.temperature, cfg.top_k, cfg.top_p, sample_gen, sync_ranks=True)
         actor.train()
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         P = query.size(1)
-        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
-        mask = response_mask.float()  # (B, R)
+        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)  # (B, P + R)
+        response_mask = response_mask.float()  # (B, R)
         t_generate = time.time() - t0
 
-        # ---- 2. score, reference log-probs, values (no grad) -----------------------------------------------------
+        # ---- 2. score, rollout and reference log-probs, values (no grad) -----------------------------------------
         t0 = time.time()
-        with torch.no_grad(), autocast():
-            out = actor(input_ids=seq, attention_mask=seq_mask, position_ids=common.position_ids_from_mask(seq_mask),
-                        use_cache=False)
-            logits = out.logits[:, P - 1:-1]
-            logprobs = common.logprobs_from_logits(logits, responses, cfg.temperature)  # (B, R) = rollout log-probs
-            sampling = common.sampling_diagnostics(logits, responses, mask, cfg.temperature)
-            del out, logits
-            ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)
-            values = critic_values(critic, seq, seq_mask, P).float() * mask
+        with torch.no_grad(), common.autocast(device, amp_dtype):
+            logits = common.response_logits(actor, seq, seq_mask, P)  # (B, R, V)
+            logprobs = common.logprobs_from_logits(logits, responses, cfg.temperature)  # (B, R): pi_old's
+            sampling = common.sampling_diagnostics(logits, responses, response_mask, cfg.temperature)
+            del logits
+            ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)  # (B, R)
+            values = critic_values(critic, seq, seq_mask, P).float() * response_mask  # (B, R)
             if reward_fns:
                 total, per_fn = common.score_with_fns(reward_fns, batch_prompts, completions,
                                                       common.batch_columns(columns, batch_idx))
-                scores = torch.tensor([math.nan if v is None else v for v in total], device=device)
+                scores = torch.tensor([math.nan if v is None else v for v in total], device=device)  # (B,)
             else:
                 scores = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask,
-                                                responses, response_mask, batch_prompts, completions).float()
+                                                responses, seq_mask[:, P:], batch_prompts, completions).float()
         # a sample no reward function could score (None) is left out of the loss: its tokens are masked
         scored = ~scores.isnan()  # (B,)
-        mask = mask * scored[:, None]
+        response_mask = response_mask * scored[:, None]
         scores = torch.where(scored, scores, 0.0)
         raw_scores = scores.clone()
-        ended = (responses == tokenizer.eos_token_id).any(1)
+        ended = (responses == tokenizer.eos_token_id).any(1)  # (B,)
         scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         if cfg.score_norm == "running":
             score_moments.update(scores[scored])
@@ -570,16 +569,17 @@ def main(cfg: Config) -> dict:
         t_score = time.time() - t0
 
         # ---- 3. per-token rewards, 4. advantages -------------------------------------------------------------------
-        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
-        rewards, non_score = compute_rewards(scores, kl, mask, kl_coef)
-        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * response_mask  # (B, R)
+        rewards, non_score = compute_rewards(scores, kl, response_mask, kl_coef)  # (B, R)
+        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, R)
         if cfg.whiten_advantages:
-            advantages = common.masked_whiten(advantages, mask, distributed=True)
+            advantages = common.masked_whiten(advantages, response_mask, distributed=True)
 
         # ---- 5. PPO epochs over shuffled minibatches -------------------------------------------------------------
         t0 = time.time()
-        stats = {k: torch.zeros((), device=device) for k in
-                 ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "entropy", "tokens")}
+        # this rank's sums for the log (reduced over ranks once, in step 6)
+        sums = dict.fromkeys(("pg_loss", "vf_loss", "approxkl", "clipped", "vf_clipped", "entropy", "trained_tokens"),
+                             torch.zeros((), device=device, dtype=torch.float64))
         B = seq.size(0)
         mb_size = B // cfg.num_minibatches
         micro_size = mb_size // cfg.gradient_accumulation_steps
@@ -587,29 +587,27 @@ def main(cfg: Config) -> dict:
             perm = torch.randperm(B, generator=minibatch_gen).tolist()
             for start in range(0, B, mb_size):
                 mb = perm[start:start + mb_size]
-                # token-mean over the real tokens of the global minibatch; * world_size undoes FSDP's gradient mean
-                token_count = common.all_reduce_sum(mask[mb].sum()) / world_size
+                # the loss is a mean over the real tokens of the global minibatch (every micro-batch, every rank)
+                token_count = common.all_reduce_sum(response_mask[mb].sum())
                 for mstart in range(0, mb_size, micro_size):
                     idx = torch.tensor(mb[mstart:mstart + micro_size], device=device)
-                    m = mask[idx]
-                    with autocast():
+                    mb_mask = response_mask[idx]  # (b, R)
+                    with common.autocast(device, amp_dtype):
                         new_logprobs, entropy = common.sequence_logprobs(actor, seq[idx], seq_mask[idx], P,
                                                                          cfg.temperature, return_entropy=True)
                         new_values = critic_values(critic, seq[idx], seq_mask[idx], P).float()
-                    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, cfg.cliprange,
-                                                    token_count)
-                    vf_loss, vf_stats = value_loss(new_values, values[idx], returns[idx], m, cfg.cliprange_value,
+                    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask,
+                                                    cfg.cliprange, token_count)
+                    vf_loss, vf_stats = value_loss(new_values, values[idx], returns[idx], mb_mask, cfg.cliprange_value,
                                                    token_count)
-                    entropy_sum = common.masked_sum(entropy, m)
+                    entropy_sum = common.masked_sum(entropy, mb_mask)
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy_sum / token_count
-                    loss.backward()
-                    stats["pg_loss"] += pg_loss.detach() * token_count
-                    stats["vf_loss"] += vf_loss.detach() * token_count
-                    stats["approxkl"] += pg_stats["approxkl"]
-                    stats["clipfrac"] += pg_stats["clipfrac"]
-                    stats["vf_clipfrac"] += vf_stats["clipfrac"]
-                    stats["entropy"] += entropy_sum.detach()
-                    stats["tokens"] += m.sum()
+                    (loss * world_size).backward()  # FSDP averages gradients over ranks; * world_size makes it a sum
+                    for key, value in (("pg_loss", pg_loss * token_count), ("vf_loss", vf_loss * token_count),
+                                       ("approxkl", pg_stats["approxkl_sum"]), ("clipped", pg_stats["clipped_tokens"]),
+                                       ("vf_clipped", vf_stats["clipped_tokens"]), ("entropy", entropy_sum),
+                                       ("trained_tokens", mb_mask.sum())):
+                        sums[key] = sums[key] + value.detach().double()
                 torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
                 for opt, sched in zip(optimizers, schedulers):
@@ -618,35 +616,41 @@ def main(cfg: Config) -> dict:
                     opt.zero_grad(set_to_none=True)
         t_train = time.time() - t0
 
-        # ---- 6. log --------------------------------------------------------------------------------------------
+        # ---- 6. log: one reduction of this rank's sums, one gather of the scores -----------------------------------
         episodes += cfg.rollout_batch_size * cfg.num_samples_per_prompt
-        stats = {k: common.all_reduce_sum(v) for k, v in stats.items()}
-        n_tok = stats.pop("tokens").clamp(min=1)
-        kl_seq = common.all_reduce_sum(torch.stack([kl.sum(), non_score.sum(), mask.sum(), ended.float().sum()]))
-        n_seq = B * world_size
-        all_raw = torch.cat(common.gather_lists([raw_scores[scored].cpu()]))  # of the scored samples of all ranks
-        all_scores = torch.cat(common.gather_lists([scores[scored].cpu()]))
-        per_fn_means = {f"rewards/{name}": float(np.mean(scored_values)) if scored_values else math.nan
-                        for name, scored_values in ((name, [v for v in common.gather_lists(per_fn[name])
-                                                            if v is not None]) for name in reward_fns)}
-        mean_kl = kl_seq[0].item() / n_seq
-        var_returns = common.masked_var(returns, mask, distributed=True)
-        var_residual = common.masked_var(returns - values, mask, distributed=True)
+        residual = returns - values
+        sums.update({k: v.double() for k, v in (
+            ("kl", kl.sum()), ("non_score", non_score.sum()), ("response_tokens", response_mask.sum()),
+            ("ended", ended.float().sum()), ("returns", (returns * response_mask).sum()),
+            ("returns_sq", (returns ** 2 * response_mask).sum()), ("residual", (residual * response_mask).sum()),
+            ("residual_sq", (residual ** 2 * response_mask).sum()))})
+        totals = dict(zip(sums, common.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
+        gathered = common.gather_lists([{"raw": raw_scores[scored].tolist(), "scores": scores[scored].tolist(),
+                                         **{name: per_fn[name] for name in reward_fns}}])
+        all_raw = np.asarray([v for part in gathered for v in part["raw"]])  # the scored samples of every rank
+        all_scores = np.asarray([v for part in gathered for v in part["scores"]])
+        n_seq, n_tok = B * world_size, max(1.0, totals["trained_tokens"])
+
+        def token_var(total: float, squares: float) -> float:  # unbiased variance over the real tokens of all ranks
+            n = max(2.0, totals["response_tokens"])
+            return (squares - total ** 2 / n) / (n - 1)
+
         metrics = {
-            "objective/scores": all_raw.mean().item(), "objective/scores_std": all_raw.std().item(),
-            "objective/unscored": n_seq - len(all_raw), **per_fn_means,
-            **{f"objective/scores_p{q}": float(np.percentile(all_raw.numpy(), q)) for q in (10, 50, 90)},
-            "objective/normalized_scores": all_scores.mean().item(),
-            "objective/kl": mean_kl, "objective/non_score_reward": kl_seq[1].item() / n_seq,
-            "objective/rlhf_reward": all_scores.mean().item() + kl_seq[1].item() / n_seq,
-            "objective/entropy": (stats["entropy"] / n_tok).item(),
-            "policy/approxkl": (stats["approxkl"] / n_tok).item(),
-            "policy/clipfrac": (stats["clipfrac"] / n_tok).item(),
-            "loss/policy": (stats["pg_loss"] / n_tok).item(), "loss/value": (stats["vf_loss"] / n_tok).item(),
-            "val/clipfrac": (stats["vf_clipfrac"] / n_tok).item(),
-            "val/explained_variance": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),
+            "objective/scores": all_raw.mean(), "objective/scores_std": all_raw.std(ddof=1),
+            "objective/unscored": n_seq - len(all_raw),
+            **{f"rewards/{name}": np.mean([v for part in gathered for v in part[name] if v is not None] or [math.nan])
+               for name in reward_fns},
+            **{f"objective/scores_p{q}": float(np.percentile(all_raw, q)) for q in (10, 50, 90)},
+            "objective/normalized_scores": all_scores.mean(),
+            "objective/kl": totals["kl"] / n_seq, "objective/non_score_reward": totals["non_score"] / n_seq,
+            "objective/rlhf_reward": all_scores.mean() + totals["non_score"] / n_seq,
+            "objective/entropy": totals["entropy"] / n_tok, "policy/approxkl": totals["approxkl"] / n_tok,
+            "policy/clipfrac": totals["clipped"] / n_tok, "loss/policy": totals["pg_loss"] / n_tok,
+            "loss/value": totals["vf_loss"] / n_tok, "val/clipfrac": totals["vf_clipped"] / n_tok,
+            "val/explained_variance": 1 - token_var(totals["residual"], totals["residual_sq"]) / max(
+                1e-8, token_var(totals["returns"], totals["returns_sq"])),
             **sampling,  # of rank 0's rollout batch
-            "response_length": kl_seq[2].item() / n_seq, "eos_rate": kl_seq[3].item() / n_seq,
+            "response_length": totals["response_tokens"] / n_seq, "eos_rate": totals["ended"] / n_seq,
             "beta": kl_coef, "lr": schedulers[0].get_last_lr()[0], "episodes": episodes,
             "episodes_per_s": episodes / (time.time() - t_start),
             "time/generate": t_generate, "time/score": t_score, "time/train": t_train,
@@ -657,7 +661,7 @@ def main(cfg: Config) -> dict:
             for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
                 print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
         if kl_ctl is not None:
-            kl_ctl.update(mean_kl, cfg.rollout_batch_size * cfg.num_samples_per_prompt)
+            kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size * cfg.num_samples_per_prompt)
             kl_coef = kl_ctl.value
         if iteration % cfg.eval_every == 0 and iteration != num_iterations:
             evaluate(iteration)

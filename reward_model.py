@@ -333,7 +333,7 @@ def collate(batch: list[dict], pad_token_id: int, device):
 def example_scores_and_losses(model, batch: list[dict], cfg: Config, device, amp_dtype, pad_token_id: int):
     """(scores (B, K) best first, list_mask (B, K), per-example losses (B,)) of a batch, in one forward pass."""
     input_ids, attention_mask, index, list_mask, margins = collate(batch, pad_token_id, device)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with common.autocast(device, amp_dtype):
         flat_scores = common.get_scores(model, input_ids, attention_mask, normalize=False)  # (N,) at the last token
     scores = flat_scores[index]  # (B, K)
     if cfg.loss == "pairwise":
@@ -434,7 +434,7 @@ def policy_sample_scores(policy, model, tokenizer, prompts: list[list[int]], num
     for b in range(n_batches):
         batch = work[b * cfg.per_device_batch_size:(b + 1) * cfg.per_device_batch_size]
         prompt_ids, prompt_mask = common.left_pad(batch or prompts[:1], tokenizer.pad_token_id, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with common.autocast(device, amp_dtype):
             responses, response_mask = common.generate(policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
                                                        tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                        cfg.temperature, 0, 1.0, gen, sync_ranks=True)
@@ -490,9 +490,7 @@ def main(cfg: Config) -> dict:
     model = common.shard_model(model, amp_dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
+    scheduler = common.lr_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
     batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
     # this rank's sums since the last log: loss, examples, correct pairs, pairs, r_better - r_worse, scores,
     # scores^2, number of scores

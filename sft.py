@@ -260,7 +260,7 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
     nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
     shard = eval_examples[rank::world_size]
     for i in range(0, len(shard), cfg.per_device_batch_size):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with common.autocast(device, amp_dtype):
             batch = collate(shard[i:i + cfg.per_device_batch_size], tokenizer.pad_token_id, device)
             s, n = token_nll_sum(model, *batch)
         nll, count = nll + s.float(), count + n
@@ -274,14 +274,13 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
         picked = [(rank * n + i) % len(prompts) for i in range(n)]
         batch_prompts = [prompts[j] for j in picked]
         query, query_mask = common.left_pad([prompt_ids[j] for j in picked], tokenizer.pad_token_id, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with common.autocast(device, amp_dtype):
             responses, response_mask = common.generate(
                 model, query, query_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                 cfg.temperature, 0, cfg.top_p, gen, sync_ranks=True)
             seq = torch.cat([query, responses], 1)
             seq_mask = torch.cat([query_mask, response_mask], 1)
-            logits = model(input_ids=seq, attention_mask=seq_mask, position_ids=common.position_ids_from_mask(seq_mask),
-                           use_cache=False).logits[:, query.size(1) - 1:-1]
+            logits = common.response_logits(model, seq, seq_mask, query.size(1))  # (B, R, V)
         diag = common.sampling_diagnostics(logits, responses, response_mask, cfg.temperature)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         sums = {f"eval/{k}".replace("eval/sampling/", "sampling/"): v * n for k, v in diag.items()}  # over samples
@@ -359,9 +358,7 @@ def main(cfg: Config) -> dict:
     model = common.shard_model(model, amp_dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: common.cosine_schedule(s, total_steps, warmup, cfg.lr_scheduler))
+    scheduler = common.lr_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
     batches = common.BatchOrder(len(examples), global_batch, cfg.seed)  # same on every rank: the global batch
     tokens_seen, train_time, wall_time, start_step = 0, 0.0, 0.0, 0
     if resume_from is not None:
@@ -388,7 +385,7 @@ def main(cfg: Config) -> dict:
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         for input_ids, attention_mask, labels in micro_batches:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 nll, _ = token_nll_sum(model, input_ids, attention_mask, labels)
             # FSDP averages gradients over ranks, hence * world_size: the result is d(sum nll / global_tokens)
             (nll / global_tokens * world_size).backward()

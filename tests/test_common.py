@@ -403,16 +403,16 @@ def test_sampling_diagnostics_on_hand_made_distribution():
     assert d["sampling/entropy"] == pytest.approx(math.log(4), abs=1e-4)
 
 
-def test_cosine_schedule_shape():
+def test_lr_multiplier_shape():
     total, warmup = 100, 10
-    lrs = [common.cosine_schedule(s, total, warmup) for s in range(total + 1)]
+    lrs = [common.lr_multiplier(s, total, warmup) for s in range(total + 1)]
     assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
     assert lrs[warmup] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert all(x >= y for x, y in zip(lrs[warmup:], lrs[warmup + 1:]))  # monotone decay
-    assert common.cosine_schedule(55, total, warmup, "linear") == pytest.approx(1 - 45 / 90)
-    assert common.cosine_schedule(99, total, warmup, "constant") == 1.0
+    assert common.lr_multiplier(55, total, warmup, "linear") == pytest.approx(1 - 45 / 90)
+    assert common.lr_multiplier(99, total, warmup, "constant") == 1.0
 
 
 def test_evaluate_policy_metrics(tmp_path):

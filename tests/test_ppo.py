@@ -136,8 +136,8 @@ def test_policy_loss_hand_example_and_zero_gradient_where_clipped():
     #   A=-1 r=0.5 -> max(0.5, 0.8) = 0.8 clipped     |  A=-1 r=1.5 -> max(1.5, 1.2) = 1.5
     #   A=+2 r=1.1 -> -2.2 (inside the clip range)
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5 - 2.2) / 5, abs=1e-12)
-    assert stats["clipfrac"].item() == 2  # a sum over real tokens; main divides by the token count
-    assert stats["approxkl"].item() == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in [1.5, 0.5, 0.5, 1.5, 1.1]))
+    assert stats["clipped_tokens"].item() == 2  # a count of real tokens; main divides by the token count
+    assert stats["approxkl_sum"].item() == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in [1.5, 0.5, 0.5, 1.5, 1.1]))
     loss.backward()
     # d(-A r)/d logprob = -A r where unclipped; exactly 0 where clipped and on padding
     expected_grad = [0.0, -0.5 / 5, 0.0, 1.5 / 5, -2.2 / 5, 0.0]
@@ -159,7 +159,7 @@ def test_value_loss_hand_example_and_zero_gradient_where_clipped():
     #   V=.5 R=1 -> max(.25, .64) clipped | V=.5 R=0 -> max(.25, .04) | V=.1 R=1 -> .81 (inside)
     #   V=-.5 R=-1 -> max(.25, .64) clipped
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81 + 0.64) / 4, abs=1e-12)
-    assert stats["clipfrac"].item() == 2
+    assert stats["clipped_tokens"].item() == 2
     loss.backward()
     np.testing.assert_allclose(values.grad[0].numpy(), [0.0, 0.5 / 4, -0.9 / 4, 0.0, 0.0], atol=1e-12)
 
@@ -184,7 +184,7 @@ def test_masking_padding_changes_no_advantage_loss_or_statistic():
         adv = common.masked_whiten(adv, mask)
         pg, pg_stats = ppo.policy_loss(new_lp, lp, adv, mask, eps, mask.sum())
         vf, vf_stats = ppo.value_loss(new_v, v * mask, ret, mask, eps, mask.sum())
-        return [adv, ret, pg, vf, pg_stats["approxkl"], pg_stats["clipfrac"], vf_stats["clipfrac"]]
+        return [adv, ret, pg, vf, pg_stats["approxkl_sum"], pg_stats["clipped_tokens"], vf_stats["clipped_tokens"]]
 
     for a, b in zip(pipeline(garbage), pipeline(garbage)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
