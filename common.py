@@ -189,6 +189,29 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def rank_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def micro_batches(global_batch: list[int], per_device_batch_size: int) -> list[list[int]]:
+    """This rank's strided share of a global batch of indices, in micro-batches of per_device_batch_size (a global
+    batch is per_device_batch_size x accumulation steps x world size, so every rank gets the same number)."""
+    rank, world = rank_info()
+    local = global_batch[rank::world]
+    return [local[i:i + per_device_batch_size] for i in range(0, len(local), per_device_batch_size)]
+
+
+def rank_batches(n: int, batch_size: int) -> list[list[int]]:
+    """This rank's strided share of the items 0 ... n - 1 (an evaluation), in batches of at most batch_size, with the
+    same number of batches on every rank: FSDP needs every rank in every forward pass, so a rank whose share runs out
+    gets empty batches, for which it runs the forward on any item and discards the result."""
+    rank, world = rank_info()
+    share = list(range(n))[rank::world]
+    n_batches = math.ceil(math.ceil(n / world) / batch_size)
+    return [share[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+
+
 def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2: shard every transformer block, then the root, across all ranks. No-op in a single process.
 
@@ -1642,22 +1665,17 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_id
     sampling temperature); eos_rate, response_length, distinct_completions, num_samples; plus the per-sample lists
     under "per_sample" (prompt, completion, proxy, kl, eos, length, each function's scores and the total as "reward").
     Each rank evaluates a strided share of the (prompt, sample) pairs; all ranks return the same metrics."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, _ = rank_info()
     reward_fns = reward_fns or {}
     was_training = policy.training
     policy.eval()
     if prompt_token_ids is None:
         prompt_token_ids = [render_prompt(p, tokenizer)[1] for p in prompts]
-    work = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)][rank::world]
     gen = torch.Generator(device=device).manual_seed(seed + rank)
-    n_batches = math.ceil(len(work) / batch_size)
-    if world > 1:  # every rank must run the same number of (FSDP) forward passes
-        n_batches = max(gather_lists([n_batches]))
     rows = {k: [] for k in ("prompt", "completion", "proxy", "kl", "eos", "length", "reward", *reward_fns)}
-    for b in range(n_batches):
-        idx = work[b * batch_size:(b + 1) * batch_size] or work[:1] or [0]  # a dummy batch keeps ranks in step
-        real = b * batch_size < len(work)
+    for work in rank_batches(len(prompts) * samples_per_prompt, batch_size):  # (prompt, sample) pairs
+        idx = [w // samples_per_prompt for w in work or [0]]  # an empty share runs on a dummy prompt, discarded
+        real = bool(work)
         batch = [prompts[i] for i in idx]
         prompt_ids, prompt_mask = left_pad([prompt_token_ids[i] for i in idx], tokenizer.pad_token_id, device)
         with autocast(device, amp_dtype):

@@ -319,15 +319,10 @@ def concatenated_logps(model, input_ids, attention_mask, response_mask, context_
 def all_pair_logps(model, examples, batch_size: int, pad_token_id: int, device, amp_dtype) -> torch.Tensor:
     """(N, 2) [chosen, rejected] sequence log-probs of every pair, on every rank. Each rank scores a strided share;
     all ranks run the same number of forward passes (FSDP needs every rank in every forward)."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     was_training = model.training
     model.eval()
-    share = list(range(len(examples)))[rank::world]
-    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
     local = []
-    for b in range(n_batches):
-        idx = share[b * batch_size:(b + 1) * batch_size]
+    for idx in common.rank_batches(len(examples), batch_size):
         with common.autocast(device, amp_dtype):
             c, r = concatenated_logps(model, *collate_pairs([examples[i] for i in idx or [0]], pad_token_id, device))
         local += [(i, float(lc), float(lr)) for i, lc, lr in zip(idx, c.float().tolist(), r.float().tolist())]
@@ -539,9 +534,8 @@ def main(cfg: Config) -> dict:
     # 3. training loop
     console = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "pairs_per_s")
     for step in range(start_step + 1, total_steps + 1):
-        local = batches.next()[rank::world_size]
         t0 = time.time()
-        for mb in (local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)):
+        for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size):
             batch = collate_pairs([examples[j] for j in mb], tokenizer.pad_token_id, device)
             with common.autocast(device, amp_dtype):
                 chosen_logps, rejected_logps = concatenated_logps(policy, *batch)

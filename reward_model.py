@@ -405,13 +405,11 @@ def evaluate(model, examples: list[dict], cfg: Config, device, amp_dtype, pad_to
     users see; identical to the raw ones before normalisation) on held-out examples; each rank scores a strided share,
     all get the result."""
     model.eval()
-    shard = examples[rank::world_size]
-    n_batches = math.ceil(math.ceil(len(examples) / world_size) / cfg.per_device_batch_size)  # same on every rank
     losses, diffs, scores = [], [], []
-    for b in range(n_batches):
-        batch = shard[b * cfg.per_device_batch_size:(b + 1) * cfg.per_device_batch_size]
-        s, mask, loss = example_scores_and_losses(model, batch or examples[:1], cfg, device, amp_dtype, pad_token_id)
-        if batch:  # an empty share still runs the forward: FSDP needs every rank in it
+    for idx in common.rank_batches(len(examples), cfg.per_device_batch_size):
+        batch = [examples[i] for i in idx or [0]]
+        s, mask, loss = example_scores_and_losses(model, batch, cfg, device, amp_dtype, pad_token_id)
+        if idx:  # an empty share still runs the forward: FSDP needs every rank in it
             s = (s - model.config.reward_mean) / model.config.reward_std
             losses += loss.tolist()
             diffs += pair_differences(s, mask).tolist()
@@ -427,20 +425,18 @@ def policy_sample_scores(policy, model, tokenizer, prompts: list[list[int]], num
     """Raw scores of num_samples responses sampled from the policy, prompts cycled in a seeded random order."""
     prompts = list(prompts)
     random.Random(cfg.seed).shuffle(prompts)
-    work = [prompts[i % len(prompts)] for i in range(num_samples)][rank::world_size]
-    n_batches = math.ceil(math.ceil(num_samples / world_size) / cfg.per_device_batch_size)  # same on every rank
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2000 + rank)
     scores = []
-    for b in range(n_batches):
-        batch = work[b * cfg.per_device_batch_size:(b + 1) * cfg.per_device_batch_size]
-        prompt_ids, prompt_mask = common.left_pad(batch or prompts[:1], tokenizer.pad_token_id, device)
+    for idx in common.rank_batches(num_samples, cfg.per_device_batch_size):  # prompts cycled
+        prompt_ids, prompt_mask = common.left_pad([prompts[i % len(prompts)] for i in idx or [0]],
+                                                  tokenizer.pad_token_id, device)
         with common.autocast(device, amp_dtype):
             responses, response_mask = common.generate(policy, prompt_ids, prompt_mask, cfg.max_new_tokens,
                                                        tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                        cfg.temperature, 0, 1.0, gen, sync_ranks=True)
             s = common.get_scores(model, torch.cat([prompt_ids, responses], 1),
                                   torch.cat([prompt_mask, response_mask], 1), normalize=False)
-        if batch:
+        if idx:
             scores += s.float().tolist()
     return common.gather_lists(scores)
 
@@ -512,10 +508,9 @@ def main(cfg: Config) -> dict:
     model.train()
     t_start = time.time()
     for step in range(start_step + 1, total_steps + 1):
-        local = batches.next()[rank::world_size]
         t0 = time.time()
-        for i in range(0, len(local), cfg.per_device_batch_size):
-            batch = [examples[j] for j in local[i:i + cfg.per_device_batch_size]]
+        for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size):
+            batch = [examples[j] for j in mb]
             scores, list_mask, losses = example_scores_and_losses(model, batch, cfg, device, amp_dtype,
                                                                   tokenizer.pad_token_id)
             # mean over the global batch; FSDP averages gradients over ranks, hence * world_size

@@ -258,12 +258,12 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
     """Eval loss / perplexity on held-out data, and the sampling space of completions of held-out prompts."""
     model.eval()
     nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    shard = eval_examples[rank::world_size]
-    for i in range(0, len(shard), cfg.per_device_batch_size):
-        with common.autocast(device, amp_dtype):
-            batch = collate(shard[i:i + cfg.per_device_batch_size], tokenizer.pad_token_id, device)
-            s, n = token_nll_sum(model, *batch)
-        nll, count = nll + s.float(), count + n
+    for idx in common.rank_batches(len(eval_examples), cfg.per_device_batch_size):
+        with common.autocast(device, amp_dtype):  # an empty share runs on a dummy example, counted as nothing
+            s, n = token_nll_sum(model, *collate([eval_examples[i] for i in idx or [0]], tokenizer.pad_token_id,
+                                                 device))
+        if idx:
+            nll, count = nll + s.float(), count + n
     nll, count = common.all_reduce_sum(nll), common.all_reduce_sum(count)
     metrics = {"eval/loss": (nll / count).item(), "eval/perplexity": math.exp(min(20.0, (nll / count).item()))}
 
@@ -375,11 +375,9 @@ def main(cfg: Config) -> dict:
     model.train()
     t_start, metrics = time.time() - wall_time, {}
     for step in range(start_step + 1, total_steps + 1):
-        batch_idx = batches.next()
         # this rank's micro-batches; the loss is normalised by the label tokens of the whole global batch
-        local = batch_idx[rank::world_size]
-        micro = [local[i:i + cfg.per_device_batch_size] for i in range(0, len(local), cfg.per_device_batch_size)]
-        micro_batches = [collate([examples[j] for j in mb], tokenizer.pad_token_id, device) for mb in micro]
+        micro_batches = [collate([examples[j] for j in mb], tokenizer.pad_token_id, device)
+                         for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size)]
         local_tokens = sum((lab[:, 1:] != -100).sum() for _, _, lab in micro_batches)
         global_tokens = common.all_reduce_sum(torch.as_tensor(local_tokens, device=device).float())
         t0 = time.time()
