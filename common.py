@@ -1451,11 +1451,13 @@ def _fmt(v) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sampling-space diagnostics (seed 002) and reward functions given as module:function
+# Sampling-space diagnostics and reward functions given as module:function
 # ---------------------------------------------------------------------------------------------------------------------
 def sampling_diagnostics(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
                          mass: float = 0.95) -> dict:
-    """Seed 002's measures of the size of the sampling space, averaged over real response tokens.
+    """Measures of the size of the sampling space, averaged over real response tokens: RL fine-tuning can only
+    re-weight what the policy samples, and it narrows that space (Kirk et al. 2023, "Understanding the effects of RLHF
+    on LLM generalisation and diversity").
 
     logits (B, R, V) of the policy at each response position, tokens (B, R) the sampled tokens, mask (B, R).
     nucleus_size: the number of most likely tokens needed to cover `mass` of the probability."""
@@ -1659,7 +1661,7 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_id
     prompt's row, passed to the reward functions (batch_columns). reward_fns: {name: (function, weight)}
     (load_reward_fns). Returns flat metrics: for each reward function f, f_mean / f_std / f_sem over the samples it
     scored and f_unscored (those it returned None for), and with a reward model f_proxy_agreement (the fraction of
-    sample pairs the reward model orders like f: the over-optimisation signal of seed 002); reward_mean / reward_std
+    sample pairs the reward model orders like f: the over-optimisation signal of Gao et al. 2022); reward_mean / reward_std
     (the weighted total) when there are several; proxy_reward_mean / std (the reward model, normalised); kl_to_ref (mean
     over samples of sum_t log pi(y_t) - log pi_ref(y_t): the k1 estimate of KL(pi || pi_ref) per sequence, at the
     sampling temperature); eos_rate, response_length, distinct_completions, num_samples; plus the per-sample lists

@@ -6,7 +6,7 @@
         --beta 0.1 --learning_rate 5e-7
     torchrun --nproc_per_node 8 dpo.py ...          # many GPUs (FSDP2)
 
-The reward-model-free alternative to PPO (seed 001, section 3). The KL-regularised RLHF objective
+The reward-model-free alternative to PPO (Rafailov et al. 2023, section 4). The KL-regularised objective
 max_pi E[r(x, y)] - beta * KL(pi || pi_ref) has the closed-form optimum
 pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + beta * log Z(x).
 Put into the Bradley-Terry likelihood of a preference y_w > y_l, Z(x) cancels and the policy is trained directly on

@@ -5,7 +5,8 @@
     python ppo.py --reward_fn toy_task:gold_reward          # a rule-based / verifiable reward instead of a model
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path ... --reward_model_path ... --prompts my_prompts.jsonl
 
-One iteration (seeds 000, 001, 003, 004):
+One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the implementation details of Huang et al. 2024,
+"The N+ implementation details of RLHF with PPO", and of OpenRLHF, Hu et al. 2024):
   1. rollout   y ~ pi_old(. | x) for a batch of prompts x; logprobs = log pi_old(y_t | x, y_<t) at the same temperature
   2. score     s = RM(x, y) read at the EOS token (or a reward function); penalty if the response never ended
   3. rewards   r_t = -beta * KL_t  (+ s on the last response token, the EOS itself, never on padding after it)
@@ -87,7 +88,7 @@ class Config:
     missing_eos_penalty: float = 1.0
     """subtracted from the score of responses that never emit EOS (cut off at max_new_tokens)"""
     score_norm: Literal["none", "running", "per_prompt"] = "none"
-    """score normalisation: running whitening over all scores seen so far, or seed 002's per-prompt
+    """score normalisation: running whitening over all scores seen so far, or the per-prompt
     r - mean(r of the same prompt) + global mean (needs num_samples_per_prompt > 1)"""
     score_clip: float = 0.0
     """clip scores to [-score_clip, score_clip] after normalisation (0 = off)"""
@@ -288,7 +289,7 @@ def value_loss(values, old_values, returns, response_mask, cliprange_value: floa
 
 def per_prompt_normalize(scores: torch.Tensor, group_size: int, global_mean: torch.Tensor | None = None,
                          scored: torch.Tensor | None = None):
-    """Seed 002: r - mean(r of the same prompt) + global mean, for scores (B,) laid out as consecutive groups of
+    """r - mean(r of the same prompt) + global mean (the group baseline of RLOO / GRPO, keeping the scale), for scores (B,) laid out as consecutive groups of
     group_size samples of one prompt. global_mean: the batch mean over all ranks (default: of these scores). scored
     (B,): the samples that have a score; a prompt's mean is over those only."""
     grouped = scores.view(-1, group_size)

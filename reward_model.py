@@ -7,15 +7,15 @@
         --learning_rate 1e-5 --max_length 1024
     torchrun --nproc_per_node 8 reward_model.py ...   # many GPUs (FSDP2)
 
-Stage two of RLHF (seeds 001, 003, 004): an outcome reward model r(x, y) scores a whole response. It is the SFT model
+Stage two of RLHF (Stiennon et al. 2020; Ouyang et al. 2022): an outcome reward model r(x, y) scores a whole response. It is the SFT model
 with a scalar head (AutoModelForSequenceClassification, num_labels=1) read at the last real token of
 [prompt | response <eos>], trained on comparisons that follow Bradley-Terry: P(y_w > y_l | x) = sigmoid(r_w - r_l).
 
 Math (r_k = r(x, y_k); each example of the global batch weighs the same, over all micro-batches and ranks):
     pairwise    loss = -log sigmoid(r_chosen - r_rejected - m)     m: optional per-row "margin" (Llama 2), default 0
     ranking     loss = -1 / C(K, 2) * sum_{i < j} log sigmoid(r_i - r_j)   for a list y_1 > y_2 > ... > y_K
-                (InstructGPT: the K(K-1)/2 comparisons of one prompt count as one example; seed 003 shows the same
-                sum without the log, which saturates instead of pushing wrong orderings apart)
+                (InstructGPT: the K(K-1)/2 comparisons of one prompt count as one example; the log matters: a plain
+                sum of sigmoids saturates instead of pushing wrong orderings apart)
     centering   + center_rewards_coef * (sum_k r_k)^2, i.e. (r_chosen + r_rejected)^2 for a pair (Eisenstein et al.
                 2023): the loss above only sees differences, this pins the free offset near 0
 After training the score is shifted (and optionally scaled) so that the SFT policy's own samples on training prompts
@@ -571,7 +571,7 @@ def main(cfg: Config) -> dict:
         final["accuracy_over_ceiling"] = final["accuracy"] / gold_stats["ceiling_accuracy"]
     eval_prompts = list({repr(ex["prompt"]): ex["prompt"] for ex in eval_examples}.values())
     if reward_fns and cfg.agreement_samples_per_prompt > 0 and eval_prompts:
-        # fresh policy samples of held-out prompts: does the RM order them like the known reward? (seed 002)
+        # fresh policy samples of held-out prompts: does the RM order them like the known reward? (Gao et al. 2022)
         agreement = common.evaluate_policy(policy, tokenizer, eval_prompts, device, reward_model=model,
                                            reward_fns=reward_fns, samples_per_prompt=cfg.agreement_samples_per_prompt,
                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

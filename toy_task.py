@@ -4,8 +4,9 @@
     python toy_task.py report              # compare runs/sft, best-of-N, runs/ppo, runs/dpo on held-out prompts
 
 No weights or datasets can be downloaded on the first machine of a user (or in CI), and RLHF should be seen working in
-minutes on a laptop. So, in the spirit of the sentiment task of seed 003 ("this movie was ..." continued by the policy
-and scored for sentiment), the project ships a closed-vocabulary review language:
+minutes on a laptop. So, in the spirit of the positive-sentiment continuation task of Ziegler et al. 2019 ("this
+movie was ..." continued by the policy and scored for sentiment), the project ships a closed-vocabulary review
+language:
 
     prompt      "honestly the camera was"
     completion  " not very good but the battery is excellent ."
@@ -27,7 +28,7 @@ Gold reward (`gold_reward`), on the words of the completion:
 The squashing, the repetition, relevance and length terms are structure that the SFT data rarely shows off (it never
 repeats or rambles), so a learned reward model that only picked up "positive words are good" can be exploited:
 "amazing amazing amazing ..." scores high under a naive proxy and low under the gold reward. That is the
-over-optimisation that the KL penalty of PPO / DPO is there to hold back (Gao et al. 2022, seed 002).
+over-optimisation that the KL penalty of PPO / DPO is there to hold back (Gao et al. 2022).
 
 Preferences are labelled like humans would, with Bradley-Terry noise: P(a preferred over b) = sigmoid(r*(a) - r*(b)).
 The gold reward itself only reaches a certain accuracy on such labels (the *ceiling*, reported in data/toy/stats.json).
