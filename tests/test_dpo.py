@@ -297,6 +297,8 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": toy_task.PROMPTS[0]}])
     plan = [("gpt2", "text", "sigmoid", 0.1, 0.0), ("llama", "conversational", "ipo", 0.0, 1.0),
             ("qwen2", "conversational_implicit", "hinge", 0.0, 0.0), ("gpt_neox", "text_implicit", "robust", 0.1, 0.0)]
+    # at step 1 the policy is the reference, h = 0: each variant's loss is known (beta = 0.1)
+    at_zero = {"sigmoid": math.log(2), "ipo": (1 / (2 * 0.1)) ** 2, "hinge": 1.0, "robust": math.log(2)}
     for arch, fmt, loss_type, eps, rpo_alpha in plan:
         data = write_jsonl(tmp_path / f"{fmt}.jsonl", formats[fmt])
         out = str(tmp_path / arch)
@@ -308,6 +310,15 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
         logs = read_metrics(out)
         assert [m["step"] for m in logs if "loss" in m] == [1, 2], arch
         assert all(math.isfinite(v) for m in logs for v in m.values() if isinstance(v, float)), arch
+        first = logs[0]
+        assert first["rewards/margins"] == pytest.approx(0, abs=1e-6) and first["rewards/accuracies"] == 0, arch
+        if rpo_alpha:  # plus the chosen responses' NLL per token, between its sum / longest and sum / shortest
+            tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
+            lengths = [len(c) for _, c, _ in dpo.build_dataset(common.load_rows(data), tok, dpo.Config())[0]]
+            nll = -first["logps/chosen"]
+            assert nll / max(lengths) <= (first["loss"] - at_zero[loss_type]) / rpo_alpha <= nll / min(lengths)
+        else:
+            assert first["loss"] == pytest.approx(at_zero[loss_type], rel=1e-5), arch
         assert math.isfinite(final["kl_to_ref"]) and 0 <= final["accuracy"] <= 1, arch
         reloaded = AutoModelForCausalLM.from_pretrained(out)
         assert reloaded.config.model_type == arch

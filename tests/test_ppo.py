@@ -378,6 +378,8 @@ def test_end_to_end_k2_running_norm_and_more_options(toy_sft_checkpoint, toy_rew
     for r in train:
         assert r["objective/kl"] >= 0 and all(math.isfinite(r[k]) for k in PPO_KEYS)
     assert train[0]["policy/approxkl"] > 0  # 2 epochs x 2 minibatches: later minibatches see a moved policy
+    # 2 iterations x 2 epochs x 2 minibatches = 8 updates, the first 4 in warmup, then cosine decay to 0
+    assert [r["lr"] for r in train] == pytest.approx([cfg.learning_rate, 0.0], abs=1e-12)
     assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 
