@@ -1581,11 +1581,6 @@ def distinct_fraction(texts: list[str]) -> float:
     return len(set(texts)) / max(1, len(texts))
 
 
-def mean_std(xs) -> tuple[float, float]:
-    xs = np.asarray(xs, dtype=np.float64)
-    return float(xs.mean()), float(xs.std())
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring responses and evaluating a policy (shared by ppo.py, dpo.py and the toy report, so they compare)
 # ---------------------------------------------------------------------------------------------------------------------

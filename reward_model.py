@@ -557,7 +557,7 @@ def main(cfg: Config) -> dict:
         prompts = sorted({tuple(ex["prompt_ids"]) for ex in examples})
         raw = policy_sample_scores(policy, model, tokenizer, [list(p) for p in prompts], cfg.normalize_samples, cfg,
                                    device, amp_dtype, rank, world_size)
-        reward_mean, sample_std = common.mean_std(raw)
+        reward_mean, sample_std = float(np.mean(raw)), float(np.std(raw))
         reward_std = sample_std if cfg.normalize_scale else 1.0
     model.config.reward_mean, model.config.reward_std = reward_mean, reward_std  # on every rank: get_scores reads it
 
