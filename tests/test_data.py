@@ -5,15 +5,13 @@ data, strict JSON outputs and the grouped --help."""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, chatml_tokenizer, toy_tokenizer_with_chat
+from conftest import chatml_tokenizer, toy_tokenizer_with_chat
 
 import common
 import sft
-import toy_task
 
 USER = {"role": "user", "content": "What is two plus two?"}
 ANSWER = {"role": "assistant", "content": "Four."}
@@ -86,10 +84,14 @@ def test_source_errors_name_the_option(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "plain")
     with pytest.raises(common.InputError, match="not one written by datasets' save_to_disk"):
         common.load_rows(str(tmp_path / "plain"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    def offline(*args, **kwargs):  # what the hub answers here: no network
+        raise ConnectionError("Couldn't reach 'someone/no-such-dataset' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(common.InputError, match="--dataset someone/no-such-dataset: not a local file and cannot be "
-                                                "loaded from the Hugging Face hub"):
+                                                "loaded from the Hugging Face hub \\(ConnectionError: Couldn't reach"):
         common.load_rows("someone/no-such-dataset")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
     with pytest.raises(common.InputError, match=r"needs the `datasets` package \(pip install datasets\)"):
@@ -259,15 +261,15 @@ def test_strict_json_everywhere(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["sft", "reward_model", "dpo", "ppo"])
-def test_help_opens_with_the_script_and_groups_options(script):
-    out = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120).stdout
-    first_line = open(os.path.join(ROOT, f"{script}.py")).readline().strip('"\n ')
-    assert first_line in out
-    groups = re.findall(r"─ ([\w-]+) options ─", out)
-    assert groups[:3] == ["model", "data", groups[2]] and {"checkpoints", "logging"} <= set(groups)
+def test_help_opens_with_the_script_and_groups_options(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        common.parse_grouped(module.Config, ["--help"])
+    out = capsys.readouterr().out
+    assert module.__doc__.splitlines()[0] in out
+    groups = re.findall(r"^[ ─╭]*([\w-]+) options[ ─╮]*$", out, flags=re.M)  # boxes on a terminal, plain here
+    assert groups[:2] == ["model", "data"] and {"checkpoints", "logging"} <= set(groups)
     assert "--learning-rate" in out and "(default: " in out
-    assert toy_task.gold_reward([[USER]], [[ANSWER]]) == toy_task.gold_reward(["What is two plus two?"], ["Four."])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def short_run(script: str, tmp_path, sft_ckpt: str, rm_ckpt: str) -> dict:
                     eval_samples_per_prompt=2, max_new_tokens=6, save_every=2)
     return dict(model_name_or_path=sft_ckpt, reward_model_path=rm_ckpt,
                 eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "prompts.jsonl", 2),
-                rollout_batch_size=8, num_samples_per_prompt=2, max_new_tokens=6, max_steps=12, eval_every=5,
+                rollout_batch_size=8, num_samples_per_prompt=2, max_new_tokens=6, max_steps=8, eval_every=5,
                 eval_samples_per_prompt=1, save_every=2, adaptive_kl=True, kl_horizon=100, score_norm="running")
 
 
