@@ -18,6 +18,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <e
                  "{% if add_generation_prompt %}assistant :{% endif %}")
 
 
+def head_jsonl(src: str, dst, n: int) -> str:
+    """The first n lines of a file of the repository (e.g. data/toy/sft_train.jsonl) written to dst."""
+    with open(os.path.join(ROOT, src)) as f:
+        lines = [next(f) for _ in range(n)]
+    with open(dst, "w") as f:
+        f.writelines(lines)
+    return str(dst)
+
+
 def toy_tokenizer_with_chat():
     tok = toy_task.build_tokenizer()
     tok.add_tokens(["user", "assistant", "system", ":"])

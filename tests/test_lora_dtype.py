@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, ROOT
+from conftest import ARCHS, ROOT, head_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -27,14 +27,6 @@ LORA = dict(lora_r=4, lora_alpha=8.0)
 
 def lora_config(**kw):
     return sft.Config(**{**LORA, **kw})
-
-
-def head_jsonl(src: str, dst, n: int) -> str:
-    with open(os.path.join(ROOT, src)) as f:
-        lines = [next(f) for _ in range(n)]
-    with open(dst, "w") as f:
-        f.writelines(lines)
-    return str(dst)
 
 
 def batch_of(tok, texts=("the phone was very good .", "honestly the movie was bad", "this book is")):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, head_jsonl
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -24,14 +24,6 @@ import sft
 SCRIPTS = {"sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo}
 TIMING = ("_per_s", "time/", "wall_time_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # in-process tests run with 1 thread too
-
-
-def head_jsonl(src: str, dst, n: int) -> str:
-    with open(os.path.join(ROOT, src)) as f:
-        lines = [next(f) for _ in range(n)]
-    with open(dst, "w") as f:
-        f.writelines(lines)
-    return str(dst)
 
 
 def without_timing(row: dict) -> dict:
