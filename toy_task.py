@@ -331,9 +331,12 @@ def read_json(path: str):
 
 def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), samples_per_prompt: int = 8,
            num_prompts: int = 0, seed: int = 0, out_dir: str | None = None) -> dict:
-    """Evaluates SFT, best-of-N from SFT ranked by the reward model, PPO and DPO on the held-out prompts, prints a
-    table and writes runs/report.md (+ runs/report.png when matplotlib is installed). Missing stages are reported as
-    missing; the SFT checkpoint is required (everything is measured relative to it)."""
+    """Evaluates SFT, best-of-N from SFT ranked by the reward model, PPO, DPO, GRPO and every other grpo.py run in
+    runs_dir (a directory whose eval.json says "script": "grpo.py", e.g. runs/rloo) on the held-out prompts, prints a
+    table and writes runs/report.md (+ runs/report.png when matplotlib is installed). Every trained method is placed
+    against the best-of-N curve at its own KL (best-of-N's gold reward interpolated linearly in KL between the
+    best-of-N points). Missing stages are reported as missing; the SFT checkpoint is required (everything is
+    measured relative to it)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -341,7 +344,7 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     import common
 
     out_dir = out_dir or runs_dir
-    paths = {name: os.path.join(runs_dir, name) for name in ("sft", "reward_model", "ppo", "dpo")}
+    paths = {name: os.path.join(runs_dir, name) for name in ("sft", "reward_model", "ppo", "dpo", "grpo")}
     missing = {name: f"{path} not found: run `python {name}.py`" for name, path in paths.items()
                if not os.path.isdir(path)}
     if "sft" in missing:
@@ -353,10 +356,11 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     device = torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(paths["sft"])
-    sft = AutoModelForCausalLM.from_pretrained(paths["sft"]).eval()
+    load = lambda cls, path: common.from_pretrained(cls, path, "report").eval()  # noqa: E731 (adapter outputs too)
+    sft = load(AutoModelForCausalLM, paths["sft"])
     reward_model = None
     if "reward_model" not in missing:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(paths["reward_model"]).eval()
+        reward_model = load(AutoModelForSequenceClassification, paths["reward_model"])
     prompts = [r["prompt"] for r in (json.loads(l) for l in open(os.path.join(DATA_DIR, "prompts_eval.jsonl")))]
     prompts = prompts[:num_prompts] if num_prompts else prompts
     kw = dict(ref_policy=sft, reward_model=reward_model, reward_fns={"gold": (gold_reward, 1.0)}, max_new_tokens=16,
@@ -369,7 +373,7 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     pool = common.evaluate_policy(sft, tokenizer, prompts, device, samples_per_prompt=pool_size, **kw)
     pool["gold_reward_std"], pool["gold_reward_sem"] = pool["gold_std"], pool["gold_sem"]
     per = pool["per_sample"]
-    samples["sft"] = list(zip(per["prompt"], per["completion"], per["gold"]))[::pool_size][:3]
+    samples["SFT"] = list(zip(per["prompt"], per["completion"], per["gold"]))[::pool_size][:3]
     for n in best_of if reward_model is not None else (1,):
         golds, proxies, eos = [], [], []
         for j in range(len(prompts)):
@@ -388,17 +392,24 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     stats["sft_gold_reward_std"] = pool["gold_reward_std"]
     print(f"report: SFT pool of {pool_size} samples x {len(prompts)} held-out prompts ({time.time() - t0:.0f}s)", flush=True)
 
-    for name in ("ppo", "dpo"):
-        if name in missing:
-            continue
-        policy = AutoModelForCausalLM.from_pretrained(paths[name]).eval()
+    # trained policies: PPO, DPO, GRPO, then every other grpo.py output (any estimator, any setting) by name
+    methods = [(name.upper(), name) for name in ("ppo", "dpo", "grpo") if name not in missing]
+    for name in sorted(os.listdir(runs_dir)):
+        marker = os.path.join(runs_dir, name, "eval.json")
+        if name not in paths and os.path.exists(marker) and read_json(marker).get("script") == "grpo.py":
+            estimator = read_json(marker).get("advantage_estimator", "?")
+            methods.append((name if name == estimator else f"{name} ({estimator})", name))
+            paths[name] = os.path.join(runs_dir, name)
+    for method, name in methods:
+        policy = load(AutoModelForCausalLM, paths[name])
         m = common.evaluate_policy(policy, tokenizer, prompts, device, samples_per_prompt=samples_per_prompt, **kw)
         per = m["per_sample"]
-        samples[name] = list(zip(per["prompt"], per["completion"], per["gold"]))[::samples_per_prompt][:3]
-        rows.append({"method": name.upper(), "gold_reward_mean": m["gold_mean"],
+        samples[method] = list(zip(per["prompt"], per["completion"], per["gold"]))[::samples_per_prompt][:3]
+        rows.append({"method": method, "gold_reward_mean": m["gold_mean"],
                      "gold_reward_sem": m["gold_sem"], "proxy_reward_mean": m["proxy_reward_mean"],
-                     "kl_to_sft": m["kl_to_ref"], "eos_rate": m["eos_rate"], "num_samples": m["num_samples"]})
-        print(f"report: evaluated runs/{name}", flush=True)
+                     "kl_to_sft": m["kl_to_ref"], "eos_rate": m["eos_rate"], "num_samples": m["num_samples"],
+                     "distinct_completions": m["distinct_completions"], "run": name})
+        print(f"report: evaluated {paths[name]}", flush=True)
 
     rm_eval = os.path.join(paths["reward_model"], "eval.json")
     if os.path.exists(rm_eval):
@@ -407,16 +418,40 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     sft_row = rows[0]
     for r in rows:
         r["gain_in_sft_std"] = (r["gold_reward_mean"] - sft_row["gold_reward_mean"]) / stats["sft_gold_reward_std"]
+    # every trained method against the best-of-N curve at its own KL (Gao et al. 2022's frontier): best-of-N's gold
+    # reward interpolated linearly in KL between the neighbouring best-of-N points (SFT is the point at KL 0)
+    curve = sorted((r for r in rows if r["method"] == "SFT" or r["method"].startswith("best-of")),
+                   key=lambda r: r["kl_to_sft"])
+    last = curve[-1]
+    for r in rows[len(curve):]:
+        kl, gold = r["kl_to_sft"], r["gold_reward_mean"]
+        r["best_of_n_gold_at_kl"] = None
+        if len(curve) < 2:
+            r["vs_best_of_n"] = "no best-of-N curve (no reward model)"
+        elif kl <= last["kl_to_sft"]:
+            k = next(i for i in range(1, len(curve)) if kl <= curve[i]["kl_to_sft"])
+            lo, hi = curve[k - 1], curve[k]
+            # the sampled KL estimate can come out slightly negative near 0: the curve starts at SFT's point
+            w = max(0.0, (kl - lo["kl_to_sft"]) / (hi["kl_to_sft"] - lo["kl_to_sft"]))
+            r["best_of_n_gold_at_kl"] = lo["gold_reward_mean"] + w * (hi["gold_reward_mean"] - lo["gold_reward_mean"])
+            side = "above" if gold > r["best_of_n_gold_at_kl"] else "below"
+            r["vs_best_of_n"] = f"{side} ({gold - r['best_of_n_gold_at_kl']:+.2f})"
+        else:
+            side = "more" if gold > last["gold_reward_mean"] else "less"
+            r["vs_best_of_n"] = (f"beyond the curve's range (KL > {last['method']}'s {last['kl_to_sft']:.2f}; "
+                                 f"{side} gold than it)")
 
-    lines = ["| method | gold reward (mean +- s.e.) | gain (SFT std) | proxy reward | KL to SFT | EOS rate | samples |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | gold reward (mean +- s.e.) | gain (SFT std) | proxy reward | KL to SFT | EOS rate | samples "
+             "| vs best-of-N at its KL |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['gold_reward_mean']:.3f} +- {r['gold_reward_sem']:.3f} | "
                      f"{r['gain_in_sft_std']:+.2f} | {r['proxy_reward_mean']:.3f} | {r['kl_to_sft']:.2f} | "
-                     f"{r['eos_rate']:.3f} | {r['num_samples']} |")
+                     f"{r['eos_rate']:.3f} | {r['num_samples']} | {r.get('vs_best_of_n', '')} |")
     text = [f"# Toy RLHF report ({len(prompts)} held-out prompts)", "", *lines, ""]
     text.append(f"SFT gold reward std: {stats['sft_gold_reward_std']:.3f}. Best-of-N: N samples from SFT, the one the "
-                "reward model ranks highest; its KL to SFT is the analytic log N - (N-1)/N.")
+                "reward model ranks highest; its KL to SFT is the analytic log N - (N-1)/N. \"vs best-of-N\": the "
+                "method's gold reward minus best-of-N's at the same KL (linear in KL between the best-of-N points); "
+                "above the curve means more KL-efficient than best-of-N.")
     if "rm_accuracy" in stats:
         text.append(f"Reward model held-out accuracy: {stats['rm_accuracy']:.3f} (gold-label ceiling "
                     f"{stats['rm_ceiling_accuracy']:.3f}).")
@@ -425,7 +460,7 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     text += ["", "## Samples (prompt | completion, gold reward)", ""]
     for name, ss in samples.items():
         for p, c, g in ss:
-            text.append(f"- {name.upper()}: `{p} |{c}` ({g:+.2f})")
+            text.append(f"- {name}: `{p} |{c}` ({g:+.2f})")
     figure = plot_report(rows, paths, os.path.join(out_dir, "report.png"))
     text += ["", f"![reward vs KL]({os.path.basename(figure)})" if figure else
              "(no figure: matplotlib is not installed; `pip install matplotlib` to get runs/report.png)"]
@@ -438,8 +473,9 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
 
 
 def plot_report(rows: list[dict], paths: dict, out_path: str) -> str | None:
-    """Gold reward vs KL to SFT for every method (the reward/KL frontier of Gao et al. 2022), and PPO's proxy vs
-    gold reward over training (over-optimisation shows as the two curves parting). None without matplotlib."""
+    """Gold reward vs KL to SFT for every method (the reward/KL frontier of Gao et al. 2022; the PPO and GRPO
+    trajectories during training dotted), and PPO's and GRPO's proxy vs gold reward over training
+    (over-optimisation shows as the curves parting). None without matplotlib."""
     try:
         import matplotlib
 
@@ -452,25 +488,28 @@ def plot_report(rows: list[dict], paths: dict, out_path: str) -> str | None:
     ax1.errorbar([r["kl_to_sft"] for r in bon], [r["gold_reward_mean"] for r in bon],
                  yerr=[r["gold_reward_sem"] for r in bon], marker="o", label="SFT / best-of-N (RM-ranked)")
     for r in rows:
-        if r["method"] in ("PPO", "DPO"):
-            ax1.errorbar([r["kl_to_sft"]], [r["gold_reward_mean"]], yerr=[r["gold_reward_sem"]], marker="s",
-                         linestyle="", label=r["method"])
-    ppo_metrics = os.path.join(paths["ppo"], "metrics.jsonl")
-    if os.path.exists(ppo_metrics):
-        evals = [m for m in (json.loads(l) for l in open(ppo_metrics)) if "eval/gold_reward_mean" in m]
-        ax1.plot([m["eval/kl_to_ref"] for m in evals], [m["eval/gold_reward_mean"] for m in evals], ":", color="gray",
-                 label="PPO during training")
-        ax2.plot([m["step"] for m in evals], [m["eval/gold_reward_mean"] for m in evals], marker="o", label="gold")
-        ax2.plot([m["step"] for m in evals], [m["eval/proxy_reward_mean"] for m in evals], marker="o",
-                 label="proxy (reward model)")
+        if r not in bon:
+            ax1.errorbar([r["kl_to_sft"]], [r["gold_reward_mean"]], yerr=[r["gold_reward_sem"]],
+                         marker="s" if r["method"] in ("PPO", "DPO") else "^", linestyle="", label=r["method"])
+    for name, style in (("ppo", "o"), ("grpo", "^")):
+        metrics = os.path.join(paths.get(name, ""), "metrics.jsonl")
+        if not os.path.exists(metrics):
+            continue
+        evals = [m for m in (json.loads(l) for l in open(metrics)) if "eval/gold_reward_mean" in m]
+        ax1.plot([m["eval/kl_to_ref"] for m in evals], [m["eval/gold_reward_mean"] for m in evals], ":",
+                 color="gray", label=f"{name.upper()} during training")
+        ax2.plot([m["step"] for m in evals], [m["eval/gold_reward_mean"] for m in evals], marker=style,
+                 label=f"{name.upper()} gold")
+        ax2.plot([m["step"] for m in evals], [m["eval/proxy_reward_mean"] for m in evals], marker=style,
+                 linestyle="--", label=f"{name.upper()} proxy (reward model)")
     ax1.set_xlabel("KL to SFT (nats per response)")
     ax1.set_ylabel("gold reward (held-out prompts)")
     ax1.set_title("reward / KL frontier")
-    ax1.legend(fontsize=8)
-    ax2.set_xlabel("PPO iteration")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("iteration")
     ax2.set_ylabel("reward (held-out prompts)")
-    ax2.set_title("PPO: proxy vs gold reward")
-    ax2.legend(fontsize=8)
+    ax2.set_title("proxy vs gold reward during training")
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=100)

@@ -51,7 +51,7 @@ def test_report_table_with_missing_stages(tiny_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["SFT", "best-of-2", "best-of-4", "PPO"]
-    assert set(result["missing"]) == {"dpo"}
+    assert set(result["missing"]) == {"dpo", "grpo"}
     assert "dpo not found: run `python dpo.py`" in out
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["PPO"]["kl_to_sft"] == 0.0

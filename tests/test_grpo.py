@@ -1,0 +1,549 @@
+"""grpo.py against naive computations: per-group Python loops, per-sequence sums over real tokens, hand-worked clipped
+losses and overlong penalties, the GSPO formula with autograd, numpy statistics, end-to-end runs (toy, tiny random
+architectures, dynamic sampling replayed from the reward calls) and a 1-process run vs a 2-process gloo run."""
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+import grpo
+import toy_task
+
+TRAIN_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/min_length",
+              "completions/max_length", "completions/clipped_ratio", "entropy", "clip_ratio/low_mean",
+              "clip_ratio/high_mean", "loss/policy", "time/generate", "time/score", "time/train", "episodes_per_s"]
+EVAL_KEYS = ["gold_reward_mean", "proxy_reward_mean", "kl_to_ref", "eos_rate", "distinct_completions", "num_samples"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# naive references
+# ---------------------------------------------------------------------------------------------------------------------
+def naive_group_advantages(rewards: list, G: int, estimator: str) -> list:
+    """One group at a time, with the statistics module and explicit leave-one-out sums."""
+    out = []
+    for g in range(0, len(rewards), G):
+        r = rewards[g:g + G]
+        mean = sum(r) / G
+        for i, x in enumerate(r):
+            if estimator == "grpo":
+                out.append((x - mean) / (statistics.stdev(r) + 1e-4))
+            elif estimator == "dr_grpo":
+                out.append(x - mean)
+            else:  # rloo
+                out.append(x - sum(r[j] for j in range(G) if j != i) / (G - 1))
+    return out
+
+
+def padded_batch(lengths, R, seed=0):
+    """(mask (B, R) float64, real(scale) -> random (B, R), fill(x) -> x with garbage after each length)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths], dtype=torch.float64)
+    real = lambda scale=1.0: torch.randn(len(lengths), R, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    fill = lambda x, value=1e6: torch.where(mask.bool(), x, value)  # noqa: E731
+    return mask, real, fill
+
+
+REWARDS = [1.0, 2.0, 3.5, -1.0,   # distinct
+           0.5, 0.5, 2.0, 2.0,    # ties
+           3.0, 3.0, 3.0, 3.0]    # all equal: zero advantage, no division by zero
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# advantage estimators
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("G", [4, 2])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_match_naive_per_group_loop(estimator, G):
+    rewards = torch.tensor(REWARDS, dtype=torch.float64)
+    fn = {"grpo": lambda r: grpo.group_advantages(r, G), "dr_grpo": lambda r: grpo.group_advantages(r, G, False),
+          "rloo": lambda r: grpo.rloo_advantages(r, G)}[estimator]
+    np.testing.assert_allclose(fn(rewards).numpy(), naive_group_advantages(REWARDS, G, estimator), rtol=1e-12,
+                               atol=1e-12)
+    assert (fn(rewards)[-4:] == 0).all()  # the last groups hold equal rewards
+    if estimator == "rloo":  # closed form: G / (G - 1) (r - mean)
+        np.testing.assert_allclose(fn(rewards).numpy(),
+                                   (G / (G - 1) * grpo.group_advantages(rewards, G, False)).numpy(), rtol=1e-12)
+    if G == 2 and estimator == "grpo":  # two rewards a < b: -+ ((b - a) / 2) / (sample std (b - a) / sqrt(2) + eps)
+        assert fn(torch.tensor([1.0, 3.0], dtype=torch.float64)).tolist() == \
+            pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)], rel=1e-12)
+
+
+@pytest.mark.parametrize("kl_in_reward", [0.0, 0.1])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_compute_advantages_matches_naive_loops_with_garbage_after_eos(estimator, kl_in_reward):
+    G, R, gamma = 4, 6, 0.9
+    lengths = [6, 2, 4, 1, 3, 3, 5, 6, 6, 1, 2, 4]
+    mask, real, fill = padded_batch(lengths, R)
+    kl = real(0.5)
+    scores = torch.tensor(REWARDS, dtype=torch.float64)
+    advantages = grpo.compute_advantages(estimator, scores, fill(kl), mask, G, kl_in_reward, gamma)
+    # naive: per-sequence Python lists of real tokens only
+    klr = [kl[i, :L].tolist() for i, L in enumerate(lengths)]
+    if estimator in grpo.GROUP_ESTIMATORS:
+        seq_rewards = [s - kl_in_reward * sum(k) for s, k in zip(REWARDS, klr)]
+        expected_seq = naive_group_advantages(seq_rewards, G, estimator)
+        expected = [[a] * L for a, L in zip(expected_seq, lengths)]
+    else:
+        s = list(REWARDS)
+        if estimator == "reinforce_pp_baseline":
+            s = [x - sum(REWARDS[i // G * G:i // G * G + G]) / G for i, x in enumerate(REWARDS)]
+        returns = []
+        for i, L in enumerate(lengths):
+            r = [-kl_in_reward * k for k in klr[i]]
+            r[-1] += s[i]  # the score on the last real token
+            returns.append([sum(gamma ** (k - t) * r[k] for k in range(t, L)) for t in range(L)])
+        flat = np.concatenate(returns)
+        mean, std = flat.mean(), flat.std(ddof=1)
+        expected = [list((np.array(x) - mean) / math.sqrt(std ** 2 + 1e-8)) for x in returns]
+    for i, L in enumerate(lengths):
+        np.testing.assert_allclose(advantages[i, :L].numpy(), expected[i], rtol=1e-9, atol=1e-9)
+        assert (advantages[i, L:] == 0).all()
+
+
+def test_reinforce_pp_returns_match_sum_over_real_tokens():
+    lengths, R, gamma = [5, 1, 3], 5, 0.8
+    mask, real, fill = padded_batch(lengths, R, seed=3)
+    rewards = real()
+    returns = grpo.reinforce_pp_returns(fill(rewards), mask, gamma)
+    for i, L in enumerate(lengths):
+        r = rewards[i, :L].tolist()
+        expected = [sum(gamma ** (k - t) * r[k] for k in range(t, L)) for t in range(L)]
+        np.testing.assert_allclose(returns[i, :L].numpy(), expected, rtol=1e-12)
+        assert (returns[i, L:] == 0).all()
+
+
+def test_kl_penalty_and_rewards_with_kl():
+    g = torch.Generator().manual_seed(0)
+    logprobs, ref_logprobs = -torch.rand(3, 6, generator=g, dtype=torch.float64) * 5, \
+        -torch.rand(3, 6, generator=g, dtype=torch.float64) * 5
+    lp, ref = logprobs.numpy(), ref_logprobs.numpy()
+    np.testing.assert_allclose(grpo.kl_penalty(logprobs, ref_logprobs, "k1").numpy(), lp - ref)
+    np.testing.assert_allclose(grpo.kl_penalty(logprobs, ref_logprobs, "k2").numpy(), 0.5 * (lp - ref) ** 2)
+    np.testing.assert_allclose(grpo.kl_penalty(logprobs, ref_logprobs, "k3").numpy(),
+                               np.exp(ref - lp) - 1 - (ref - lp), rtol=1e-10)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    kl = torch.where(mask.bool(), grpo.kl_penalty(logprobs, ref_logprobs, "k1"), 1e6)
+    rewards = grpo.sequence_rewards_with_kl(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), kl, mask, 0.1)
+    for i, L in enumerate([3, 6, 1]):
+        expected = [-0.1 * (lp[i, t] - ref[i, t]) + (i + 1.0 if t == L - 1 else 0.0) for t in range(L)] + [0] * (6 - L)
+        np.testing.assert_allclose(rewards[i].numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loss aggregation, clipping, GSPO, overlong penalty
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_aggregate_loss_matches_formula_and_is_invariant_to_micro_batches(mode):
+    lengths, R, L_max = [7, 2, 5, 1], 8, 16
+    mask, real, fill = padded_batch(lengths, R, seed=1)
+    per_token = real()
+    loss = grpo.aggregate_loss(fill(per_token, float("inf")), mask, mode, max_len=L_max)
+    rows = [per_token[i, :L].tolist() for i, L in enumerate(lengths)]
+    if mode == "token_mean":  # DAPO: every token of the batch weighs the same
+        expected = sum(map(sum, rows)) / sum(lengths)
+    elif mode == "seq_mean_token_mean":  # GRPO: every response weighs the same
+        expected = sum(sum(r) / len(r) for r in rows) / len(rows)
+    else:  # Dr. GRPO: sum / (number of responses * L_max)
+        expected = sum(map(sum, rows)) / (len(rows) * L_max)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # micro-batches with the counts of the whole minibatch add up to the whole minibatch's loss
+    parts = [grpo.aggregate_loss(fill(per_token, float("inf"))[s], mask[s], mode, num_seqs=4, num_tokens=mask.sum(),
+                                 max_len=L_max) for s in (slice(0, 1), slice(1, 3), slice(3, 4))]
+    assert sum(p.item() for p in parts) == pytest.approx(expected, rel=1e-12)
+    # gradient only on real tokens, with each mode's weight
+    x = fill(per_token, 0.0).clone().requires_grad_(True)
+    grpo.aggregate_loss(x, mask, mode, max_len=L_max).backward()
+    for i, L in enumerate(lengths):
+        w = {"token_mean": 1 / sum(lengths), "seq_mean_token_mean": 1 / (4 * L),
+             "seq_mean_token_sum_norm": 1 / (4 * L_max)}[mode]
+        np.testing.assert_allclose(x.grad[i].numpy(), [w] * L + [0.0] * (R - L), rtol=1e-12)
+
+
+def test_asymmetric_clipping_hand_example_and_zero_gradient_exactly_where_clipped():
+    clip_low, clip_high = 0.2, 0.28
+    ratio = torch.tensor([[1.5, 1.25, 0.5, 0.5, 0.7, 1.25, 1.5, 0.9, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1e6]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -1.5, -2.0, -0.7, -1.1, -2.0]], dtype=torch.float64)
+    logprobs = old + ratio.log()
+    logprobs[0, 8] = 900.0  # garbage on padding: exp(902) overflows, must not matter
+    logprobs.requires_grad_(True)
+    per_token, r, is_low, is_high = grpo.clipped_surrogate(logprobs, old, adv, mask, clip_low, clip_high)
+    # by hand, max(-A r, -A clip(r, 0.8, 1.28)):
+    #   A=+1: r=1.5 -> -1.28 (clipped high) | r=1.25 -> -1.25 (inside thanks to clip-higher) | r=0.5 -> -0.5
+    #   A=-1: r=0.5 -> 0.8 (clipped low) | r=0.7 -> 0.8 (clipped low) | r=1.25 -> 1.25 | r=1.5 -> 1.5 | r=0.9 -> 0.9
+    expected = [-1.28, -1.25, -0.5, 0.8, 0.8, 1.25, 1.5, 0.9, 0.0]
+    np.testing.assert_allclose(per_token[0].detach().numpy(), expected, atol=1e-12)
+    assert is_high[0].tolist() == [True] + [False] * 8
+    assert is_low[0].tolist() == [False, False, False, True, True, False, False, False, False]
+    per_token.sum().backward()
+    # d(-A r)/d logprob = -A r where the gradient flows; exactly 0 where clipped on either side and on padding
+    np.testing.assert_allclose(logprobs.grad[0].numpy(), [0.0, -1.25, -0.5, 0.0, 0.0, 1.25, 1.5, 0.9, 0.0],
+                               atol=1e-12)
+    assert r[0, 8] == 1.0  # padding has ratio 1
+    # the symmetric clip of PPO (0.2 / 0.2) would clip r = 1.25 with A > 0
+    _, _, _, is_high_sym = grpo.clipped_surrogate(logprobs.detach(), old, adv, mask, 0.2, 0.2)
+    assert is_high_sym[0, :2].tolist() == [True, True]
+
+
+def test_sequence_level_ratio_matches_gspo_formula_and_gradient():
+    lengths, R, clip = [5, 3, 1, 4], 5, 0.05
+    mask, real, fill = padded_batch(lengths, R, seed=2)
+    old = -real().abs()
+    logprobs = (old + real(0.1)).detach()
+    logprobs = fill(logprobs, 50.0).requires_grad_(True)
+    adv = torch.tensor([[1.0], [-2.0], [0.5], [-1.0]], dtype=torch.float64).expand(4, R) * mask
+    per_token, ratio, _, _ = grpo.clipped_surrogate(logprobs, fill(old, -50.0), adv, mask, clip, clip, "sequence")
+    loss = grpo.aggregate_loss(per_token, mask, "seq_mean_token_mean")
+    loss.backward()
+    # GSPO (Zheng et al. 2025, eq. 5-7): s_i = exp(1/|y_i| sum_t log(pi/pi_old)), J = mean_i min(s_i A_i, clip(s_i) A_i)
+    lp = logprobs.detach().clone().requires_grad_(True)
+    naive = 0.0
+    for i, L in enumerate(lengths):
+        s = torch.exp((lp[i, :L] - old[i, :L]).mean())
+        a = adv[i, 0]
+        naive = naive + torch.max(-a * s, -a * torch.clamp(s, 1 - clip, 1 + clip)) / len(lengths)
+        assert torch.allclose(ratio[i, :L], s.detach().expand(L), rtol=1e-12)  # every token carries s_i
+    naive.backward()
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-12)
+    np.testing.assert_allclose(logprobs.grad.numpy(), lp.grad.numpy(), rtol=1e-10, atol=1e-14)
+    seq_ratios = [math.exp((logprobs[i, :L] - old[i, :L]).mean().item()) for i, L in enumerate(lengths)]
+    assert any(abs(s - 1) > clip for s in seq_ratios)  # the example does clip some sequences
+    assert (logprobs.grad[mask == 0] == 0).all()
+
+
+def test_overlong_penalty_hand_examples():
+    lengths = torch.tensor([5, 12, 13, 14, 15, 16, 20])
+    # L_max 16, L_cache 4: no penalty up to 12 tokens, then linear down to -1 at 16 (DAPO eq. 13)
+    assert grpo.overlong_penalty(lengths, 16, 4, 1.0).tolist() == [0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
+    assert grpo.overlong_penalty(lengths, 16, 4, 2.0).tolist() == [0.0, 0.0, -0.5, -1.0, -1.5, -2.0, -2.0]
+    assert grpo.overlong_penalty(lengths, 16, 0, 1.0).tolist() == [0.0] * 7  # off
+
+
+def test_zero_std_groups_and_cat_padded():
+    assert grpo.zero_std_groups(torch.tensor(REWARDS), 4).tolist() == [False, False, True]
+    assert grpo.zero_std_groups(torch.tensor([1.0, 1.0, 2.0, 3.0]), 2).tolist() == [True, False]
+    a, b = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6, 7]])
+    assert grpo.cat_padded([a, b], 0, left=True).tolist() == [[0, 1, 2], [0, 3, 4], [5, 6, 7]]
+    assert grpo.cat_padded([a, b], 9, left=False).tolist() == [[1, 2, 9], [3, 4, 9], [5, 6, 7]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end on the toy
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
+    """A reward model checkpoint: the toy SFT backbone with a fresh scalar head (no training needed here)."""
+    out = str(tmp_path_factory.mktemp("rm") / "reward_model")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(toy_sft_checkpoint, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(std=0.5)  # scores that vary between responses
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(toy_sft_checkpoint).pad_token_id
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "eval.jsonl"
+    with open(os.path.join(ROOT, "data/toy/prompts_eval.jsonl")) as f:
+        path.write_text("".join(f.readlines()[:2]))
+    return str(path)
+
+
+def small_config(out, **overrides) -> grpo.Config:
+    kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=2, num_samples_per_prompt=4, max_new_tokens=8,
+              ppo_epochs=1, num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100,
+              log_every=100, eval_reward_fn="toy_task:gold_reward")
+    kw.update(overrides)
+    return grpo.Config(**kw)
+
+
+def read_outputs(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "eval/gold_reward_mean" in r]
+    with open(os.path.join(out, "eval.json")) as f:
+        return train, evals, json.load(f)
+
+
+def test_end_to_end_reward_model_ratio_one(toy_sft_checkpoint, toy_reward_model, eval_prompts, tmp_path):
+    out = tmp_path / "grpo"
+    # one epoch of one minibatch: the update starts from the weights that sampled the batch, so the ratio is 1 (at a
+    # temperature other than 1, which rollout and training log-probs must share) and nothing is clipped
+    cfg = small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
+                       eval_prompts=eval_prompts, temperature=0.7, clip_low=1e-6, clip_high=1e-6)
+    result = grpo.main(cfg)
+    train, evals, eval_json = read_outputs(out)
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 2]
+    for r in train:
+        for key in TRAIN_KEYS + ["kl", "kl_seq", "rewards/reward_model/mean"]:
+            assert isinstance(r[key], float) and math.isfinite(r[key]), key
+        assert r["clip_ratio/low_mean"] == 0 and r["clip_ratio/high_mean"] == 0  # ratio exactly 1
+        assert r["reward"] == pytest.approx(r["rewards/reward_model/mean"] - (1.0 * r["completions/clipped_ratio"]),
+                                            abs=1e-5)  # the missing-EOS penalty
+        assert r["episodes"] == 8 * r["step"] and r["dynamic_sampling/rounds"] == 1
+    assert train[0]["kl"] == 0 and train[0]["kl_seq"] == 0  # the policy that sampled is the reference
+    assert train[1]["kl_seq"] > 0  # the update moved the policy
+    for key in EVAL_KEYS:
+        assert key in eval_json and "sft_" + key in eval_json, key
+    assert eval_json["sft_kl_to_ref"] == 0 and eval_json["num_samples"] == 4
+    assert eval_json["script"] == "grpo.py" and eval_json["advantage_estimator"] == "grpo"
+    assert eval_json["loss_agg"] == "seq_mean_token_mean"
+    assert eval_json["gold_reward_mean"] == result["gold_reward_mean"]
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    sft_model = AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint)
+    assert any(not torch.equal(p, q) for p, q in zip(saved.state_dict().values(), sft_model.state_dict().values()))
+
+
+@pytest.mark.parametrize("estimator,options", [
+    ("dr_grpo", dict(kl_in_loss=True, overlong_filter=True, loss_agg="token_mean")),
+    ("rloo", dict(importance_sampling_level="sequence", clip_high=0.28, ppo_epochs=2, num_minibatches=2,
+                  gradient_accumulation_steps=2, entropy_coef=0.01, top_p=0.9)),
+    ("reinforce_pp", dict(num_samples_per_prompt=1, rollout_batch_size=4, kl_estimator="k2",
+                          gamma=0.95, lr_scheduler="cosine", warmup_ratio=0.5)),
+    ("reinforce_pp_baseline", dict(overlong_buffer=4, loss_agg="seq_mean_token_sum_norm", top_k=20,
+                                   kl_in_loss=True, kl_estimator="k2")),
+])
+def test_every_estimator_runs_with_options(estimator, options, toy_sft_checkpoint, toy_reward_model, eval_prompts,
+                                           tmp_path):
+    out = tmp_path / estimator
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
+                           eval_prompts=eval_prompts, advantage_estimator=estimator, **options))
+    train, _, eval_json = read_outputs(out)
+    assert len(train) == 2 and eval_json["advantage_estimator"] == estimator
+    for r in train:
+        assert all(math.isfinite(r[k]) for k in TRAIN_KEYS + ["kl_seq"]), r
+    assert train[0]["kl_seq"] == 0 and train[1]["kl_seq"] != 0
+    assert math.isfinite(eval_json["gold_reward_mean"]) and math.isfinite(eval_json["kl_to_ref"])
+
+
+def test_beta_zero_loads_no_reference(toy_sft_checkpoint, eval_prompts, tmp_path, monkeypatch):
+    loaded = []
+    original = grpo.AutoModelForCausalLM.from_pretrained
+
+    def counting_from_pretrained(*args, **kwargs):
+        loaded.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo.AutoModelForCausalLM, "from_pretrained", counting_from_pretrained)
+    out = tmp_path / "beta0"
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
+                           reward_fn="toy_task:gold_reward", kl_coef=0.0, eval_prompts=eval_prompts))
+    assert loaded == [toy_sft_checkpoint]  # the policy only
+    train, _, eval_json = read_outputs(out)
+    assert all(math.isnan(r["kl"]) and math.isnan(r["kl_seq"]) for r in train)
+    assert math.isnan(eval_json["kl_to_ref"]) and math.isfinite(eval_json["gold_reward_mean"])
+    assert all(r["reward"] == pytest.approx(r["rewards/gold_reward/mean"] - r["completions/clipped_ratio"], abs=1e-5)
+               for r in train)
+
+
+# a reward whose groups have all-equal rewards for about half of the prompts; every call (one per generation round)
+# is recorded, so that the test can replay dynamic sampling naively
+CALLS = []
+
+
+def half_constant_values(prompts, completions):
+    return [0.0 if len(p) % 2 else float(sum(map(ord, c)) % 101) for p, c in zip(prompts, completions)]
+
+
+def half_constant_reward(prompts, completions):
+    CALLS.append((list(prompts), list(completions)))
+    return half_constant_values(prompts, completions)
+
+
+def constant_reward(prompts, completions):
+    CALLS.append((list(prompts), list(completions)))
+    return [1.0] * len(prompts)
+
+
+def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoint, eval_prompts, tmp_path):
+    G, n_prompts, cap = 2, 4, 6
+    CALLS.clear()
+    out = tmp_path / "dyn"
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn="test_grpo:half_constant_reward",
+                           reward_model_path="runs/none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
+                           dynamic_sampling=True, max_sampling_rounds=cap, num_iterations=3, eval_prompts=eval_prompts,
+                           missing_eos_penalty=0.0))  # the rewards are then exactly the reward function's
+    train, _, _ = read_outputs(out)
+    calls, sampled = iter(CALLS), 0
+    for r in train:  # replay: generation rounds until n_prompts groups with unequal rewards were seen
+        kept = rounds = zero = 0
+        while kept < n_prompts and rounds < cap:
+            rewards = half_constant_values(*next(calls))
+            groups = [rewards[i:i + G] for i in range(0, len(rewards), G)]
+            kept += sum(max(g) != min(g) for g in groups)
+            zero += sum(max(g) == min(g) for g in groups)
+            rounds += 1
+        sampled += rounds * n_prompts * G
+        assert r["dynamic_sampling/rounds"] == rounds and r["dynamic_sampling/filled"] == 0
+        assert r["frac_reward_zero_std"] == 0  # the batch holds no group without signal
+        assert r["dynamic_sampling/frac_zero_std_sampled"] == pytest.approx(zero / (rounds * n_prompts))
+        assert r["episodes_sampled"] == sampled and r["episodes"] == r["step"] * n_prompts * G
+    assert any(r["dynamic_sampling/rounds"] > 1 for r in train)
+    assert next(calls, None) is None  # no reward call beyond the replayed rounds: sampling stopped once full
+    # a reward without any signal: every round is dropped, the cap stops the sampling, the batch is filled
+    CALLS.clear()
+    out = tmp_path / "dyn_cap"
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn="test_grpo:constant_reward",
+                           reward_model_path="runs/none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
+                           dynamic_sampling=True, max_sampling_rounds=3, eval_prompts=eval_prompts,
+                           missing_eos_penalty=0.0))
+    train, _, _ = read_outputs(out)
+    assert len(CALLS) == 2 * 3  # 2 iterations x the cap of 3 rounds
+    for r in train:
+        assert r["dynamic_sampling/rounds"] == 3 and r["dynamic_sampling/filled"] == n_prompts
+        assert r["frac_reward_zero_std"] == 1 and r["episodes"] == r["step"] * n_prompts * G
+        assert r["episodes_sampled"] == r["step"] * 3 * n_prompts * G
+
+
+def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
+    with pytest.raises(SystemExit, match=r"runs/missing_sft_for_test not found; run `python sft.py` first"):
+        grpo.main(small_config(tmp_path / "a", model_name_or_path="runs/missing_sft_for_test"))
+    with pytest.raises(SystemExit, match=r"runs/missing_rm_for_test not found; run `python reward_model.py` first"):
+        grpo.main(small_config(tmp_path / "b", model_name_or_path=toy_sft_checkpoint,
+                               reward_model_path="runs/missing_rm_for_test"))
+    with pytest.raises(ValueError, match="needs --num_samples_per_prompt >= 2"):
+        grpo.main(small_config(tmp_path / "c", model_name_or_path=toy_sft_checkpoint,
+                               reward_model_path=toy_reward_model, num_samples_per_prompt=1))
+    with pytest.raises(ValueError, match="k1 as a loss term has zero expected gradient"):
+        grpo.main(small_config(tmp_path / "d", model_name_or_path=toy_sft_checkpoint,
+                               reward_model_path=toy_reward_model, kl_in_loss=True, kl_estimator="k1"))
+    with pytest.raises(ValueError, match="do not split into 3 minibatches"):
+        grpo.main(small_config(tmp_path / "e", model_name_or_path=toy_sft_checkpoint,
+                               reward_model_path=toy_reward_model, num_minibatches=3))
+    assert not any(os.path.exists(tmp_path / d) for d in "abcde")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tiny random configs of several architectures, chat prompts, a reward model with another tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+def with_pad_token(path: str, out: str) -> str:
+    """The gpt2 fixture has a BPE tokenizer without pad token: add one and resize, as sft.py does."""
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
+def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_reward_model, tmp_path):
+    policy = tiny_checkpoints[arch]
+    if arch == "gpt2":
+        with pytest.raises(ValueError, match="pad token distinct from EOS"):
+            grpo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model))
+        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
+                               for p in ["the phone was", "honestly the movie was", "this book is"]))
+    out = tmp_path / "grpo"
+    cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, prompts=str(prompts),
+                       eval_prompts=str(prompts), eval_reward_fn="none", eval_samples_per_prompt=1, max_new_tokens=5,
+                       advantage_estimator="rloo" if arch == "qwen2" else "grpo")
+    grpo.main(cfg)
+    train, _, eval_json = read_outputs(out)
+    assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in TRAIN_KEYS)
+    assert train[0]["kl_seq"] == 0 and eval_json["sft_kl_to_ref"] == 0
+    assert math.isfinite(eval_json["proxy_reward_mean"]) and eval_json["num_samples"] == 3
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == arch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# two processes (gloo, FSDP2) against one process on the same global batch
+# ---------------------------------------------------------------------------------------------------------------------
+def position_reward(prompts, completions):
+    """Gold reward + 0.5 for every second response of a call. With greedy sampling all G responses of a prompt are
+    equal, and this keeps the rewards of a group apart; groups are whole on every rank, so 1 and 2 processes agree."""
+    return [g + 0.5 * (i % 2) for i, g in enumerate(toy_task.gold_reward(prompts, completions))]
+
+
+def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_path):
+    # top_k=1 samples the argmax (log-probs stay those of the full distribution): both runs roll out the same
+    # responses although each rank has its own sampling seed. REINFORCE++ (no group baseline) with token_mean: its
+    # whitening and token count are over both ranks, and identical responses in a group do not cancel each other.
+    settings = dict(model_name_or_path=toy_sft_checkpoint, reward_fn="test_grpo:position_reward",
+                    reward_model_path="runs/none", advantage_estimator="reinforce_pp", num_samples_per_prompt=2,
+                    rollout_batch_size=4, eval_prompts=eval_prompts, top_k=1, eval_samples_per_prompt=1,
+                    max_new_tokens=6, kl_coef=0.1)
+    one = tmp_path / "one"
+    grpo.main(small_config(one, **settings))
+    two = tmp_path / "two"
+    cfg = small_config(two, **settings)
+    args = [f"--{k}={v}" for k, v in vars(cfg).items()
+            if v is not None and not isinstance(v, bool) and v != getattr(grpo.Config, k)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "grpo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train1, _, eval1 = read_outputs(one)
+    train2, _, eval2 = read_outputs(two)
+    assert train2[0]["kl_seq"] == 0 and eval2["sft_kl_to_ref"] == 0
+    for key in ["reward", "reward_std", "entropy", "loss/policy", "completions/mean_length", "frac_reward_zero_std"]:
+        assert train2[0][key] == pytest.approx(train1[0][key], rel=1e-4, abs=1e-6), key
+    # iteration 2 rolls out from the updated policy: the same update was made from the gradients of both ranks
+    for key in ["reward", "kl_seq", "kl", "loss/policy"]:
+        assert train2[1][key] == pytest.approx(train1[1][key], rel=1e-3, abs=1e-5), key
+    assert train1[1]["kl_seq"] > 0
+    for key in ["gold_reward_mean", "kl_to_ref", "num_samples"]:
+        assert eval2[key] == pytest.approx(eval1[key], rel=1e-3, abs=1e-5), key
+    w0, w1, w2 = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (toy_sft_checkpoint, one, two))
+    update = max((w1[n] - w0[n]).abs().max().item() for n in w0)
+    assert update > 0 and max((w2[n] - w1[n]).abs().max().item() for n in w0) < 0.01 * update
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report lists grpo.py runs and places every method against the best-of-N curve
+# ---------------------------------------------------------------------------------------------------------------------
+def test_report_lists_grpo_runs_against_best_of_n(toy_sft_checkpoint, toy_reward_model, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(toy_sft_checkpoint, runs / "sft")
+    shutil.copytree(toy_reward_model, runs / "reward_model")
+    for name, noise in (("grpo", 0.0), ("rloo_small", 0.02), ("far", 0.5)):  # three "policies": SFT and perturbed
+        model = AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise)
+        model.save_pretrained(runs / name)
+        AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(runs / name)
+        estimator = {"grpo": "grpo", "rloo_small": "rloo", "far": "dr_grpo"}[name]
+        (runs / name / "eval.json").write_text(json.dumps({"script": "grpo.py", "advantage_estimator": estimator}))
+    (runs / "not_a_run").mkdir()
+    result = toy_task.report(str(runs), best_of=(1, 2, 4), samples_per_prompt=2, num_prompts=3)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert [r["method"] for r in result["rows"]] == ["SFT", "best-of-2", "best-of-4", "GRPO", "far (dr_grpo)",
+                                                     "rloo_small (rloo)"]
+    assert set(result["missing"]) == {"ppo", "dpo"}
+    assert rows["GRPO"]["kl_to_sft"] == 0.0  # a copy of SFT
+    curve = [rows[m] for m in ("SFT", "best-of-2", "best-of-4")]
+    for name in ("GRPO", "far (dr_grpo)", "rloo_small (rloo)"):
+        r = rows[name]
+        if r["kl_to_sft"] <= curve[-1]["kl_to_sft"]:  # linear in KL between the best-of-N points
+            expected = np.interp(r["kl_to_sft"], [c["kl_to_sft"] for c in curve],
+                                 [c["gold_reward_mean"] for c in curve])
+            assert r["best_of_n_gold_at_kl"] == pytest.approx(expected, abs=1e-12)
+            side = "above" if r["gold_reward_mean"] > expected else "below"
+            assert r["vs_best_of_n"].startswith(side)
+        else:
+            assert r["best_of_n_gold_at_kl"] is None and r["vs_best_of_n"].startswith("beyond")
+    assert rows["far (dr_grpo)"]["vs_best_of_n"].startswith("beyond")  # large noise: far from SFT
+    report_md = (runs / "report.md").read_text()
+    assert "| GRPO |" in report_md and "vs best-of-N" in report_md
+    assert rows["GRPO"]["best_of_n_gold_at_kl"] == pytest.approx(rows["SFT"]["gold_reward_mean"])
