@@ -4,13 +4,14 @@
     python grpo.py --help               # every option, explained
     python grpo.py --reward_fn toy_task:gold_reward --output_dir runs/grpo_gold     # a verifiable reward, no RM
     python grpo.py --advantage_estimator rloo --output_dir runs/rloo                # another estimator
-    torchrun --nproc_per_node 8 grpo.py --model_name_or_path ... --reward_model_path ... --prompts my_prompts.jsonl
+    python grpo.py --model_name_or_path my-sft --prompts math.parquet --reward_fn rewards.py:accuracy --kl_coef 0
+    torchrun --nproc_per_node 8 grpo.py ...                                          # many GPUs (FSDP2)
 
 PPO (ppo.py) learns a critic V(s_t) as the baseline of its advantages. The critic-free family instead samples a group
-of G responses y_1..y_G for every prompt x and uses the group itself as the baseline (seeds 000, 004; DeepSeekMath).
-One iteration:
+of G responses y_1..y_G for every prompt x and uses the group itself as the baseline (DeepSeekMath, Shao et al. 2024;
+RLOO, Ahmadian et al. 2024; as in TRL's GRPOTrainer, verl and OpenRLHF). One iteration:
   1. rollout   G samples per prompt, all in one batched generation; old_logprobs = log pi_old(y_t | x, y_<t)
-  2. score     r_i = RM(x, y_i) or sum of reward functions, - missing_eos_penalty, + DAPO's soft overlong penalty
+  2. score     r_i = RM(x, y_i) or the weighted reward functions, - missing_eos_penalty, + DAPO's soft overlong penalty
   3. advantage (--advantage_estimator), the same A_i on every token of response i for the group estimators:
                grpo                   A_i = (r_i - mean_G r) / (std_G r + eps)     Shao et al. 2024 (2402.03300)
                dr_grpo                A_i = r_i - mean_G r                         Liu et al. 2025 (2503.20783)
@@ -25,7 +26,8 @@ One iteration:
 
 KL to the reference: in the reward (PPO's way, the default: per-token r_t = -beta KL_t with KL_t = k1; the group
 estimators then use r_i - beta sum_t KL_t) or as a loss term (GRPO's way, --kl_in_loss: beta * k3_t added to l_t). With
---kl_coef 0 the reference model is not loaded at all (TRL's default beta is 0).
+--kl_coef 0 the reference model is not loaded at all (TRL's default beta is 0); with LoRA the reference is the policy
+with its adapter switched off.
 
 The ratio and the clipping only matter when the policy moves between rollout and update, i.e. with --ppo_epochs > 1
 or --num_minibatches > 1: with one epoch of one minibatch (GRPO's mu = 1, TRL's default num_iterations=1) the ratio is
@@ -48,12 +50,16 @@ DAPO options (Yu et al. 2025): --clip_low 0.2 --clip_high 0.28 (clip-higher), --
 rewards are all equal, sample more prompts until the batch is full, at most --max_sampling_rounds rounds),
 --overlong_filter (truncated responses take no part in the loss), --overlong_buffer / --overlong_penalty_factor (the
 soft overlong punishment, DAPO eq. 13).
+
+Prompts: prompt-only rows {"prompt": str | messages} or {"messages": [...]} from any source of common.load_rows; the
+rows' other fields (e.g. a reference answer) reach the reward functions, called as TRL calls them.
 """
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -69,44 +75,56 @@ AUTO_LOSS_AGG = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_n
 
 @dataclass
 class Config:
+    # model
     model_name_or_path: str = "runs/sft"
     """policy to start from (the SFT checkpoint); a frozen copy is the KL reference (not loaded when kl_coef is 0)"""
     reward_model_path: str = "runs/reward_model"
-    """frozen reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the output of reward_model.py; used
-    for training when reward_fn is not given, and for the proxy reward of the evaluation when it exists"""
-    reward_fn: str | None = None
-    """module:function (prompts, completions) -> list[float] used instead of the reward model (rule-based or
-    verifiable rewards, e.g. toy_task:gold_reward); several, comma-separated, are summed (each one logged)"""
+    """frozen reward model (AutoModelForSequenceClassification, num_labels=1), e.g. the output of reward_model.py; the
+    reward when no --reward_fn is given; with --reward_fn it scores the evaluation (proxy reward) when it exists and
+    the prompts are the toy's, or when given explicitly"""
+    trust_remote_code: bool = False
+    """allow model code from the hub"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """weights' dtype. auto: trained weights in fp32 (master weights; bf16 compute on CUDA with --bf16), frozen
+    models in bf16 on CUDA, fp32 on CPU; bfloat16: every weight in bf16 (AdamW states too); float32: all fp32
+    (float16 training would need loss scaling, which these scripts do not do)"""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """attention kernel: sdpa (PyTorch's fused attention), flash_attention_2 (needs the flash-attn package), eager"""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains every weight. With LoRA only the adapter is trained and saved (see merge_lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the update is lora_alpha / lora_r * B A"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA branch; must be 0 here: the ratios compare forward passes, which must be deterministic"""
+    lora_target_modules: tuple[str, ...] = ()
+    """module names to adapt (e.g. q_proj v_proj); default: every linear layer of the transformer blocks"""
+    merge_lora: bool = False
+    """also write the adapter merged into the base model: a full checkpoint that plain transformers loads (the
+    adapter goes to output_dir/adapter)"""
+    frozen_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """dtype of the frozen models (reference, reward model); auto follows --dtype"""
+    # data
     prompts: str = "data/toy/prompts_train.jsonl"
-    """training prompts, JSON lines {"prompt": str} or {"messages": [...]} (chat template, generation prompt added)"""
-    eval_prompts: str = "data/toy/prompts_eval.jsonl"
-    """held-out prompts for the periodic evaluation"""
-    eval_reward_fn: str = "auto"
-    """module:function scoring evaluation samples (the gold reward); "auto" = toy_task:gold_reward when the prompts
-    are under data/toy, "none" to disable"""
-    output_dir: str = "runs/grpo"
-    """where the policy (HF format + tokenizer), metrics.jsonl and eval.json are written; use runs/<name> for other
-    estimators / settings so that `python toy_task.py report` lists them"""
-    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
-    """grpo (group mean and std), dr_grpo (group mean only), rloo (leave-one-out mean), reinforce_pp (REINFORCE++:
-    return-to-go whitened over the global batch), reinforce_pp_baseline (the same after subtracting the group mean)"""
-    num_iterations: int = 150
-    """rollout + update iterations (toy: 150 x 128 responses take about PPO's 100 x 64 wall time)"""
-    rollout_batch_size: int = 16
-    """prompts per iteration (global, over all ranks); each rank takes rollout_batch_size / world_size prompts and
-    samples all G responses of each, so every group lives on one rank"""
-    num_samples_per_prompt: int = 8
-    """G, responses sampled per prompt (the group); at least 2 for every estimator but reinforce_pp"""
+    """training prompts, prompt-only rows {"prompt": str | messages} or {"messages": [...]} (chat template, generation
+    prompt added) from a .jsonl / .json / .parquet / .csv file, a datasets.save_to_disk folder or a hub dataset id;
+    the rows' other fields are passed to reward functions"""
+    prompts_split: str = "train"
+    """split of a hub dataset or save_to_disk folder with several splits"""
+    eval_prompts: str = "auto"
+    """held-out prompts for the periodic evaluation (same sources and formats); "auto" = the toy's held-out prompts
+    when training on the toy, else none (see --eval_split); "none" to skip"""
+    eval_split: float = 0.0
+    """hold out this fraction of the training prompts (seeded) for evaluation when no eval prompts are given"""
     max_prompt_length: int = 48
     """longer prompts are cut from the left (the end of a prompt matters most for its continuation); counted"""
-    max_new_tokens: int = 16
-    """longest response; also L_max of seq_mean_token_sum_norm and of the overlong penalty"""
-    temperature: float = 1.0
-    """sampling temperature; training log-probs use the same temperature so the first-epoch ratio is 1"""
-    top_k: int = 0
-    """top-k sampling (0 = off). Log-probs are of the full temperature-scaled distribution, as in TRL"""
-    top_p: float = 1.0
-    """nucleus sampling (1.0 = off)"""
+    # reward
+    reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function used instead of the reward model (rule-based or verifiable
+    rewards, e.g. toy_task:gold_reward); repeat for several (each logged). Called like TRL's reward functions:
+    f(prompts=..., completions=..., **the prompt rows' other fields) -> one float per completion, or None where it
+    cannot score (such a response is left out of the loss and counted)"""
+    reward_weights: tuple[float, ...] = ()
+    """weight of each --reward_fn in the reward (default 1 each)"""
     missing_eos_penalty: float = 1.0
     """subtracted from the reward of responses that never emit EOS (cut off at max_new_tokens)"""
     overlong_filter: bool = False
@@ -116,6 +134,27 @@ class Config:
     a penalty growing linearly to -overlong_penalty_factor at max_new_tokens (0 = off)"""
     overlong_penalty_factor: float = 1.0
     """size of the soft overlong penalty at max_new_tokens"""
+    # algorithm
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    """grpo (group mean and std), dr_grpo (group mean only), rloo (leave-one-out mean), reinforce_pp (REINFORCE++:
+    return-to-go whitened over the global batch), reinforce_pp_baseline (the same after subtracting the group mean)"""
+    num_iterations: int = 150
+    """rollout + update iterations (toy: 150 x 128 responses take about PPO's 100 x 64 wall time)"""
+    max_steps: int | None = None
+    """stop after this many iterations (overrides num_iterations; the LR schedule spans them)"""
+    rollout_batch_size: int = 16
+    """prompts per iteration (global, over all ranks); each rank takes rollout_batch_size / world_size prompts and
+    samples all G responses of each, so every group lives on one rank"""
+    num_samples_per_prompt: int = 8
+    """G, responses sampled per prompt (the group); at least 2 for every estimator but reinforce_pp"""
+    max_new_tokens: int = 16
+    """longest response; also L_max of seq_mean_token_sum_norm and of the overlong penalty"""
+    temperature: float = 1.0
+    """sampling temperature; training log-probs use the same temperature so the first-epoch ratio is 1"""
+    top_k: int = 0
+    """top-k sampling (0 = off). Log-probs are of the full temperature-scaled distribution, as in TRL"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0 = off)"""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero advantage for the group estimators)
     and sample more prompts until every rank holds rollout_batch_size / world_size groups"""
@@ -152,6 +191,7 @@ class Config:
     """ratio clipped above at 1 + clip_high (DAPO's clip-higher: 0.28)"""
     entropy_coef: float = 0.0
     """weight of the entropy bonus"""
+    # optimisation
     learning_rate: float = 1e-4
     """learning rate (the toy model is tiny; use ~1e-6 for pretrained models, TRL's default)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"
@@ -162,26 +202,68 @@ class Config:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    eval_every: int = 20
-    """evaluate on held-out prompts every this many iterations (and before and after training)"""
-    eval_samples_per_prompt: int = 8
-    """samples per held-out prompt in each evaluation"""
-    sample_every: int = 20
-    """print a few rollout completions every this many iterations"""
-    log_every: int = 5
-    """print metrics every this many iterations (metrics.jsonl gets every iteration)"""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     seed: int = 1
     """seed (each rank samples with seed + rank)"""
-    trust_remote_code: bool = False
-    """allow model code from the hub"""
+    # evaluation
+    eval_every: int = 20
+    """evaluate on held-out prompts every this many iterations (and before and after training)"""
+    eval_samples_per_prompt: int = 8
+    """samples per held-out prompt in each evaluation"""
+    sample_every: int = 20
+    """print a few rollout completions every this many iterations"""
+    eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function scoring evaluation samples (repeat for several); default: the
+    training --reward_fn, else the toy's gold reward when training on the toy; "none" to disable"""
+    # checkpoints
+    output_dir: str = "runs/grpo"
+    """where the policy (HF format + tokenizer), metrics.jsonl and eval.json are written; use runs/<name> for other
+    estimators / settings so that `python toy_task.py report` lists them"""
+    save_every: int = 0
+    """write a checkpoint for --resume every this many iterations into output_dir/checkpoints (0 = never)"""
+    save_total_limit: int = 2
+    """checkpoints kept (the newest); older ones are deleted after each save"""
+    resume: bool = False
+    """continue from the newest checkpoint in output_dir, exactly as if the run had not stopped"""
+    # logging
+    log_every: int = 5
+    """print metrics every this many iterations (metrics.jsonl gets every iteration)"""
     tensorboard: bool = False
     """also log to TensorBoard"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project"""
+    def __post_init__(self):
+        common.check_lora_options(self)
+        if self.lora_dropout:
+            raise common.InputError("--lora_dropout must be 0: the forward passes that are compared must be "
+                                    "deterministic (dropout is disabled everywhere for the same reason)")
+        common.check_options(
+            self, positive=("num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_prompt_length",
+                            "max_new_tokens", "temperature", "max_sampling_rounds", "ppo_epochs", "num_minibatches",
+                            "gradient_accumulation_steps", "learning_rate", "max_grad_norm", "eval_every",
+                            "eval_samples_per_prompt", "sample_every", "log_every", "save_total_limit"),
+            nonnegative=("top_k", "missing_eos_penalty", "overlong_buffer", "overlong_penalty_factor", "kl_coef",
+                         "clip_low", "clip_high", "entropy_coef", "weight_decay", "save_every"),
+            fractions=("gamma", "warmup_ratio", "eval_split"), probabilities=("top_p",))
+        if self.clip_low >= 1:
+            raise common.InputError(f"--clip_low must be < 1 (the ratio is clipped below at 1 - clip_low), got "
+                                    f"{self.clip_low}")
+        if self.num_samples_per_prompt < 2 and self.advantage_estimator != "reinforce_pp":
+            raise common.InputError(f"--advantage_estimator {self.advantage_estimator} needs "
+                                    "--num_samples_per_prompt >= 2 (a group)")
+        if self.dynamic_sampling and self.num_samples_per_prompt < 2:
+            raise common.InputError("--dynamic_sampling needs --num_samples_per_prompt >= 2")
+        if self.kl_in_loss and self.kl_coef > 0 and self.kl_estimator == "k1":
+            raise common.InputError("--kl_estimator k1 as a loss term has zero expected gradient; use k2 or k3 with "
+                                    "--kl_in_loss")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise common.InputError(f"--overlong_buffer {self.overlong_buffer} exceeds --max_new_tokens "
+                                    f"{self.max_new_tokens}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise common.InputError(f"--max_steps must be >= 1, got {self.max_steps}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,7 +313,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         return 0.5 * log_ratio ** 2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator}")
+    raise common.InputError(f"unknown KL estimator {estimator}")
 
 
 def sequence_rewards_with_kl(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float):
@@ -312,8 +394,8 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str, 
     seq_mean_token_sum_norm  sum_it l_it / (num_seqs * max_len)           (Dr. GRPO; TRL "dr_grpo")
 
     num_tokens / num_seqs: the counts the means are over, by default this batch's; pass those of the global minibatch
-    (divided by the world size, to undo FSDP's gradient mean) so that micro-batches and ranks add up to one
-    minibatch. Every response counts in num_seqs, also one without loss tokens (overlong filtering), as in TRL."""
+    (all micro-batches and ranks) so that micro-batches and ranks add up to one minibatch. Every response counts in
+    num_seqs, also one without loss tokens (overlong filtering, unscored), as in TRL."""
     real = mask.bool()
     losses = torch.where(real, per_token_loss, 0.0)
     num_seqs = per_token_loss.size(0) if num_seqs is None else num_seqs
@@ -345,44 +427,51 @@ def cat_padded(tensors: list[torch.Tensor], pad_value: int, left: bool) -> torch
 # ---------------------------------------------------------------------------------------------------------------------
 # Models, data, rewards
 # ---------------------------------------------------------------------------------------------------------------------
-def load_prompts(path: str, tokenizer, max_prompt_length: int) -> tuple[list[str], list[list[int]], int]:
-    """(prompt texts, token ids, number cut) of a prompts file; chat rows are rendered with the chat template."""
-    rows = common.load_jsonl(path, alternatives=(("prompt",), ("messages",)))
-    texts, ids, cut = [], [], 0
-    for i, row in enumerate(rows):
-        if "messages" in row:
-            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            text = row["prompt"]
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{i + 1}: field 'prompt' must be a non-empty string")
-            tokens = tokenizer(text)["input_ids"]
+def prompt_columns(rows: list[tuple[str, dict]]) -> list[dict]:
+    """The fields of prompt rows other than the prompt itself (e.g. a reference answer), for reward functions."""
+    return [{k: v for k, v in row.items() if k not in ("prompt", "messages")} for _, row in rows]
+
+
+def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int) -> tuple[list[list[int]], int]:
+    """(token ids, number cut) of prompts (strings, or conversations rendered with the chat template); longer prompts
+    keep their last max_prompt_length tokens."""
+    ids, cut = [], 0
+    for prompt in prompts:
+        tokens = common.render_prompt(prompt, tokenizer)[1]
         if len(tokens) > max_prompt_length:
             tokens, cut = tokens[-max_prompt_length:], cut + 1
-        texts.append(text)
         ids.append(tokens)
-    return texts, ids, cut
+    return ids, cut
 
 
 def load_models(cfg: Config, device):
-    """policy (trained), reference (frozen; None when kl_coef is 0), reward model (frozen; None with reward_fn unless
-    it exists for the evaluation's proxy reward), tokenizers."""
-    common.require_checkpoint(cfg.model_name_or_path, "sft.py")
-    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    """policy (trained), reference (frozen; with LoRA the policy with its adapter switched off; None when kl_coef is
+    0), reward model (frozen: the reward without --reward_fn, else the evaluation's proxy reward when one is at hand),
+    tokenizers."""
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device, cfg.frozen_dtype)
+    kw = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    policy_opt, rm_opt = "--model_name_or_path", "--reward_model_path"
+    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
+                                       trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{cfg.model_name_or_path}: the tokenizer needs a pad token distinct from EOS "
-                         "(sft.py adds one)")
-    policy = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kw)
+        raise common.InputError(f"{policy_opt} {cfg.model_name_or_path}: the tokenizer needs a pad token distinct from "
+                                "EOS (sft.py adds one)")
+    policy = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=trained_dtype,
+                                    **kw)
+    common.check_model_kind(policy, cfg.model_name_or_path, policy_opt, "policy")
     # beta = 0: no KL term anywhere, so no reference model in memory (the evaluation's KL to SFT is then not measured)
-    ref = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kw) if cfg.kl_coef > 0 else None
+    ref = None
+    if cfg.kl_coef > 0 and not cfg.lora_r:
+        ref = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=frozen_dtype, **kw)
+    proxy = os.path.isdir(cfg.reward_model_path) and (common.is_toy_data(cfg.prompts) or
+                                                      cfg.reward_model_path != Config.reward_model_path)
     reward_model = reward_tokenizer = None
-    if cfg.reward_fn is None:
-        common.require_checkpoint(cfg.reward_model_path, "reward_model.py")
-    if cfg.reward_fn is None or os.path.isdir(cfg.reward_model_path):
-        reward_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model_path, num_labels=1, **kw)
-        reward_tokenizer = AutoTokenizer.from_pretrained(cfg.reward_model_path, trust_remote_code=cfg.trust_remote_code)
+    if not cfg.reward_fn or proxy:
+        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
+                                              dtype=frozen_dtype, **kw)
+        common.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
+        reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
+                                                  trust_remote_code=cfg.trust_remote_code)
     for model in (policy, ref, reward_model):
         if model is not None:
             common.disable_dropout(model)  # dropout would make the rollout log-probs differ from the training ones
@@ -391,21 +480,37 @@ def load_models(cfg: Config, device):
             model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    models = [common.shard_model(m.to(device)) if m is not None else None for m in (policy, ref, reward_model)]
-    return (*models, tokenizer, reward_tokenizer)
+    policy = common.add_lora(policy, cfg)
+    compute = common.autocast_dtype(device, cfg.bf16)
+    policy, ref, reward_model = [common.shard_model(m.to(device), compute) if m is not None else None
+                                 for m in (policy, ref, reward_model)]
+    if cfg.kl_coef > 0 and cfg.lora_r:
+        ref = common.WithoutAdapter(policy)
+    return policy, ref, reward_model, tokenizer, reward_tokenizer
 
 
 def compute_scores(reward_fns: dict, reward_model, reward_tokenizer, tokenizer, query, query_mask, responses,
-                   response_mask, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, dict]:
-    """Sequence rewards (B,): the sum of the reward functions, or the reward model's normalised score read at the
-    EOS token when there is none; and each component (B,) by name, for logging."""
-    parts = {}
-    for name, fn in reward_fns.items():
-        parts[name] = torch.tensor(fn(prompts, completions), dtype=torch.float32, device=query.device)
+                   response_mask, prompts: list, completions: list[str], columns: dict):
+    """Sequence rewards (B,): the weighted reward functions (NaN where none could score), or the reward model's
+    normalised score read at the EOS token when there are none; and each function's scores (B,) by name (NaN where it
+    returned None), for logging."""
     if not reward_fns:
-        parts["reward_model"] = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask,
-                                                       responses, response_mask, prompts, completions).float()
-    return torch.stack(list(parts.values())).sum(0), parts
+        scores = common.score_responses(reward_model, reward_tokenizer, tokenizer, query, query_mask, responses,
+                                        response_mask, prompts, completions).float()
+        return scores, {"reward_model": scores}
+    total, per_fn = common.score_with_fns(reward_fns, prompts, completions, columns)
+    as_tensor = lambda values: torch.tensor([math.nan if v is None else v for v in values],  # noqa: E731
+                                            dtype=torch.float32, device=query.device)
+    return as_tensor(total), {name: as_tensor(values) for name, values in per_fn.items()}
+
+
+def fill_unscored(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A response no reward function could score (NaN) takes its group's mean score, which leaves the group's mean
+    unchanged (the caller leaves it out of the loss); a group with no score at all gets 0. (B,) -> (B,)."""
+    grouped = scores.view(-1, group_size)
+    scored = ~grouped.isnan()
+    means = torch.where(scored, grouped, 0.0).sum(1, keepdim=True) / scored.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(scored, grouped, means).view(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -415,103 +520,129 @@ def main(cfg: Config) -> dict:
     rank, world_size, device = common.setup_distributed()
     common.set_seed(cfg.seed)
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     G = cfg.num_samples_per_prompt
     estimator = cfg.advantage_estimator
     loss_agg = AUTO_LOSS_AGG[estimator] if cfg.loss_agg == "auto" else cfg.loss_agg
-    if G < 2 and estimator != "reinforce_pp":
-        raise ValueError(f"--advantage_estimator {estimator} needs --num_samples_per_prompt >= 2 (a group)")
-    if cfg.dynamic_sampling and G < 2:
-        raise ValueError("--dynamic_sampling needs --num_samples_per_prompt >= 2")
     kl_estimator = cfg.kl_estimator if cfg.kl_estimator != "auto" else "k3" if cfg.kl_in_loss else "k1"
-    if cfg.kl_in_loss and cfg.kl_coef > 0 and kl_estimator == "k1":
-        raise ValueError("--kl_estimator k1 as a loss term has zero expected gradient; use k2 or k3 with --kl_in_loss")
     if cfg.rollout_batch_size % world_size:
-        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} is not divisible by world size {world_size}")
+        raise common.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} is not divisible by the "
+                                f"{world_size} processes")
     local_prompts = cfg.rollout_batch_size // world_size  # groups per rank: a group never spans ranks
     B = local_prompts * G  # sequences per rank
     if B % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
-        raise ValueError(f"{B} sequences per rank do not split into {cfg.num_minibatches} minibatches of "
-                         f"{cfg.gradient_accumulation_steps} micro-batches")
+        raise common.InputError(f"{B} sequences per rank do not split into --num_minibatches {cfg.num_minibatches} "
+                                f"of --gradient_accumulation_steps {cfg.gradient_accumulation_steps} micro-batches")
+    num_iterations = cfg.max_steps or cfg.num_iterations
+    reward_fns = common.load_reward_fns(cfg.reward_fn, cfg.reward_weights)
+    common.require_checkpoint(cfg.model_name_or_path, "sft.py")
+    if not reward_fns:
+        common.require_checkpoint(cfg.reward_model_path, "reward_model.py", "--reward_model_path")
 
-    # 0. models, data
+    # 0. data, models
+    common.check_attn_implementation(cfg.attn_implementation)
+    rows = common.load_rows(cfg.prompts, "--prompts", cfg.prompts_split)
+    eval_path = common.eval_data_path(cfg.eval_prompts, cfg.prompts, "data/toy/prompts_eval.jsonl")
+    eval_rows = common.load_rows(eval_path, "--eval_prompts") if eval_path else []
+    if not eval_rows and cfg.eval_split > 0:
+        rows, eval_rows = common.split_rows(rows, cfg.eval_split, cfg.seed)
+        eval_path = f"{cfg.eval_split:.0%} of {cfg.prompts}"
+    prompts = [common.parse_prompt(row, where) for where, row in rows]
+    columns = prompt_columns(rows)
+    eval_prompts = [common.parse_prompt(row, where) for where, row in eval_rows]
+    eval_columns = prompt_columns(eval_rows)
+    eval_reward_fns = common.eval_reward_fns(cfg.eval_reward_fn, cfg.prompts, reward_fns)
     policy, ref, reward_model, tokenizer, reward_tokenizer = load_models(cfg, device)
-    reward_fns = {spec.split(":")[-1]: common.load_function(spec) for spec in (cfg.reward_fn or "").split(",") if spec}
-    eval_spec = cfg.eval_reward_fn
-    if eval_spec == "auto":
-        eval_spec = "toy_task:gold_reward" if "data/toy" in os.path.abspath(cfg.prompts) else "none"
-    eval_reward_fn = None if eval_spec == "none" else common.load_function(eval_spec)
-    prompt_texts, prompt_ids, n_cut = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
-    eval_texts, eval_ids, _ = load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
+    common.check_length(policy.config, cfg.max_prompt_length + cfg.max_new_tokens,
+                        "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
+    prompt_ids, n_cut = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    eval_ids = tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length)[0]
     if rank == 0:
-        print(f"{estimator}: {len(prompt_texts)} prompts ({n_cut} cut to {cfg.max_prompt_length} tokens), "
-              f"{cfg.num_iterations} iterations x {cfg.rollout_batch_size} prompts x G={G}, loss {loss_agg}, "
-              f"beta {cfg.kl_coef} ({'loss' if cfg.kl_in_loss else 'reward'}), "
-              f"reward: {cfg.reward_fn or cfg.reward_model_path}, world size {world_size}", flush=True)
+        print(f"{estimator}: policy {cfg.model_name_or_path} | prompts {cfg.prompts}: {len(prompts)} ({n_cut} cut to "
+              f"{cfg.max_prompt_length} tokens) | reward {', '.join(reward_fns) or cfg.reward_model_path} | eval "
+              f"prompts {eval_path or 'none'}{f' ({len(eval_prompts)})' if eval_prompts else ''} | eval reward "
+              f"{', '.join(eval_reward_fns) or 'none'} | {num_iterations} iterations x {cfg.rollout_batch_size} "
+              f"prompts x G={G}, loss {loss_agg}, beta {cfg.kl_coef} ({'loss' if cfg.kl_in_loss else 'reward'}) | "
+              f"world size {world_size}", flush=True)
+    common.prepare_output_dir(cfg.output_dir, rank)
+    resume_from = common.resume_checkpoint(cfg.output_dir, cfg.resume)
+    common.check_disk_space(cfg.output_dir, common.checkpoint_bytes([policy], policy, cfg.save_every),
+                            "the final policy and a checkpoint")
 
     # the optimiser must hold FSDP2's sharded parameters: built before the first forward pass (the evaluation)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
-    total_updates = cfg.num_iterations * cfg.ppo_epochs * cfg.num_minibatches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: common.cosine_schedule(
-        s, total_updates, int(cfg.warmup_ratio * total_updates), cfg.lr_scheduler))
-    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg))
-    # all randomness in named generators (the state a resume restores): prompt order is the same on every rank (they
-    # agree on the global batch), minibatch order too, sampling differs per rank
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, eps=1e-5)
+    scheduler = common.lr_scheduler(optimizer, cfg.lr_scheduler, num_iterations * cfg.ppo_epochs * cfg.num_minibatches,
+                                    cfg.warmup_ratio)
+    # all randomness in named generators (restored on resume): the prompt order is the same on every rank (they
+    # agree on the global batch), the minibatch order too, sampling differs per rank
+    batches = common.BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.seed)
     minibatch_gen = torch.Generator().manual_seed(cfg.seed + 1)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    order, pos = [], 0  # the epoch's prompt order and the position in it
+    generators = {"minibatch": minibatch_gen, "sample": sample_gen}
+    episodes, episodes_sampled, wall_time, start_iteration = 0, 0, 0.0, 0
+    if resume_from is not None:
+        state = common.load_state(resume_from, {"policy": policy}, [optimizer], generators, cfg)
+        start_iteration, initial_eval = state["step"], state["state"]["initial_eval"]
+        batches.load_state_dict(state["state"]["batches"])
+        scheduler.load_state_dict(state["state"]["scheduler"])
+        episodes, episodes_sampled, wall_time = (state["state"][k] for k in ("episodes", "episodes_sampled",
+                                                                             "wall_time"))
+        if rank == 0:
+            print(f"resumed from {resume_from} at iteration {start_iteration}", flush=True)
+    logger = common.MetricsLogger(cfg.output_dir, rank, cfg.tensorboard, cfg.wandb_project, asdict(cfg), resume_from)
 
     def evaluate(iteration: int) -> dict:
-        m = common.evaluate_policy(policy, tokenizer, eval_texts, device, ref_policy=ref, reward_model=reward_model,
-                                   reward_tokenizer=reward_tokenizer, reward_fn=eval_reward_fn,
+        if not eval_prompts:
+            return {}
+        m = common.evaluate_policy(policy, tokenizer, eval_prompts, device, prompt_token_ids=eval_ids,
+                                   prompt_columns=eval_columns, ref_policy=ref, reward_model=reward_model,
+                                   reward_tokenizer=reward_tokenizer, reward_fns=eval_reward_fns,
                                    samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                   seed=cfg.seed + 10_000, amp_dtype=amp_dtype, prompt_token_ids=eval_ids)
+                                   seed=cfg.seed + 10_000, amp_dtype=amp_dtype)
         per_sample = m.pop("per_sample")
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items()},
-                   ("eval/gold_reward_mean", "eval/proxy_reward_mean", "eval/kl_to_ref", "eval/distinct_completions"))
+                   (*[f"eval/{n}_mean" for n in eval_reward_fns], "eval/proxy_reward_mean", "eval/kl_to_ref",
+                    "eval/distinct_completions"))
         every = max(1, len(per_sample["prompt"]) // 6)  # six samples spread over the prompts
-        m["samples"] = [{k: per_sample[k][i] for k in ("prompt", "completion", "gold", "proxy")}
+        m["samples"] = [{"prompt": common.prompt_text(per_sample["prompt"][i]),
+                         **{k: per_sample[k][i] for k in ("completion", "proxy", *eval_reward_fns)}}
                         for i in range(0, len(per_sample["prompt"]), every)][:6]
         return m
 
-    initial_eval = evaluate(0)
-    t_start, episodes, episodes_sampled = time.time(), 0, 0
-    for iteration in range(1, cfg.num_iterations + 1):
+    if resume_from is None:
+        initial_eval = evaluate(0)
+    t_start = time.time() - wall_time
+    for iteration in range(start_iteration + 1, num_iterations + 1):
         # ---- 1. rollout: G samples of each of this rank's prompts in one batch; score; dynamic sampling rounds ------
         t0, t_score = time.time(), 0.0
         taken, dropped = [], []  # (rollout of one round, indices of its groups) kept for training / dropped
         n_kept = n_groups_seen = n_zero_std = rounds = 0
         while True:  # one round without dynamic sampling; every rank runs every round (FSDP: all ranks in a forward)
             rounds += 1
-            if pos + cfg.rollout_batch_size > len(order):
-                order, pos = torch.randperm(len(prompt_texts), generator=data_gen).tolist() * \
-                    max(1, -(-cfg.rollout_batch_size // len(prompt_texts))), 0
-            batch_idx = order[pos:pos + cfg.rollout_batch_size][rank::world_size]
-            pos += cfg.rollout_batch_size
-            batch_idx = [i for i in batch_idx for _ in range(G)]  # consecutive groups of G samples of one prompt
-            r = {"prompts": [prompt_texts[i] for i in batch_idx]}
+            batch_idx = [i for i in batches.next()[rank::world_size] for _ in range(G)]  # groups of G per prompt
+            r = {"prompts": [prompts[i] for i in batch_idx]}
             r["query"], r["query_mask"] = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id,
-                                                          device)
+                                                          device)  # (B, P)
             policy.eval()
-            with autocast():
-                r["responses"], r["response_mask"] = common.generate(
+            with common.autocast(device, amp_dtype):
+                r["responses"], r["response_mask"] = common.generate(  # (B, R)
                     policy, r["query"], r["query_mask"], cfg.max_new_tokens, tokenizer.eos_token_id,
                     tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, sample_gen, sync_ranks=True)
             policy.train()
             r["completions"] = tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
             t1 = time.time()
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), common.autocast(device, amp_dtype):
                 scores, r["parts"] = compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer, r["query"],
                                                     r["query_mask"], r["responses"], r["response_mask"], r["prompts"],
-                                                    r["completions"])
+                                                    r["completions"], common.batch_columns(columns, batch_idx))
             ended = (r["responses"] == tokenizer.eos_token_id).any(1)
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
             r["scores"] = scores + overlong_penalty(r["response_mask"].sum(1), cfg.max_new_tokens,
-                                                    cfg.overlong_buffer, cfg.overlong_penalty_factor)
-            t_score += time.time() - t1
-            zero_std = zero_std_groups(r["scores"], G).tolist() if G > 1 else [False] * local_prompts
+                                                    cfg.overlong_buffer, cfg.overlong_penalty_factor)  # (B,), NaN:
+            t_score += time.time() - t1                                                                   # unscored
+            zero_std = zero_std_groups(fill_unscored(r["scores"], G), G).tolist() if G > 1 \
+                else [False] * local_prompts
             n_groups_seen += local_prompts
             n_zero_std += sum(zero_std)
             drop = [g for g in range(local_prompts) if cfg.dynamic_sampling and zero_std[g]]
@@ -532,97 +663,105 @@ def main(cfg: Config) -> dict:
         query_mask = cat_padded([r["query_mask"][i] for r, i in chunks], 0, left=True)
         responses = cat_padded([r["responses"][i] for r, i in chunks], tokenizer.pad_token_id, left=False)  # (B, R)
         response_mask = cat_padded([r["response_mask"][i] for r, i in chunks], 0, left=False)
-        scores = torch.cat([r["scores"][i] for r, i in chunks])  # (B,)
+        raw_scores = torch.cat([r["scores"][i] for r, i in chunks])  # (B,), NaN where nothing could score
         parts = {k: torch.cat([r["parts"][k][i] for r, i in chunks]) for k in chunks[0][0]["parts"]}
         batch_prompts = [r["prompts"][j] for r, i in chunks for j in i]
         completions = [r["completions"][j] for r, i in chunks for j in i]
         P = query.size(1)
-        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
-        mask = response_mask.float()  # (B, R)
+        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)  # (B, P + R)
+        response_mask = response_mask.float()  # (B, R)
         ended = (responses == tokenizer.eos_token_id).any(1)  # (B,)
-        loss_mask = mask * ended[:, None].float() if cfg.overlong_filter else mask  # (B, R) tokens in the loss
+        scored = ~raw_scores.isnan()  # (B,) an unscored response is left out of the loss
+        scores = fill_unscored(raw_scores, G)  # (B,) its group's statistics see its group's mean
+        loss_mask = response_mask * scored[:, None]  # (B, R) the tokens in the loss
+        if cfg.overlong_filter:
+            loss_mask = loss_mask * ended[:, None]
         t_generate = time.time() - t0 - t_score
 
         # ---- 2. old log-probs (the rollout policy) and reference log-probs, no grad -------------------------------
         t1 = time.time()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), common.autocast(device, amp_dtype):
             old_logprobs = common.sequence_logprobs(policy, seq, seq_mask, P, cfg.temperature)  # (B, R)
             ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature) if ref is not None \
                 else None
         t_score += time.time() - t1
 
         # ---- 3. advantages ----------------------------------------------------------------------------------------
-        kl = torch.zeros_like(mask) if ref is None else kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask
-        advantages = compute_advantages(estimator, scores, kl, mask, G, 0.0 if cfg.kl_in_loss else cfg.kl_coef,
-                                        cfg.gamma, distributed=True)  # (B, R)
+        kl = torch.zeros_like(response_mask) if ref is None else \
+            kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * response_mask  # (B, R)
+        advantages = compute_advantages(estimator, scores, kl, response_mask, G,
+                                        0.0 if cfg.kl_in_loss else cfg.kl_coef, cfg.gamma, distributed=True)  # (B, R)
 
         # ---- 4. policy-gradient epochs over shuffled minibatches --------------------------------------------------
         t1 = time.time()
-        stats = {k: torch.zeros((), device=device) for k in
-                 ("pg_loss", "entropy", "clip_low", "clip_high", "tokens")}
+        # this rank's sums for the log (reduced over ranks once, in step 5)
+        sums = dict.fromkeys(("pg_loss", "entropy", "clip_low", "clip_high", "trained_tokens"),
+                             torch.zeros((), device=device, dtype=torch.float64))
         mb_size = B // cfg.num_minibatches
         micro_size = mb_size // cfg.gradient_accumulation_steps
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=minibatch_gen).tolist()
             for start in range(0, B, mb_size):
                 mb = perm[start:start + mb_size]
-                # means over the global minibatch; / world_size undoes FSDP's gradient mean over ranks
-                num_tokens = common.all_reduce_sum(loss_mask[mb].sum()) / world_size
+                # the means are over the global minibatch: its tokens and responses on every micro-batch and rank
+                num_tokens = common.all_reduce_sum(loss_mask[mb].sum())
                 for mstart in range(0, mb_size, micro_size):
                     idx = torch.tensor(mb[mstart:mstart + micro_size], device=device)
-                    m = loss_mask[idx]
-                    with autocast():
+                    mb_mask = loss_mask[idx]  # (b, R)
+                    with common.autocast(device, amp_dtype):
                         logprobs, entropy = common.sequence_logprobs(policy, seq[idx], seq_mask[idx], P,
                                                                      cfg.temperature, return_entropy=True)
                     per_token, _, is_low, is_high = clipped_surrogate(
-                        logprobs, old_logprobs[idx], advantages[idx], m, cfg.clip_low, cfg.clip_high,
-                        cfg.importance_sampling_level)
+                        logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip_low, cfg.clip_high,
+                        cfg.importance_sampling_level)  # (b, R) each
                     loss_terms = per_token - cfg.entropy_coef * entropy if cfg.entropy_coef else per_token
                     if cfg.kl_in_loss and ref is not None:
-                        kl_t = kl_penalty(logprobs, ref_logprobs[idx], kl_estimator)  # (micro, R)
-                        loss_terms = loss_terms + cfg.kl_coef * kl_t
-                    loss = aggregate_loss(loss_terms, m, loss_agg, num_seqs=mb_size, num_tokens=num_tokens,
-                                          max_len=cfg.max_new_tokens)
-                    loss.backward()
-                    stats["pg_loss"] += common.masked_sum(per_token.detach(), m)
-                    stats["entropy"] += common.masked_sum(entropy.detach(), m)
-                    stats["clip_low"] += is_low.sum()
-                    stats["clip_high"] += is_high.sum()
-                    stats["tokens"] += m.sum()
+                        loss_terms = loss_terms + cfg.kl_coef * kl_penalty(logprobs, ref_logprobs[idx], kl_estimator)
+                    loss = aggregate_loss(loss_terms, mb_mask, loss_agg, num_seqs=mb_size * world_size,
+                                          num_tokens=num_tokens, max_len=cfg.max_new_tokens)
+                    (loss * world_size).backward()  # FSDP averages gradients over ranks; * world_size makes it a sum
+                    for key, value in (("pg_loss", common.masked_sum(per_token, mb_mask)),
+                                       ("entropy", common.masked_sum(entropy, mb_mask)), ("clip_low", is_low.sum()),
+                                       ("clip_high", is_high.sum()), ("trained_tokens", mb_mask.sum())):
+                        sums[key] = sums[key] + value.detach().double()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         t_train = time.time() - t1
 
-        # ---- 5. log -----------------------------------------------------------------------------------------------
+        # ---- 5. log: one reduction of this rank's sums, one gather of the per-response values ---------------------
         episodes += B * world_size
-        stats = {k: common.all_reduce_sum(v) for k, v in stats.items()}
-        n_tok = stats.pop("tokens").clamp(min=1)
-        all_scores = torch.cat(common.gather_lists([scores.cpu()]))
-        lengths = torch.cat(common.gather_lists([mask.sum(1).cpu()]))
-        all_ended = torch.cat(common.gather_lists([ended.float().cpu()]))
-        zero_std_batch = torch.cat(common.gather_lists([zero_std_groups(scores, G).float().cpu()])).mean().item() \
-            if G > 1 else 0.0
-        counts = common.all_reduce_sum(torch.tensor([n_zero_std, n_groups_seen, n_filled, kl.sum().item(),
-                                                     mask.sum().item()], dtype=torch.float64, device=device))
+        sums.update({k: torch.tensor(float(v), device=device, dtype=torch.float64) for k, v in (
+            ("kl", kl.sum()), ("response_tokens", response_mask.sum()), ("zero_std_sampled", n_zero_std),
+            ("groups_sampled", n_groups_seen), ("filled", n_filled))})
+        totals = dict(zip(sums, common.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
+        gathered = common.gather_lists([{
+            "scores": raw_scores[scored].tolist(), "lengths": response_mask.sum(1).tolist(),
+            "ended": ended.float().tolist(), "unscored": int((~scored).sum()),
+            "zero_std": zero_std_groups(scores, G).float().tolist() if G > 1 else [],
+            "group_std": scores.view(-1, G).std(1).tolist() if G > 1 else [0.0],
+            **{name: values[~values.isnan()].tolist() for name, values in parts.items()}}])
+        values = {k: [v for part in gathered for v in (part[k] if isinstance(part[k], list) else [part[k]])]
+                  for k in gathered[0]}
+        n_tok = max(1.0, totals["trained_tokens"])
         metrics = {
-            "reward": all_scores.mean().item(),
-            "reward_std": all_scores.view(-1, G).std(1).mean().item() if G > 1 else 0.0,  # mean within-group std
-            **{f"rewards/{k}/mean": torch.cat(common.gather_lists([v.cpu()])).mean().item() for k, v in parts.items()},
-            "frac_reward_zero_std": zero_std_batch,  # of the groups trained on (TRL's)
-            "dynamic_sampling/frac_zero_std_sampled": (counts[0] / counts[1]).item(),  # of every group sampled
-            "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": 1.0 - all_ended.mean().item(),  # no EOS within max_new_tokens
-            "entropy": (stats["entropy"] / n_tok).item(),
+            "reward": np.mean(values["scores"]) if values["scores"] else math.nan,
+            "reward_std": np.mean(values["group_std"]),  # the mean within-group std
+            **{f"rewards/{name}/mean": np.mean(values[name]) if values[name] else math.nan for name in parts},
+            "unscored": sum(values["unscored"]),
+            "frac_reward_zero_std": np.mean(values["zero_std"]) if values["zero_std"] else 0.0,  # trained groups (TRL)
+            "dynamic_sampling/frac_zero_std_sampled": totals["zero_std_sampled"] / totals["groups_sampled"],
+            "completions/mean_length": np.mean(values["lengths"]), "completions/min_length": min(values["lengths"]),
+            "completions/max_length": max(values["lengths"]),
+            "completions/clipped_ratio": 1.0 - np.mean(values["ended"]),  # no EOS within max_new_tokens
+            "entropy": totals["entropy"] / n_tok,
             # KL_t of the rollout (the estimator in use) to the reference: per token (TRL's kl) and per response
-            "kl": (counts[3] / counts[4]).item() if ref is not None else float("nan"),
-            "kl_seq": (counts[3] / (B * world_size)).item() if ref is not None else float("nan"),
-            "clip_ratio/low_mean": (stats["clip_low"] / n_tok).item(),
-            "clip_ratio/high_mean": (stats["clip_high"] / n_tok).item(),
-            "loss/policy": (stats["pg_loss"] / n_tok).item(), "grad_norm": grad_norm.item(),
-            "dynamic_sampling/rounds": rounds, "dynamic_sampling/filled": counts[2].item(),
+            "kl": totals["kl"] / max(1.0, totals["response_tokens"]) if ref is not None else math.nan,
+            "kl_seq": totals["kl"] / (B * world_size) if ref is not None else math.nan,
+            "clip_ratio/low_mean": totals["clip_low"] / n_tok, "clip_ratio/high_mean": totals["clip_high"] / n_tok,
+            "loss/policy": totals["pg_loss"] / n_tok, "grad_norm": grad_norm.item(),
+            "dynamic_sampling/rounds": rounds, "dynamic_sampling/filled": totals["filled"],
             "lr": scheduler.get_last_lr()[0], "episodes": episodes, "episodes_sampled": episodes_sampled,
             "episodes_per_s": episodes / (time.time() - t_start),
             "time/generate": t_generate, "time/score": t_score, "time/train": t_train,
@@ -630,35 +769,45 @@ def main(cfg: Config) -> dict:
         logger.log(iteration, metrics, ("reward", "reward_std", "frac_reward_zero_std", "kl_seq", "entropy",
                                         "clip_ratio/high_mean") if iteration % cfg.log_every == 0 else ())
         if iteration % cfg.sample_every == 0 and rank == 0:
-            for p, c, s in list(zip(batch_prompts, completions, scores.tolist()))[:3]:
-                print(f"   sample [{s:+.2f}] {p} |{c}")
-        if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
+            for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
+                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
+        if iteration % cfg.eval_every == 0 and iteration != num_iterations:
             evaluate(iteration)
+        if cfg.save_every and iteration % cfg.save_every == 0 and iteration < num_iterations:
+            common.save_state(cfg.output_dir, iteration, {"policy": policy}, [optimizer], generators, {
+                "batches": batches.state_dict(), "scheduler": scheduler.state_dict(), "episodes": episodes,
+                "episodes_sampled": episodes_sampled, "wall_time": time.time() - t_start,
+                "initial_eval": initial_eval}, logger, cfg, cfg.save_total_limit)
 
     # ---- 6. final evaluation, save ---------------------------------------------------------------------------------
-    final_eval = evaluate(cfg.num_iterations)
-    common.save_checkpoint(policy, tokenizer, cfg.output_dir)
+    final_eval = evaluate(num_iterations)
     result = {k: v for k, v in final_eval.items() if k != "samples"}
     result.update({"sft_" + k: v for k, v in initial_eval.items() if k != "samples"})
     # script / advantage_estimator / config: how toy_task.py report recognises and labels a grpo.py run
-    result.update({"samples": final_eval["samples"], "episodes": episodes, "episodes_sampled": episodes_sampled,
+    result.update({"samples": final_eval.get("samples", []), "episodes": episodes, "episodes_sampled": episodes_sampled,
                    "wall_time_s": time.time() - t_start, "episodes_per_s": episodes / (time.time() - t_start),
                    "script": "grpo.py", "advantage_estimator": estimator, "loss_agg": loss_agg, "config": asdict(cfg)})
+    common.save_model(policy, tokenizer, cfg.output_dir, result, logger, merge_lora=cfg.merge_lora)
     if rank == 0:
-        common.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), result)
-        print(f"saved {cfg.output_dir}\n"
-              f"held-out gold reward: SFT {initial_eval['gold_reward_mean']:.3f} "
-              f"(std {initial_eval['gold_reward_std']:.3f}) -> {estimator} {final_eval['gold_reward_mean']:.3f} | "
-              f"proxy reward "
-              f"{initial_eval['proxy_reward_mean']:.3f} -> {final_eval['proxy_reward_mean']:.3f} | KL to SFT "
-              f"{final_eval['kl_to_ref']:.3f} | distinct {final_eval['distinct_completions']:.3f} | "
-              f"eos rate {final_eval['eos_rate']:.3f} | {result['wall_time_s']:.0f}s", flush=True)
-        for s in final_eval["samples"]:
-            print(f"   [{s['gold']:+.2f} gold, {s['proxy']:+.2f} proxy] {s['prompt']} |{s['completion']}")
+        line = [f"saved {cfg.output_dir}"]
+        if final_eval:
+            line += [f"held-out {name}: SFT {initial_eval[f'{name}_mean']:.3f} (std "
+                     f"{initial_eval[f'{name}_std']:.3f}) -> {estimator} {final_eval[f'{name}_mean']:.3f}"
+                     for name in eval_reward_fns]
+            if reward_model is not None:
+                line.append(f"proxy reward {initial_eval['proxy_reward_mean']:.3f} -> "
+                            f"{final_eval['proxy_reward_mean']:.3f}")
+            line += [f"KL to SFT {final_eval['kl_to_ref']:.3f}", f"distinct {final_eval['distinct_completions']:.3f}",
+                     f"eos rate {final_eval['eos_rate']:.3f}"]
+        print(" | ".join(line + [f"{result['wall_time_s']:.0f}s"]), flush=True)
+        for s in final_eval.get("samples", []):
+            shown = ", ".join(f"{s[k]:+.2f} {k}" for k in (*eval_reward_fns, "proxy")
+                              if s[k] is not None and not math.isnan(s[k]))
+            print(f"   [{shown}] {s['prompt']} |{s['completion']}")
     logger.close()
     common.cleanup_distributed()
     return result
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    common.cli(main, Config)

@@ -267,7 +267,7 @@ def eval_prompts(tmp_path_factory):
 def small_config(out, **overrides) -> grpo.Config:
     kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=2, num_samples_per_prompt=4, max_new_tokens=8,
               ppo_epochs=1, num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100,
-              log_every=100, eval_reward_fn="toy_task:gold_reward")
+              log_every=100, eval_reward_fn=("toy_task:gold_reward",))
     kw.update(overrides)
     return grpo.Config(**kw)
 
@@ -342,11 +342,11 @@ def test_beta_zero_loads_no_reference(toy_sft_checkpoint, eval_prompts, tmp_path
     monkeypatch.setattr(grpo.AutoModelForCausalLM, "from_pretrained", counting_from_pretrained)
     out = tmp_path / "beta0"
     grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
-                           reward_fn="toy_task:gold_reward", kl_coef=0.0, eval_prompts=eval_prompts))
+                           reward_fn=("toy_task:gold_reward",), kl_coef=0.0, eval_prompts=eval_prompts))
     assert loaded == [toy_sft_checkpoint]  # the policy only
     train, _, eval_json = read_outputs(out)
-    assert all(math.isnan(r["kl"]) and math.isnan(r["kl_seq"]) for r in train)
-    assert math.isnan(eval_json["kl_to_ref"]) and math.isfinite(eval_json["gold_reward_mean"])
+    assert all(r["kl"] is None and r["kl_seq"] is None for r in train)  # strict JSON: null, not NaN
+    assert eval_json["kl_to_ref"] is None and math.isfinite(eval_json["gold_reward_mean"])
     assert all(r["reward"] == pytest.approx(r["rewards/gold_reward/mean"] - r["completions/clipped_ratio"], abs=1e-5)
                for r in train)
 
@@ -374,7 +374,7 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoin
     G, n_prompts, cap = 2, 4, 6
     CALLS.clear()
     out = tmp_path / "dyn"
-    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn="test_grpo:half_constant_reward",
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:half_constant_reward",),
                            reward_model_path="runs/none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
                            dynamic_sampling=True, max_sampling_rounds=cap, num_iterations=3, eval_prompts=eval_prompts,
                            missing_eos_penalty=0.0))  # the rewards are then exactly the reward function's
@@ -398,7 +398,7 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoin
     # a reward without any signal: every round is dropped, the cap stops the sampling, the batch is filled
     CALLS.clear()
     out = tmp_path / "dyn_cap"
-    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn="test_grpo:constant_reward",
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:constant_reward",),
                            reward_model_path="runs/none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
                            dynamic_sampling=True, max_sampling_rounds=3, eval_prompts=eval_prompts,
                            missing_eos_penalty=0.0))
@@ -411,9 +411,9 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoin
 
 
 def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
-    with pytest.raises(SystemExit, match=r"runs/missing_sft_for_test not found; run `python sft.py` first"):
+    with pytest.raises(common.InputError, match=r"runs/missing_sft_for_test: not found; run `python sft.py` first"):
         grpo.main(small_config(tmp_path / "a", model_name_or_path="runs/missing_sft_for_test"))
-    with pytest.raises(SystemExit, match=r"runs/missing_rm_for_test not found; run `python reward_model.py` first"):
+    with pytest.raises(common.InputError, match=r"runs/missing_rm_for_test: not found; run `python reward_model.py`"):
         grpo.main(small_config(tmp_path / "b", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path="runs/missing_rm_for_test"))
     with pytest.raises(ValueError, match="needs --num_samples_per_prompt >= 2"):
@@ -422,7 +422,7 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
     with pytest.raises(ValueError, match="k1 as a loss term has zero expected gradient"):
         grpo.main(small_config(tmp_path / "d", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path=toy_reward_model, kl_in_loss=True, kl_estimator="k1"))
-    with pytest.raises(ValueError, match="do not split into 3 minibatches"):
+    with pytest.raises(ValueError, match="do not split into --num_minibatches 3"):
         grpo.main(small_config(tmp_path / "e", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path=toy_reward_model, num_minibatches=3))
     assert not any(os.path.exists(tmp_path / d) for d in "abcde")
@@ -455,7 +455,7 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
                                for p in ["the phone was", "honestly the movie was", "this book is"]))
     out = tmp_path / "grpo"
     cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, prompts=str(prompts),
-                       eval_prompts=str(prompts), eval_reward_fn="none", eval_samples_per_prompt=1, max_new_tokens=5,
+                       eval_prompts=str(prompts), eval_reward_fn=("none",), eval_samples_per_prompt=1, max_new_tokens=5,
                        advantage_estimator="rloo" if arch == "qwen2" else "grpo")
     grpo.main(cfg)
     train, _, eval_json = read_outputs(out)
@@ -478,7 +478,7 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_p
     # top_k=1 samples the argmax (log-probs stay those of the full distribution): both runs roll out the same
     # responses although each rank has its own sampling seed. REINFORCE++ (no group baseline) with token_mean: its
     # whitening and token count are over both ranks, and identical responses in a group do not cancel each other.
-    settings = dict(model_name_or_path=toy_sft_checkpoint, reward_fn="test_grpo:position_reward",
+    settings = dict(model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:position_reward",),
                     reward_model_path="runs/none", advantage_estimator="reinforce_pp", num_samples_per_prompt=2,
                     rollout_batch_size=4, eval_prompts=eval_prompts, top_k=1, eval_samples_per_prompt=1,
                     max_new_tokens=6, kl_coef=0.1)
@@ -486,8 +486,9 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_p
     grpo.main(small_config(one, **settings))
     two = tmp_path / "two"
     cfg = small_config(two, **settings)
-    args = [f"--{k}={v}" for k, v in vars(cfg).items()
-            if v is not None and not isinstance(v, bool) and v != getattr(grpo.Config, k)]
+    args = [f"--{k}={item}" for k, v in vars(cfg).items()
+            if v is not None and not isinstance(v, bool) and v != getattr(grpo.Config, k)
+            for item in (v if isinstance(v, tuple) else [v])]  # --reward_fn is repeated per function
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "grpo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
