@@ -260,7 +260,7 @@ def test_strict_json_everywhere(tmp_path):
     assert strict_load(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "loss": None, "ok": 2.0}]
 
 
-@pytest.mark.parametrize("script", ["sft", "reward_model", "dpo", "ppo"])
+@pytest.mark.parametrize("script", ["sft", "reward_model", "dpo", "ppo", "grpo"])
 def test_help_opens_with_the_script_and_groups_options(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit):
@@ -334,6 +334,7 @@ def datasets_for(source: str, tmp_path) -> dict:
 @pytest.mark.parametrize("source,arch", [("jsonl", "qwen2"), ("parquet", "llama"), ("save_to_disk", "qwen2")])
 def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoints, tmp_path, capsys):
     import dpo
+    import grpo
     import ppo
     import reward_model
 
@@ -362,8 +363,13 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
                         num_samples_per_prompt=2, eval_split=0.25, eval_samples_per_prompt=1,
                         output_dir=str(runs / "ppo"), **reward, **small))
 
+    grpo.main(grpo.Config(model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=2,
+                          num_samples_per_prompt=2, num_minibatches=1, eval_split=0.25, eval_samples_per_prompt=1,
+                          output_dir=str(runs / "grpo"), **{k: v for k, v in reward.items() if k != "critic_init"},
+                          **small))
+
     printed = capsys.readouterr()
-    for stage in ("sft", "rm", "dpo", "ppo"):
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo"):
         out = runs / stage
         assert os.path.exists(out / "model.safetensors") and os.path.exists(out / "eval.json"), stage
         outputs = json.dumps([strict_load(str(out / "eval.json")), strict_load(str(out / "metrics.jsonl"))])
@@ -376,4 +382,5 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
         assert {"exact_mean", "brevity_mean", "reward_mean", "sft_exact_mean"} <= set(ppo_eval)
         ppo_rows = strict_load(str(runs / "ppo" / "metrics.jsonl"))
         assert all("rewards/exact" in r for r in ppo_rows if "objective/scores" in r)
+        assert {"exact_mean", "brevity_mean"} <= set(strict_load(str(runs / "grpo" / "eval.json")))
     assert "brevity_mean" in strict_load(str(runs / "dpo" / "eval.json"))

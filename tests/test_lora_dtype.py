@@ -202,3 +202,19 @@ def test_torchrun_two_processes_with_lora_match_one_process(tiny_checkpoints, tm
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_grpo_with_lora_uses_the_policy_without_its_adapter_as_reference(toy_sft_checkpoint, toy_reward_model,
+                                                                          tmp_path):
+    import grpo
+
+    cfg = grpo.Config(model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=2,
+                      num_samples_per_prompt=2, num_minibatches=1, max_steps=2, max_new_tokens=5, log_every=1,
+                      eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2),
+                      eval_samples_per_prompt=1, output_dir=str(tmp_path / "grpo"), **LORA)
+    policy, ref, _, _, _ = grpo.load_models(cfg, torch.device("cpu"))
+    assert isinstance(ref, common.WithoutAdapter) and ref.model is policy
+    result = grpo.main(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path / "grpo", "metrics.jsonl"))]
+    assert [r["kl"] for r in rows if "kl" in r][0] == 0 and result["sft_kl_to_ref"] == 0  # the adapter starts at 0
+    assert os.path.exists(os.path.join(tmp_path / "grpo", "adapter_model.safetensors"))

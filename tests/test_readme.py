@@ -19,7 +19,10 @@ SMALL = {"sft": ["--max_length", "96", "--per_device_batch_size", "2", "--gradie
          "dpo": ["--max_length", "96", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "1",
                  "--max_new_tokens", "4", "--max_steps", "2"],
          "ppo": ["--max_prompt_length", "48", "--max_new_tokens", "4", "--rollout_batch_size", "4",
-                 "--num_minibatches", "1", "--gradient_accumulation_steps", "1", "--max_steps", "2"]}
+                 "--num_minibatches", "1", "--gradient_accumulation_steps", "1", "--max_steps", "2"],
+         "grpo": ["--max_prompt_length", "48", "--max_new_tokens", "4", "--rollout_batch_size", "2",
+                  "--num_samples_per_prompt", "2", "--num_minibatches", "1", "--gradient_accumulation_steps", "1",
+                  "--max_steps", "2"]}
 
 
 def readme_commands() -> list[list[str]]:
@@ -37,9 +40,13 @@ def test_readme_commands_run_as_written(chatml_checkpoints, tmp_path, monkeypatc
 
     datasets.Dataset.from_list([r for _, r in common.load_rows(data["dpo"])]).to_parquet(str(tmp_path / "p.parquet"))
     swap = {"Qwen/Qwen2.5-1.5B-Instruct": chatml_checkpoints["qwen2"], "my_sft.jsonl": data["sft"],
-            "my_prefs.parquet": str(tmp_path / "p.parquet"), "my_prompts.jsonl": data["prompts"]}
+            "my_prefs.parquet": str(tmp_path / "p.parquet"), "my_prompts.jsonl": data["prompts"],
+            "rewards.py:accuracy": str(tmp_path / "rewards.py") + ":accuracy"}
+    (tmp_path / "rewards.py").write_text("def accuracy(completions, answer, **kwargs):\n"
+                                         "    return [float(c[0]['content'].strip() == a) for c, a in "
+                                         "zip(completions, answer)]\n")
     commands = readme_commands()
-    assert [c[1] for c in commands] == ["sft.py", "reward_model.py", "dpo.py", "ppo.py"]
+    assert [c[1] for c in commands] == ["sft.py", "reward_model.py", "dpo.py", "ppo.py", "grpo.py"]
     for command in commands:
         script = command[1][:-3]
         args = [swap.get(a, re.sub(r"^runs/", f"{tmp_path}/runs/", a)) for a in command[2:]] + SMALL[script]
