@@ -172,8 +172,8 @@ def bare_sft(cfg, device, timer) -> dict:
     import sft
 
     common.set_seed(cfg.seed)
-    model, tokenizer = sft.load_model(cfg, device)
-    examples, _ = sft.build_dataset(cfg.dataset, tokenizer, cfg)
+    model, tokenizer = sft.load_model(cfg, device, common.weight_dtypes(cfg.dtype, device)[0])
+    examples, _ = sft.build_dataset(common.load_rows(cfg.dataset, "--dataset", cfg.dataset_split), tokenizer, cfg)
     steps = [[sft.collate([examples[j] for j in micro], tokenizer.pad_token_id, device) for micro in batch]
              for batch in global_batches(len(examples), cfg)]
     label_tokens = [sum((labels[:, 1:] != -100).sum() for _, _, labels in step) for step in steps]
@@ -202,8 +202,10 @@ def bare_reward_model(cfg, device, timer) -> dict:
     import reward_model
 
     common.set_seed(cfg.seed)
-    model, tokenizer, _ = reward_model.load_reward_model(cfg, device)
-    examples, _ = reward_model.build_dataset(cfg.dataset or reward_model.TOY_DATA[cfg.loss][0], tokenizer, cfg)
+    trained_dtype = common.weight_dtypes(cfg.dtype, device, cfg.frozen_dtype)[0]
+    model, tokenizer, _ = reward_model.load_reward_model(cfg, device, trained_dtype)
+    dataset = cfg.dataset or reward_model.TOY_DATA[cfg.loss][0]
+    examples, _ = reward_model.build_dataset(common.load_rows(dataset, "--dataset", cfg.dataset_split), tokenizer, cfg)
     batches = list(global_batches(len(examples), cfg))
     steps = [[reward_model.collate([examples[j] for j in micro], tokenizer.pad_token_id, device) for micro in batch]
              for batch in batches]
@@ -236,15 +238,17 @@ def bare_dpo(cfg, device, timer) -> dict:
 
     common.set_seed(cfg.seed)
     tokenizer = dpo.load_tokenizer(cfg)
-    policy = dpo.load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, trainable=True)
+    trained_dtype, frozen_dtype = common.weight_dtypes(cfg.dtype, device, cfg.frozen_dtype)
+    policy = dpo.load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, True, trained_dtype)
     # with precomputed reference log-probs the script's loop runs no reference forward, so neither does this one
-    ref_model = None if cfg.precompute_ref_log_probs else dpo.load_causal_lm(
-        cfg.ref_model_name_or_path or cfg.model_name_or_path, cfg, tokenizer, device, trainable=False)
-    examples, _ = dpo.build_dataset(cfg.dataset, tokenizer, cfg)
+    ref_model = None if cfg.precompute_ref_log_probs else dpo.load_reference(
+        cfg.ref_model_name_or_path or cfg.model_name_or_path, policy, cfg, tokenizer, device, frozen_dtype)
+    examples, _ = dpo.build_dataset(common.load_rows(cfg.dataset, "--dataset", cfg.dataset_split), tokenizer, cfg)
     steps = [[dpo.collate_pairs([examples[j] for j in micro], tokenizer.pad_token_id, device) for micro in batch]
              for batch in global_batches(len(examples), cfg)]
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
     timer.start()
     for step in steps:
