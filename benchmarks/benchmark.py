@@ -29,14 +29,14 @@ Output: the table on stdout and runs/benchmark.json. Wall-clock times include wh
 --memory: what fp32 weights, bf16 frozen models and LoRA cost in memory. A random Llama-style model of 109.5M
 parameters (MEMORY_MODEL) is saved with the toy tokenizer to runs/benchmark_memory/base, a reward model made from it
 to runs/benchmark_memory/reward_model; then sft.py, dpo.py and ppo.py each run their own main(Config) from it, every
-run in a fresh process, for --memory_steps optimiser steps (PPO: iterations) of 16 toy sequences, without evaluation,
-under each setting of MEMORY_RUNS: fp32 everything (--dtype float32), bf16 frozen models (--frozen_dtype bfloat16),
-LoRA (--lora_r 16 on the fp32 model; and on a bf16 base, --dtype bfloat16), SFT also with --gradient_checkpointing.
-Columns: the models each process holds (counted where the script hands each one to common.shard_model: PPO holds
-actor, reference, reward model and critic, with LoRA one backbone fewer), parameters total / trained, their weights and
-the gradients + AdamW moments of the trained ones (computed from the held parameters), the peak RSS up to the final
-save (and torch.cuda.max_memory_allocated on CUDA), and the steady-state throughput in the script's unit (steps 2 to
-N). Output: the table on stdout and runs/benchmark_memory.json.
+run in a fresh process, for --memory_steps optimiser steps of 16 toy sequences (PPO: iterations of 8 rollouts and one
+update on them), without evaluation, under each setting of MEMORY_RUNS: fp32 everything (--dtype float32), bf16
+frozen models (--frozen_dtype bfloat16), LoRA (--lora_r 16 on the fp32 model; and on a bf16 base, --dtype bfloat16),
+SFT also with --gradient_checkpointing. Columns: the models each process holds (counted where the script hands each
+one to common.shard_model: PPO holds actor, reference, reward model and critic, with LoRA one backbone fewer),
+parameters total / trained, their weights and the gradients + AdamW moments of the trained ones (computed from the held
+parameters), the peak RSS up to the final save (and torch.cuda.max_memory_allocated on CUDA), and the steady-state
+throughput in the script's unit (steps 2 to N). Output: the table on stdout and runs/benchmark_memory.json.
 """
 
 import dataclasses
@@ -532,12 +532,12 @@ MEMORY_RUNS = (  # (stage, setting, options): every run starts from the same ran
     ("ppo", "LoRA r16", {**FP32, "lora_r": 16}),
     ("ppo", "LoRA r16, bf16 base", {"dtype": "bfloat16", "lora_r": 16}),
 )
-MEMORY_STAGE = {  # each optimiser step: forward + backward over 16 toy sequences; no evaluation, no samples
+MEMORY_STAGE = {  # each step: forward + backward over 16 toy sequences (PPO: 8 rollouts); no evaluation, no samples
     "sft": {"from_scratch": False, "eval_dataset": "none", "num_eval_generations": 0, "per_device_batch_size": 16,
             "log_every": 1},
     "dpo": {"eval_dataset": "none", "eval_prompts": "none", "reward_model_path": "none", "per_device_batch_size": 8,
             "log_every": 1},
-    "ppo": {"eval_prompts": "none", "rollout_batch_size": 16, "ppo_epochs": 1, "num_minibatches": 1},
+    "ppo": {"eval_prompts": "none", "rollout_batch_size": 8, "ppo_epochs": 1, "num_minibatches": 1},
 }
 WORK = {"sft": "tokens", "dpo": "pairs", "ppo": "episodes"}
 
@@ -705,7 +705,7 @@ def print_memory_report(results: dict, path: str) -> None:
     m = results["model"]
     print(f"\n=== memory: random Llama, {results['build']['parameters'] / 1e6:.1f}M parameters (hidden "
           f"{m['hidden_size']}, {m['num_hidden_layers']} layers, MLP {m['intermediate_size']}, vocab {m['vocab_size']} "
-          f"tied), {results['steps']} steps of 16 toy sequences each (details in {path}) ===")
+          f"tied), {results['steps']} steps of 16 toy sequences (PPO: 8 rollouts) each (details in {path}) ===")
     cuda = any("cuda_peak_mb" in r.get("before_save", {}) for r in results["runs"])
     print(f"{'stage':<6}{'setting':<21}{'backbones':>10}{'params M total / trained':>26}{'weights MB':>12}"
           f"{'grad+Adam MB':>14}{'peak RSS MB':>13}" + (f"{'CUDA MB':>10}" if cuda else "")
