@@ -203,7 +203,7 @@ def bare_sft(cfg, device, timer) -> dict:
     timer.start()
     for step, n_labels in zip(steps, label_tokens):
         for input_ids, attention_mask, labels in step:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 nll, _ = sft.token_nll_sum(model, input_ids, attention_mask, labels)
             (nll / n_labels).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -238,7 +238,7 @@ def bare_reward_model(cfg, device, timer) -> dict:
     timer.start()
     for step in steps:
         for input_ids, attention_mask, index, list_mask, _ in step:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 flat_scores = common.get_scores(model, input_ids, attention_mask, normalize=False)
             # K = 2 is the pairwise loss; the loss itself costs nothing next to the forward pass
             losses = reward_model.ranking_loss(flat_scores[index], list_mask)
@@ -272,7 +272,7 @@ def bare_dpo(cfg, device, timer) -> dict:
     timer.start()
     for step in steps:
         for batch in step:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with common.autocast(device, amp_dtype):
                 chosen_logps, rejected_logps = dpo.concatenated_logps(policy, *batch)
                 if ref_model is not None:
                     with torch.no_grad():
@@ -306,7 +306,7 @@ def bare_ppo(cfg, device, timer) -> dict:
                       torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate,
                                         weight_decay=cfg.weight_decay, eps=1e-5)]
     amp_dtype = common.autocast_dtype(device, cfg.bf16)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    autocast = lambda: common.autocast(device, amp_dtype)  # noqa: E731
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     phases = dict.fromkeys(PPO_PHASES, 0.0)
     episodes = 0
