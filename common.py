@@ -1656,11 +1656,12 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_token_id
     prompt's row, passed to the reward functions (batch_columns). reward_fns: {name: (function, weight)}
     (load_reward_fns). Returns flat metrics: for each reward function f, f_mean / f_std / f_sem over the samples it
     scored and f_unscored (those it returned None for), and with a reward model f_proxy_agreement (the fraction of
-    sample pairs the reward model orders like f: the over-optimisation signal of Gao et al. 2022); reward_mean / reward_std
-    (the weighted total) when there are several; proxy_reward_mean / std (the reward model, normalised); kl_to_ref (mean
-    over samples of sum_t log pi(y_t) - log pi_ref(y_t): the k1 estimate of KL(pi || pi_ref) per sequence, at the
-    sampling temperature); eos_rate, response_length, distinct_completions, num_samples; plus the per-sample lists
-    under "per_sample" (prompt, completion, proxy, kl, eos, length, each function's scores and the total as "reward").
+    sample pairs the reward model orders like f: the over-optimisation signal of Gao et al. 2022); reward_mean /
+    reward_std (the weighted total) when there are several; proxy_reward_mean / std (the reward model, normalised);
+    kl_to_ref (mean over samples of sum_t log pi(y_t) - log pi_ref(y_t): the k1 estimate of KL(pi || pi_ref) per
+    sequence, at the sampling temperature); eos_rate, response_length, distinct_completions, num_samples; plus the
+    per-sample lists under "per_sample" (prompt, completion, proxy, kl, eos, length, each function's scores and the
+    total as "reward").
     Each rank evaluates a strided share of the (prompt, sample) pairs; all ranks return the same metrics."""
     rank, _ = rank_info()
     reward_fns = reward_fns or {}

@@ -289,9 +289,9 @@ def value_loss(values, old_values, returns, response_mask, cliprange_value: floa
 
 def per_prompt_normalize(scores: torch.Tensor, group_size: int, global_mean: torch.Tensor | None = None,
                          scored: torch.Tensor | None = None):
-    """r - mean(r of the same prompt) + global mean (the group baseline of RLOO / GRPO, keeping the scale), for scores (B,) laid out as consecutive groups of
-    group_size samples of one prompt. global_mean: the batch mean over all ranks (default: of these scores). scored
-    (B,): the samples that have a score; a prompt's mean is over those only."""
+    """r - mean(r of the same prompt) + global mean (the group baseline of RLOO / GRPO, keeping the scale), for scores
+    (B,) laid out as consecutive groups of group_size samples of one prompt. global_mean: the batch mean over all ranks
+    (default: of these scores). scored (B,): the samples that have a score; a prompt's mean is over those only."""
     grouped = scores.view(-1, group_size)
     global_mean = scores.mean() if global_mean is None else global_mean
     if scored is None or scored.all():

@@ -7,8 +7,8 @@
         --learning_rate 1e-5 --max_length 1024
     torchrun --nproc_per_node 8 reward_model.py ...   # many GPUs (FSDP2)
 
-Stage two of RLHF (Stiennon et al. 2020; Ouyang et al. 2022): an outcome reward model r(x, y) scores a whole response. It is the SFT model
-with a scalar head (AutoModelForSequenceClassification, num_labels=1) read at the last real token of
+Stage two of RLHF (Stiennon et al. 2020; Ouyang et al. 2022): an outcome reward model r(x, y) scores a whole response.
+It is the SFT model with a scalar head (AutoModelForSequenceClassification, num_labels=1) read at the last real token of
 [prompt | response <eos>], trained on comparisons that follow Bradley-Terry: P(y_w > y_l | x) = sigmoid(r_w - r_l).
 
 Math (r_k = r(x, y_k); each example of the global batch weighs the same, over all micro-batches and ranks):

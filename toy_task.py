@@ -235,7 +235,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def generate_data(out_dir: str = DATA_DIR, seed: int = SEED) -> dict:
-    """Writes every toy file into out_dir; deterministic given the seed. Returns the statistics written to stats.json."""
+    """Writes every toy file into out_dir; deterministic given the seed. Returns the statistics (stats.json)."""
     os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(seed)
     train_prompts, eval_prompts = split_prompts(rng)
@@ -380,17 +380,20 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
             sl = slice(j * pool_size, (j + 1) * pool_size)
             golds.append(best_of_n(per["proxy"][sl], per["gold"][sl], n) if reward_model is not None
                          else float(np.mean(per["gold"][sl])))
-            proxies.append(best_of_n(per["proxy"][sl], per["proxy"][sl], n) if reward_model is not None else float("nan"))
+            proxies.append(best_of_n(per["proxy"][sl], per["proxy"][sl], n) if reward_model is not None
+                           else float("nan"))
             eos.append(best_of_n(per["proxy"][sl], per["eos"][sl], n) if reward_model is not None
                        else float(np.mean(per["eos"][sl])))
         name = "SFT" if n == 1 else f"best-of-{n}"
         # KL(best-of-N || SFT) = log N - (N - 1) / N (Stiennon et al. 2020), exact for distinct samples
         rows.append({"method": name, "gold_reward_mean": float(np.mean(golds)),
-                     "gold_reward_sem": float(np.std(golds) / math.sqrt(len(golds))) if n > 1 else pool["gold_reward_sem"],
+                     "gold_reward_sem": (float(np.std(golds) / math.sqrt(len(golds))) if n > 1
+                                         else pool["gold_reward_sem"]),
                      "proxy_reward_mean": float(np.mean(proxies)), "kl_to_sft": math.log(n) - (n - 1) / n,
                      "eos_rate": float(np.mean(eos)), "num_samples": len(per["gold"])})
     stats["sft_gold_reward_std"] = pool["gold_reward_std"]
-    print(f"report: SFT pool of {pool_size} samples x {len(prompts)} held-out prompts ({time.time() - t0:.0f}s)", flush=True)
+    print(f"report: SFT pool of {pool_size} samples x {len(prompts)} held-out prompts ({time.time() - t0:.0f}s)",
+          flush=True)
 
     # trained policies: PPO, DPO, GRPO, then every other grpo.py output (any estimator, any setting) by name
     methods = [(name.upper(), name) for name in ("ppo", "dpo", "grpo") if name not in missing]

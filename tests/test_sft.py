@@ -18,7 +18,8 @@ import sft
 import toy_task
 
 TOY_ROWS = [json.loads(line) for line in open("data/toy/sft_train.jsonl").readlines()[:96]]
-TOY_EVAL_ROWS = [json.loads(line) for line in open("data/toy/sft_eval.jsonl").readlines()[:17]]  # 9 + 8 across 2 ranks: uneven shares
+# 17 = 9 + 8 across 2 ranks: uneven shares
+TOY_EVAL_ROWS = [json.loads(line) for line in open("data/toy/sft_eval.jsonl").readlines()[:17]]
 
 
 def write_jsonl(path, rows) -> str:

@@ -147,7 +147,8 @@ def test_gold_reward_batch_checks_lengths():
 def test_degenerate_positive_text_is_worse_than_a_plain_review():
     # the structure a naive proxy ("positive words are good") misses: repetition, no ending, rambling
     plain = toy_task.gold_reward_one(PHONE, " great and the battery is excellent .")
-    rambling = " and ".join(["amazing", "wonderful", "superb", "perfect", "brilliant", "lovely", "great", "nice"]) + " ."
+    rambling = " and ".join(["amazing", "wonderful", "superb", "perfect", "brilliant", "lovely", "great",
+                             "nice"]) + " ."
     assert len(rambling.split()) > 14
     for hack in [" amazing amazing amazing amazing .", " amazing wonderful superb perfect brilliant", " " + rambling]:
         assert toy_task.gold_reward_one(PHONE, hack) < plain
