@@ -1,6 +1,6 @@
 """Critic-free RL for language models, in one file: GRPO, Dr. GRPO, RLOO, REINFORCE++ (+ the DAPO and GSPO options).
 
-    python grpo.py                      # toy task: runs/sft + runs/reward_model -> runs/grpo, CPU, ~2 minutes
+    python grpo.py                      # toy task: runs/sft + runs/reward_model -> runs/grpo, CPU, ~1 minute
     python grpo.py --help               # every option, explained
     python grpo.py --reward_fn toy_task:gold_reward --output_dir runs/grpo_gold     # a verifiable reward, no RM
     python grpo.py --advantage_estimator rloo --output_dir runs/rloo                # another estimator

@@ -1,6 +1,6 @@
 """PPO for language models (RLHF stage three), in one file: actor, critic, frozen reward model, frozen reference.
 
-    python ppo.py                       # toy task: runs/sft + runs/reward_model, CPU, ~2 minutes
+    python ppo.py                       # toy task: runs/sft + runs/reward_model, CPU, ~1 minute
     python ppo.py --help                # every option, explained
     python ppo.py --reward_fn toy_task:gold_reward          # a rule-based / verifiable reward instead of a model
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path ... --reward_model_path ... --prompts my_prompts.jsonl

@@ -117,6 +117,20 @@ def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
     return out
 
 
+def with_pad_token(path: str, out: str) -> str:
+    """The gpt2 fixture has a BPE tokenizer without pad token: add one and resize, as sft.py does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from conftest import ROOT, with_pad_token
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import grpo
@@ -243,20 +243,6 @@ def test_zero_std_groups_and_cat_padded():
 # end to end on the toy
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
-    """A reward model checkpoint: the toy SFT backbone with a fresh scalar head (no training needed here)."""
-    out = str(tmp_path_factory.mktemp("rm") / "reward_model")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(toy_sft_checkpoint, num_labels=1)
-    with torch.no_grad():
-        model.score.weight.normal_(std=0.5)  # scores that vary between responses
-    model.config.pad_token_id = AutoTokenizer.from_pretrained(toy_sft_checkpoint).pad_token_id
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def eval_prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "eval.jsonl"
     with open(os.path.join(ROOT, "data/toy/prompts_eval.jsonl")) as f:
@@ -431,18 +417,6 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # tiny random configs of several architectures, chat prompts, a reward model with another tokenizer
 # ---------------------------------------------------------------------------------------------------------------------
-def with_pad_token(path: str, out: str) -> str:
-    """The gpt2 fixture has a BPE tokenizer without pad token: add one and resize, as sft.py does."""
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok.add_special_tokens({"pad_token": "<|pad|>"})
-    model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
 def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_reward_model, tmp_path):
     policy = tiny_checkpoints[arch]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, with_pad_token
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -426,18 +426,6 @@ def test_score_responses_retokenises_for_a_different_reward_tokenizer(tiny_check
         with torch.no_grad():
             expected = rm(input_ids=torch.tensor([ids])).logits[0, 0].item()  # HF's own read-out at the last token
         assert scores[i].item() == pytest.approx(expected, abs=1e-5)
-
-
-def with_pad_token(path: str, out: str) -> str:
-    """The gpt2 fixture has a BPE tokenizer without pad token: add one and resize, as sft.py does."""
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok.add_special_tokens({"pad_token": "<|pad|>"})
-    model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
