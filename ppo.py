@@ -294,11 +294,8 @@ def per_prompt_normalize(scores: torch.Tensor, group_size: int, global_mean: tor
     (default: of these scores). scored (B,): the samples that have a score; a prompt's mean is over those only."""
     grouped = scores.view(-1, group_size)
     global_mean = scores.mean() if global_mean is None else global_mean
-    if scored is None or scored.all():
-        group_mean = grouped.mean(1, keepdim=True)
-    else:
-        counted = scored.view(-1, group_size).float()
-        group_mean = (grouped * counted).sum(1, keepdim=True) / counted.sum(1, keepdim=True).clamp(min=1)
+    counted = torch.ones_like(grouped) if scored is None else scored.view(-1, group_size).to(grouped.dtype)
+    group_mean = (grouped * counted).sum(1, keepdim=True) / counted.sum(1, keepdim=True).clamp(min=1)
     return (grouped - group_mean + global_mean).view(-1)
 
 

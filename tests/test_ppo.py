@@ -244,6 +244,15 @@ def test_per_prompt_normalize_matches_loop():
     for i in range(len(s)):
         group = s[(i // N) * N:(i // N + 1) * N]
         assert out[i].item() == pytest.approx(s[i] - sum(group) / N + global_mean, rel=1e-12)
+    # unscored samples (their score is 0 in ppo.py) do not count in their prompt's mean; a prompt with none scored
+    # keeps mean 0
+    scored = torch.tensor([1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0], dtype=torch.bool)
+    zeroed = torch.where(scored, scores, 0.0)
+    out = ppo.per_prompt_normalize(zeroed, N, torch.tensor(0.5, dtype=torch.float64), scored)
+    for i in range(len(s)):
+        members = [j for j in range((i // N) * N, (i // N + 1) * N) if scored[j]]
+        group_mean = sum(s[j] for j in members) / len(members) if members else 0.0
+        assert out[i].item() == pytest.approx(zeroed[i].item() - group_mean + 0.5, rel=1e-12)
 
 
 def test_running_moments_match_numpy_over_concatenation():
