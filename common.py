@@ -1194,9 +1194,12 @@ def masked_mean_count(values: torch.Tensor, mask: torch.Tensor, distributed: boo
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, distributed: bool = False):
     """(values - mean) / std over the masked entries (e.g. PPO advantages over real response tokens)."""
-    mean, _ = masked_mean_count(values, mask, distributed)
-    var = masked_var(values, mask, unbiased=True, distributed=distributed)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    mean, count = masked_mean_count(values, mask, distributed)
+    if count < 2:  # no spread to divide by (e.g. every sample of a batch unscored): centre only; the same on all ranks
+        whitened = values - mean
+    else:
+        var = masked_var(values, mask, unbiased=True, distributed=distributed)
+        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask

@@ -585,8 +585,9 @@ def main(cfg: Config) -> dict:
             perm = torch.randperm(B, generator=minibatch_gen).tolist()
             for start in range(0, B, mb_size):
                 mb = perm[start:start + mb_size]
-                # the loss is a mean over the real tokens of the global minibatch (every micro-batch, every rank)
-                token_count = common.all_reduce_sum(response_mask[mb].sum())
+                # the loss is a mean over the real tokens of the global minibatch (every micro-batch, every rank);
+                # none at all (every sample unscored) makes it 0, not 0 / 0
+                token_count = common.all_reduce_sum(response_mask[mb].sum()).clamp(min=1)
                 for mstart in range(0, mb_size, micro_size):
                     idx = torch.tensor(mb[mstart:mstart + micro_size], device=device)
                     mb_mask = response_mask[idx]  # (b, R)
@@ -628,6 +629,9 @@ def main(cfg: Config) -> dict:
         all_raw = np.asarray([v for part in gathered for v in part["raw"]])  # the scored samples of every rank
         all_scores = np.asarray([v for part in gathered for v in part["scores"]])
         n_seq, n_tok = B * world_size, max(1.0, totals["trained_tokens"])
+        n_unscored = n_seq - len(all_raw)
+        if n_unscored == n_seq:  # nothing scored in this batch: its score statistics are undefined (null in the log)
+            all_raw = all_scores = np.array([math.nan])
 
         def token_var(total: float, squares: float) -> float:  # unbiased variance over the real tokens of all ranks
             n = max(2.0, totals["response_tokens"])
@@ -635,7 +639,7 @@ def main(cfg: Config) -> dict:
 
         metrics = {
             "objective/scores": all_raw.mean(), "objective/scores_std": all_raw.std(ddof=1),
-            "objective/unscored": n_seq - len(all_raw),
+            "objective/unscored": n_unscored,
             **{f"rewards/{name}": np.mean([v for part in gathered for v in part[name] if v is not None] or [math.nan])
                for name in reward_fns},
             **{f"objective/scores_p{q}": float(np.percentile(all_raw, q)) for q in (10, 50, 90)},

@@ -238,6 +238,12 @@ def test_masked_mean_var_whiten_match_numpy():
     np.testing.assert_allclose(kept, expected + sel.mean(), rtol=1e-6)
     with pytest.raises(ValueError):
         common.masked_var(values, torch.zeros_like(mask))
+    # fewer than 2 masked values have no spread: nothing masked gives zeros, one value is centred on itself (0)
+    assert (common.masked_whiten(values, torch.zeros_like(mask)) == 0).all()
+    one = torch.zeros_like(mask)
+    one[2, 3] = 1
+    assert (common.masked_whiten(values, one) == 0).all()
+    assert common.masked_whiten(values, one, shift_mean=False)[2, 3].item() == pytest.approx(values[2, 3].item())
 
 
 def test_first_true_indices_and_truncate_after_eos_match_loops():

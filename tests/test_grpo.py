@@ -317,6 +317,50 @@ def test_every_estimator_runs_with_options(estimator, options, toy_sft_checkpoin
     assert math.isfinite(eval_json["gold_reward_mean"]) and math.isfinite(eval_json["kl_to_ref"])
 
 
+def test_fill_unscored_matches_loop():
+    nan = math.nan
+    scores = torch.tensor([1.0, nan, 3.0, nan, nan, nan, -2.0, 4.0, 0.5])
+    out = grpo.fill_unscored(scores, 3).tolist()
+    for g in range(3):
+        group = scores[3 * g:3 * g + 3].tolist()
+        known = [v for v in group if not math.isnan(v)]
+        fill = sum(known) / len(known) if known else 0.0
+        assert out[3 * g:3 * g + 3] == pytest.approx([fill if math.isnan(v) else v for v in group])
+
+
+UNSCORING = """
+def nothing(completions, **kwargs):
+    return [None] * len(completions)
+
+def every_other(completions, **kwargs):
+    return [None if i % 2 else float(len(c)) for i, c in enumerate(completions)]
+"""
+
+
+def test_unscored_responses_are_counted_and_left_out_of_the_loss(toy_sft_checkpoint, eval_prompts, tmp_path):
+    (tmp_path / "unscoring.py").write_text(UNSCORING)
+    fns = str(tmp_path / "unscoring.py")
+    # nothing scored: no token is in the loss, so the policy is exactly the SFT model (AdamW without weight decay
+    # moves nothing on zero gradients)
+    out = tmp_path / "nothing"
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
+                           reward_fn=(f"{fns}:nothing",), eval_prompts="none"))
+    train, _, _ = read_outputs(out)
+    assert [r["unscored"] for r in train] == [2 * 4, 2 * 4] and all(r["reward"] is None for r in train)
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, p in AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict().items():
+        assert torch.equal(saved[name], p), name
+    # every other response unscored: counted, and the rest trains the policy
+    out = tmp_path / "every_other"
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
+                           reward_fn=(f"{fns}:every_other",), eval_prompts="none"))
+    train, _, _ = read_outputs(out)
+    assert [r["unscored"] for r in train] == [4, 4] and all(math.isfinite(r["reward"]) for r in train)
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(saved[n], p)
+               for n, p in AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict().items())
+
+
 def test_beta_zero_loads_no_reference(toy_sft_checkpoint, eval_prompts, tmp_path, monkeypatch):
     loaded = []
     original = grpo.AutoModelForCausalLM.from_pretrained

@@ -350,6 +350,26 @@ def test_end_to_end_reward_model(toy_sft_checkpoint, toy_reward_model, eval_prom
     assert any(not torch.equal(p, q) for p, q in zip(saved.state_dict().values(), sft_model.state_dict().values()))
 
 
+def test_unscored_samples_are_counted_and_left_out_of_the_loss(toy_sft_checkpoint, eval_prompts, tmp_path):
+    (tmp_path / "unscoring.py").write_text("def nothing(completions, **kwargs):\n    return [None] * len(completions)\n"
+                                           "def every_other(completions, **kwargs):\n"
+                                           "    return [None if i % 2 else float(len(c)) for i, c in "
+                                           "enumerate(completions)]\n")
+    fns = str(tmp_path / "unscoring.py")
+    for name, unscored, trains in (("nothing", 4, False), ("every_other", 2, True)):
+        out = tmp_path / name
+        # critic from SFT with a fresh head: its weights are saved beside the policy's only in checkpoints, so the
+        # policy shows what the loss saw
+        ppo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed",
+                              reward_fn=(f"{fns}:{name}",), critic_init="sft", eval_prompts="none"))
+        train, _, _ = read_outputs(out)
+        assert [r["objective/unscored"] for r in train] == [unscored, unscored]
+        saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        sft_weights = AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict()
+        changed = any(not torch.equal(saved[n], p) for n, p in sft_weights.items())
+        assert changed == trains  # nothing scored: no token in the loss, the policy stays the SFT model exactly
+
+
 def test_end_to_end_reward_fn_critic_sft_k3_adaptive_per_prompt(toy_sft_checkpoint, eval_prompts, tmp_path):
     out = tmp_path / "ppo"
     penalty, beta0, target, horizon = 1.0, 0.05, 0.5, 40
