@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints of several architectures (built here, never downloaded) and a tiny SFT
 checkpoint of the toy task. Tests call each script's main(Config(...)) in-process to keep the suite fast."""
 
+import dataclasses
 import os
 import sys
 
@@ -13,6 +14,18 @@ os.chdir(ROOT)  # scripts default to data/toy/... relative paths
 torch.set_num_threads(1)  # small models: threads only add overhead, and CI has 2 cores
 
 import toy_task  # noqa: E402
+
+
+def make(config_class, **options):
+    """A script's Config from flat options, as on the command line (--lora_r, not model.lora_r): each option goes to
+    the Config itself or to the option group (model, optim, run) that holds it; the script's own group defaults stay."""
+    cfg = config_class()
+    groups = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    own, nested = {}, {name: {} for name in groups}
+    for key, value in options.items():
+        holder = next((name for name, g in groups.items() if key in {f.name for f in dataclasses.fields(g)}), None)
+        (nested[holder] if holder else own)[key] = value
+    return config_class(**own, **{name: dataclasses.replace(g, **nested[name]) for name, g in groups.items()})
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")
@@ -98,7 +111,7 @@ def toy_sft_checkpoint(tmp_path_factory):
     import sft
 
     out = str(tmp_path_factory.mktemp("runs") / "sft")
-    sft.main(sft.Config(output_dir=out, num_epochs=0.05, eval_every=10_000, num_eval_generations=8, log_every=5))
+    sft.main(make(sft.Config, output_dir=out, num_epochs=0.05, eval_every=10_000, num_eval_generations=8, log_every=5))
     return out
 
 

@@ -85,6 +85,7 @@ class ScriptedLM(torch.nn.Module):
     def __init__(self, eos_len: list[int], vocab: int, eos: int, n_special: int = 4):
         super().__init__()
         self.eos_len, self.vocab, self.eos, self.n_special, self.calls = eos_len, vocab, eos, n_special, 0
+        self.config = None  # (a DynamicCache is built from it)
 
     def forward(self, input_ids, attention_mask, past_key_values=None, **kwargs):
         self.calls += 1

@@ -8,7 +8,7 @@ import re
 import sys
 
 import pytest
-from conftest import chatml_tokenizer, toy_tokenizer_with_chat
+from conftest import make, chatml_tokenizer, toy_tokenizer_with_chat
 
 import common
 import sft
@@ -182,10 +182,10 @@ def test_assistant_only_mask_matches_a_naive_scan_of_the_rendering(template):
             inside = False
     assert ids == full and mask == naive and sum(mask) > 0
     assert tok.decode([t for t, m in zip(ids, mask) if m]).count(words[4].rstrip(".! ")) == 1
-    examples = sft.build_dataset([("f:1", {"messages": conversation})], tok, sft.Config(max_length=512))[0]
+    examples = sft.build_dataset([("f:1", {"messages": conversation})], tok, make(sft.Config, max_length=512))[0]
     assert [label != -100 for label in examples[0][1]] == [bool(m) for m in mask]
     whole = sft.build_dataset([("f:1", {"messages": conversation})], tok,
-                              sft.Config(max_length=512, assistant_only_loss=False))[0]
+                              make(sft.Config, max_length=512, assistant_only_loss=False))[0]
     assert whole[0][1] == ids
 
 
@@ -345,25 +345,25 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
     held_out = dict(eval_dataset=data["sft"], eval_dataset_split="test") if source == "save_to_disk" \
         else dict(eval_split=0.25)
     runs = tmp_path / "runs"
-    sft.main(sft.Config(model_name_or_path=chatml_checkpoints[arch], from_scratch=False, dataset=data["sft"],
+    sft.main(make(sft.Config, model_name_or_path=chatml_checkpoints[arch], from_scratch=False, dataset=data["sft"],
                         per_device_batch_size=4, max_length=96, eval_every=2, num_eval_generations=2,
                         output_dir=str(runs / "sft"), **held_out, **small))
     policy = str(runs / "sft")
-    reward_model.main(reward_model.Config(
+    reward_model.main(make(reward_model.Config, 
         model_name_or_path=policy, dataset=data["prefs"], loss="ranking" if source == "save_to_disk" else "pairwise",
         per_device_batch_size=4, max_length=96, normalize_samples=4, output_dir=str(runs / "rm"),
         **{k: v.replace(data["sft"], data["prefs"]) if isinstance(v, str) else v for k, v in held_out.items()},
         **small))
-    dpo.main(dpo.Config(model_name_or_path=policy, dataset=data["dpo"], per_device_batch_size=4, max_length=96,
+    dpo.main(make(dpo.Config, model_name_or_path=policy, dataset=data["dpo"], per_device_batch_size=4, max_length=96,
                         eval_samples_per_prompt=1, output_dir=str(runs / "dpo"), eval_split=0.25,
                         eval_reward_fn=(f"{fns}:brevity",), **small))
     reward = dict(reward_model_path=str(runs / "rm")) if source == "parquet" else \
         dict(reward_fn=(f"{fns}:exact", f"{fns}:brevity"), reward_weights=(1.0, 0.5), critic_init="sft")
-    ppo.main(ppo.Config(model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=4,
+    ppo.main(make(ppo.Config, model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=4,
                         num_samples_per_prompt=2, eval_split=0.25, eval_samples_per_prompt=1,
                         output_dir=str(runs / "ppo"), **reward, **small))
 
-    grpo.main(grpo.Config(model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=2,
+    grpo.main(make(grpo.Config, model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=2,
                           num_samples_per_prompt=2, num_minibatches=1, eval_split=0.25, eval_samples_per_prompt=1,
                           output_dir=str(runs / "grpo"), **{k: v for k, v in reward.items() if k != "critic_init"},
                           **small))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import make
 import common
 import dpo
 import toy_task
@@ -129,8 +130,8 @@ def test_dpo_and_reward_model_read_pairs_alike(tmp_path):
             {"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."},
             {"chosen": "honestly the cafe was great !", "rejected": "honestly the cafe was not great ."}]
     loaded = common.load_rows(write_jsonl(tmp_path / "p.jsonl", rows))
-    pairs = dpo.build_dataset(loaded, tok, dpo.Config())[0]
-    ranked = rm.build_dataset(loaded, tok, rm.Config())[0]
+    pairs = dpo.build_dataset(loaded, tok, make(dpo.Config))[0]
+    ranked = rm.build_dataset(loaded, tok, make(rm.Config))[0]
     for (prompt_ids, chosen_ids, rejected_ids), ex in zip(pairs, ranked):
         assert ex["prompt_ids"] == prompt_ids and ex["completions"] == [chosen_ids, rejected_ids]
     assert tok.decode(pairs[0][0]) == "<bos> the movie was" and tok.decode(pairs[0][1]) == "good . <eos>"
@@ -147,7 +148,7 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
     from conftest import toy_tokenizer_with_chat
 
     tok = toy_tokenizer_with_chat()
-    cfg = dpo.Config(max_length=64)
+    cfg = make(dpo.Config, max_length=64)
     explicit = {"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."}
     implicit = {"chosen": "the phone was very good .", "rejected": "the phone was bad ."}
     path = write_jsonl(tmp_path / "p.jsonl", [explicit, implicit, {**explicit, "rejected": " very good ."}])
@@ -169,11 +170,11 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
     assert examples[0][1][:-1] == chosen_ids[:-1]
     # truncation policy
     examples, counts = dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "t.jsonl", [explicit])), tok,
-                                         dpo.Config(max_length=6))
+                                         make(dpo.Config, max_length=6))
     assert counts["truncated"] == 1 and all(len(examples[0][0]) + len(x) <= 6 for x in examples[0][1:])
     with pytest.raises(ValueError, match="no usable pair"):
         dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "d.jsonl", [explicit])), tok,
-                          dpo.Config(max_length=6, truncation="drop"))
+                          make(dpo.Config, max_length=6, truncation="drop"))
     bad = [({"prompt": "a", "chosen": " good ."}, r"b.jsonl:2: missing field 'rejected'"),
            ({**explicit, "chosen": " "}, r"b.jsonl:2: field 'chosen' is empty"),
            ({**explicit, "prompt": 3}, r"b.jsonl:2: field 'prompt' must be a string or a list of messages"),
@@ -242,7 +243,7 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
     runs = {}
     for precompute in [False, True]:
         out = str(tmp_path / f"dpo_{precompute}")
-        cfg = dpo.Config(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, eval_prompts=prompts,
+        cfg = make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, eval_prompts=prompts,
                          output_dir=out, per_device_batch_size=16, num_epochs=4, learning_rate=1e-3, warmup_ratio=0,
                          lr_scheduler="constant", log_every=1, eval_every=8, eval_samples_per_prompt=2,
                          eval_reward_fn=("toy_task:gold_reward",), reward_model_path="none",
@@ -276,7 +277,7 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
 
 def test_missing_sft_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(common.InputError, match="--model_name_or_path runs/nope: not found; run `python sft.py` first"):
-        dpo.main(dpo.Config(model_name_or_path="runs/nope", output_dir=str(tmp_path / "x")))
+        dpo.main(make(dpo.Config, model_name_or_path="runs/nope", output_dir=str(tmp_path / "x")))
 
 
 def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
@@ -302,7 +303,7 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
     for arch, fmt, loss_type, eps, rpo_alpha in plan:
         data = write_jsonl(tmp_path / f"{fmt}.jsonl", formats[fmt])
         out = str(tmp_path / arch)
-        final = dpo.main(dpo.Config(
+        final = dpo.main(make(dpo.Config, 
             model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data, eval_prompts=prompts,
             output_dir=out, per_device_batch_size=4, num_epochs=1, learning_rate=1e-3, log_every=1,
             loss_type=loss_type, label_smoothing=eps, rpo_alpha=rpo_alpha, eval_samples_per_prompt=2, max_new_tokens=6,
@@ -314,7 +315,7 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
         assert first["rewards/margins"] == pytest.approx(0, abs=1e-6) and first["rewards/accuracies"] == 0, arch
         if rpo_alpha:  # plus the chosen responses' NLL per token, between its sum / longest and sum / shortest
             tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
-            lengths = [len(c) for _, c, _ in dpo.build_dataset(common.load_rows(data), tok, dpo.Config())[0]]
+            lengths = [len(c) for _, c, _ in dpo.build_dataset(common.load_rows(data), tok, make(dpo.Config))[0]]
             nll = -first["logps/chosen"]
             assert nll / max(lengths) <= (first["loss"] - at_zero[loss_type]) / rpo_alpha <= nll / min(lengths)
         else:
@@ -343,7 +344,7 @@ def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
     # one process, the same global batch of 16 pairs: in one micro-batch, and in two accumulated ones
     outs = {"one": str(tmp_path / "one"), "accumulated": str(tmp_path / "accumulated")}
     for name, (batch_size, accumulation) in {"one": (16, 1), "accumulated": (8, 2)}.items():
-        dpo.main(dpo.Config(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals,
+        dpo.main(make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals,
                             eval_prompts="none", num_epochs=2, learning_rate=1e-3, log_every=1, eval_every=2,
                             reward_model_path="none", rpo_alpha=0.5, per_device_batch_size=batch_size,
                             gradient_accumulation_steps=accumulation, output_dir=outs[name]))

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, with_pad_token
+from conftest import make, ROOT, with_pad_token
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -171,7 +171,7 @@ def test_aggregate_loss_matches_formula_and_is_invariant_to_micro_batches(mode):
 
 
 def test_asymmetric_clipping_hand_example_and_zero_gradient_exactly_where_clipped():
-    clip_low, clip_high = 0.2, 0.28
+    clip_range, clip_range_high = 0.2, 0.28
     ratio = torch.tensor([[1.5, 1.25, 0.5, 0.5, 0.7, 1.25, 1.5, 0.9, 1.0]], dtype=torch.float64)
     adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1e6]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float64)
@@ -179,7 +179,7 @@ def test_asymmetric_clipping_hand_example_and_zero_gradient_exactly_where_clippe
     logprobs = old + ratio.log()
     logprobs[0, 8] = 900.0  # garbage on padding: exp(902) overflows, must not matter
     logprobs.requires_grad_(True)
-    per_token, r, is_low, is_high = grpo.clipped_surrogate(logprobs, old, adv, mask, clip_low, clip_high)
+    per_token, r, is_low, is_high = grpo.clipped_surrogate(logprobs, old, adv, mask, clip_range, clip_range_high)
     # by hand, max(-A r, -A clip(r, 0.8, 1.28)):
     #   A=+1: r=1.5 -> -1.28 (clipped high) | r=1.25 -> -1.25 (inside thanks to clip-higher) | r=0.5 -> -0.5
     #   A=-1: r=0.5 -> 0.8 (clipped low) | r=0.7 -> 0.8 (clipped low) | r=1.25 -> 1.25 | r=1.5 -> 1.5 | r=0.9 -> 0.9
@@ -252,10 +252,10 @@ def eval_prompts(tmp_path_factory):
 
 def small_config(out, **overrides) -> grpo.Config:
     kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=2, num_samples_per_prompt=4, max_new_tokens=8,
-              ppo_epochs=1, num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100,
+              update_epochs=1, num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100,
               log_every=100, eval_reward_fn=("toy_task:gold_reward",))
     kw.update(overrides)
-    return grpo.Config(**kw)
+    return make(grpo.Config, **kw)
 
 
 def read_outputs(out):
@@ -271,7 +271,7 @@ def test_end_to_end_reward_model_ratio_one(toy_sft_checkpoint, toy_reward_model,
     # one epoch of one minibatch: the update starts from the weights that sampled the batch, so the ratio is 1 (at a
     # temperature other than 1, which rollout and training log-probs must share) and nothing is clipped
     cfg = small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
-                       eval_prompts=eval_prompts, temperature=0.7, clip_low=1e-6, clip_high=1e-6)
+                       eval_prompts=eval_prompts, temperature=0.7, clip_range=1e-6, clip_range_high=1e-6)
     result = grpo.main(cfg)
     train, evals, eval_json = read_outputs(out)
     assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 2]
@@ -297,7 +297,7 @@ def test_end_to_end_reward_model_ratio_one(toy_sft_checkpoint, toy_reward_model,
 
 @pytest.mark.parametrize("estimator,options", [
     ("dr_grpo", dict(kl_in_loss=True, overlong_filter=True, loss_agg="token_mean")),
-    ("rloo", dict(importance_sampling_level="sequence", clip_high=0.28, ppo_epochs=2, num_minibatches=2,
+    ("rloo", dict(importance_sampling_level="sequence", clip_range_high=0.28, update_epochs=2, num_minibatches=2,
                   gradient_accumulation_steps=2, entropy_coef=0.01, top_p=0.9)),
     ("reinforce_pp", dict(num_samples_per_prompt=1, rollout_batch_size=4, kl_estimator="k2",
                           gamma=0.95, lr_scheduler="cosine", warmup_ratio=0.5)),

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, ROOT, head_jsonl
+from conftest import make, ARCHS, ROOT, head_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -26,7 +26,7 @@ LORA = dict(lora_r=4, lora_alpha=8.0)
 
 
 def lora_config(**kw):
-    return sft.Config(**{**LORA, **kw})
+    return make(sft.Config, **{**LORA, **kw})
 
 
 def batch_of(tok, texts=("the phone was very good .", "honestly the movie was bad", "this book is")):
@@ -67,7 +67,7 @@ def test_sft_lora_trains_only_the_adapter_and_merged_equals_adapter(tiny_checkpo
     ckpt = tiny_checkpoints["llama"]
     out = str(tmp_path / "sft")
     data = head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 32)
-    sft.main(sft.Config(model_name_or_path=ckpt, from_scratch=False, dataset=data, per_device_batch_size=8,
+    sft.main(make(sft.Config, model_name_or_path=ckpt, from_scratch=False, dataset=data, per_device_batch_size=8,
                         max_steps=3, learning_rate=1e-2, output_dir=out, merge_lora=True, **LORA))
     assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
     base = load_file(os.path.join(ckpt, "model.safetensors"))
@@ -88,7 +88,7 @@ def test_sft_lora_trains_only_the_adapter_and_merged_equals_adapter(tiny_checkpo
 
 def test_reward_model_lora_trains_adapter_and_score_head_and_keeps_normalisation(toy_sft_checkpoint, tmp_path):
     out = str(tmp_path / "rm")
-    reward_model.main(reward_model.Config(
+    reward_model.main(make(reward_model.Config, 
         model_name_or_path=toy_sft_checkpoint, output_dir=out, max_steps=3, per_device_batch_size=8,
         dataset=head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 32),
         eval_dataset=head_jsonl("data/toy/preferences_eval.jsonl", tmp_path / "e.jsonl", 8), normalize_samples=8,
@@ -111,12 +111,12 @@ def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(
                                                                                tmp_path, tiny_checkpoints):
     # a LoRA SFT output (an adapter directory) is a valid starting point of the later stages
     sft_out = str(tmp_path / "sft")
-    sft.main(sft.Config(model_name_or_path=tiny_checkpoints["qwen2"], from_scratch=False, per_device_batch_size=8,
+    sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["qwen2"], from_scratch=False, per_device_batch_size=8,
                         dataset=head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 16), max_steps=1,
                         output_dir=sft_out, **LORA))
     assert not os.path.exists(os.path.join(sft_out, "model.safetensors"))
     prefs = head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 16)
-    final = dpo.main(dpo.Config(model_name_or_path=sft_out, dataset=prefs, per_device_batch_size=8, max_steps=2,
+    final = dpo.main(make(dpo.Config, model_name_or_path=sft_out, dataset=prefs, per_device_batch_size=8, max_steps=2,
                                 log_every=1,
                                 eval_prompts="none", eval_dataset="none", output_dir=str(tmp_path / "dpo"), **LORA))
     assert math.isfinite(final["train_loss"])
@@ -125,7 +125,7 @@ def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(
     assert first["step"] == 1 and first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
 
     prompts = head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2)
-    cfg = ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=4,
+    cfg = make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=4,
                      max_steps=2, max_new_tokens=5, eval_prompts=prompts, eval_samples_per_prompt=1,
                      output_dir=str(tmp_path / "ppo"), merge_lora=True, **LORA)
     actor, ref, rm, critic, _, _ = ppo.load_models(cfg, torch.device("cpu"))
@@ -146,14 +146,14 @@ def test_lora_resume_is_exact(toy_sft_checkpoint, tmp_path):
     options = dict(model_name_or_path=toy_sft_checkpoint, per_device_batch_size=8, max_steps=6, save_every=2,
                    log_every=1, eval_prompts="none", eval_dataset="none", learning_rate=1e-2,
                    dataset=head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 32), **LORA)
-    dpo.main(dpo.Config(**options, output_dir=str(tmp_path / "a")))
+    dpo.main(make(dpo.Config, **options, output_dir=str(tmp_path / "a")))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     ckpt = common.latest_checkpoint(str(tmp_path / "b"))
     assert ckpt.endswith("step_4")
     shards = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".distcp"))
     base_bytes = os.path.getsize(os.path.join(toy_sft_checkpoint, "model.safetensors"))
     assert shards < base_bytes / 4  # adapter + its AdamW moments, not the base model
-    dpo.main(dpo.Config(**options, output_dir=str(tmp_path / "b"), resume=True))
+    dpo.main(make(dpo.Config, **options, output_dir=str(tmp_path / "b"), resume=True))
     a = load_file(os.path.join(tmp_path / "a", "adapter_model.safetensors"))
     b = load_file(os.path.join(tmp_path / "b", "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -162,7 +162,7 @@ def test_lora_resume_is_exact(toy_sft_checkpoint, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_bfloat16_weights_train_with_finite_losses(arch, tiny_checkpoints, tmp_path):
     out = str(tmp_path / arch)
-    final = sft.main(sft.Config(model_name_or_path=tiny_checkpoints[arch], from_scratch=False, dtype="bfloat16",
+    final = sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints[arch], from_scratch=False, dtype="bfloat16",
                                 dataset=head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 16),
                                 per_device_batch_size=8, max_steps=2, log_every=1, output_dir=out))
     assert math.isfinite(final["train_loss"])
@@ -175,11 +175,11 @@ def test_bfloat16_weights_train_with_finite_losses(arch, tiny_checkpoints, tmp_p
 
 def test_lora_and_dtype_options_are_checked(tmp_path):
     with pytest.raises(common.InputError, match="--merge_lora needs --lora_r > 0"):
-        sft.Config(merge_lora=True)
+        make(sft.Config, merge_lora=True)
     with pytest.raises(common.InputError, match="--lora_dropout must be 0"):
-        dpo.Config(lora_r=4, lora_dropout=0.1)
+        make(dpo.Config, lora_r=4, lora_dropout=0.1)
     with pytest.raises(common.InputError, match="--lora_r with --from_scratch would adapt random weights"):
-        sft.main(sft.Config(lora_r=4, output_dir=str(tmp_path / "x")))
+        sft.main(make(sft.Config, lora_r=4, output_dir=str(tmp_path / "x")))
     with pytest.raises(common.InputError, match="flash_attention_2 needs the `flash-attn` package"):
         common.check_attn_implementation("flash_attention_2")
 
@@ -188,7 +188,7 @@ def test_torchrun_two_processes_with_lora_match_one_process(tiny_checkpoints, tm
     data = head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 32)
     options = dict(model_name_or_path=tiny_checkpoints["llama"], from_scratch=False, dataset=data,
                    per_device_batch_size=8, max_steps=3, log_every=1, learning_rate=1e-2, **LORA)
-    sft.main(sft.Config(**options, output_dir=str(tmp_path / "one"), gradient_accumulation_steps=2))
+    sft.main(make(sft.Config, **options, output_dir=str(tmp_path / "one"), gradient_accumulation_steps=2))
     args = [f"--{k}={v}" for k, v in options.items() if k != "from_scratch"] + ["--no-from_scratch"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "sft.py", *args, "--per_device_batch_size=8", "--output_dir", str(tmp_path / "two")],
@@ -208,7 +208,7 @@ def test_grpo_with_lora_uses_the_policy_without_its_adapter_as_reference(toy_sft
                                                                           tmp_path):
     import grpo
 
-    cfg = grpo.Config(model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=2,
+    cfg = make(grpo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=2,
                       num_samples_per_prompt=2, num_minibatches=1, max_steps=2, max_new_tokens=5, log_every=1,
                       eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2),
                       eval_samples_per_prompt=1, output_dir=str(tmp_path / "grpo"), **LORA)

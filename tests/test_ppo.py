@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, with_pad_token
+from conftest import make, ROOT, with_pad_token
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
@@ -305,11 +305,11 @@ def eval_prompts(tmp_path_factory):
 
 
 def small_config(out, **overrides) -> ppo.Config:
-    kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=4, max_new_tokens=8, ppo_epochs=1,
+    kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=4, max_new_tokens=8, update_epochs=1,
               num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100, log_every=100,
               eval_reward_fn=("toy_task:gold_reward",))
     kw.update(overrides)
-    return ppo.Config(**kw)
+    return make(ppo.Config, **kw)
 
 
 def read_outputs(out):
@@ -396,7 +396,7 @@ def test_end_to_end_reward_fn_critic_sft_k3_adaptive_per_prompt(toy_sft_checkpoi
 def test_end_to_end_k2_running_norm_and_more_options(toy_sft_checkpoint, toy_reward_model, eval_prompts, tmp_path):
     out = tmp_path / "ppo"
     cfg = small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
-                       kl_estimator="k2", score_norm="running", score_clip=3.0, rollout_batch_size=8, ppo_epochs=2,
+                       kl_estimator="k2", score_norm="running", score_clip=3.0, rollout_batch_size=8, update_epochs=2,
                        num_minibatches=2, gradient_accumulation_steps=2, shared_optimizer=True, entropy_coef=0.01,
                        top_k=20, top_p=0.9, whiten_advantages=False, lr_scheduler="cosine", warmup_ratio=0.5,
                        eval_prompts=eval_prompts)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, head_jsonl
+from conftest import make, ROOT, head_jsonl
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -327,10 +327,10 @@ def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one(tmp_path, 
     ("ppo", "num_samples_per_prompt", -1, "--num_samples_per_prompt must be > 0"),
     ("ppo", "gamma", 1.2, "--gamma must be between 0 and 1"),
     ("ppo", "kl_coef", -0.1, "--kl_coef must be >= 0"),
-    ("ppo", "ppo_epochs", 0, "--ppo_epochs must be > 0"),
+    ("ppo", "update_epochs", 0, "--update_epochs must be > 0"),
     ("ppo", "top_k", -1, "--top_k must be >= 0"),
     ("grpo", "num_samples_per_prompt", 1, "--advantage_estimator grpo needs --num_samples_per_prompt >= 2"),
-    ("grpo", "clip_low", 1.0, "--clip_low must be < 1"),
+    ("grpo", "clip_range", 1.0, "--clip_range must be < 1"),
     ("grpo", "temperature", 0.0, "--temperature must be > 0"),
     ("grpo", "max_sampling_rounds", 0, "--max_sampling_rounds must be > 0"),
     ("grpo", "overlong_buffer", 100, "--overlong_buffer 100 exceeds --max_new_tokens 16"),
@@ -362,7 +362,7 @@ def sft_config(tmp_path, **kw):
                     eval_dataset=head_jsonl("data/toy/sft_eval.jsonl", tmp_path / "e.jsonl", 4),
                     per_device_batch_size=8, max_steps=1, num_eval_generations=2, max_new_tokens=4,
                     output_dir=str(tmp_path / "out"))
-    return sft.Config(**{**defaults, **kw})
+    return make(sft.Config, **{**defaults, **kw})
 
 
 def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path):
@@ -385,7 +385,7 @@ def test_misspelt_field_is_refused_not_read_as_another_format(tmp_path, toy_sft_
     row = {"promt": "the movie was", "chosen": " good .", "rejected": " bad ."}
     bad = write(tmp_path / "typo.jsonl", json.dumps(row) + "\n")
     with pytest.raises(common.InputError, match=rf"{bad}:1: unknown field 'promt'; did you mean 'prompt'\?"):
-        dpo.main(dpo.Config(model_name_or_path=toy_sft_checkpoint, dataset=bad, output_dir=str(tmp_path / "o")))
+        dpo.main(make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=bad, output_dir=str(tmp_path / "o")))
     fine = write(tmp_path / "extra.jsonl", json.dumps({"prompt": "a", "chosen": " b", "rejected": " c",
                                                        "source": "x", "id": 7}) + "\n")
     assert len(common.load_jsonl(fine, alternatives=(("prompt", "chosen", "rejected"),))) == 1  # extra fields: fine
@@ -397,7 +397,7 @@ def test_missing_model_directory_names_the_option(tmp_path):
         sft.main(sft_config(tmp_path, model_name_or_path="/nonexistent/model", from_scratch=False))
     with pytest.raises(common.InputError,
                        match="--model_name_or_path runs/none_such_sft: not found; run `python sft.py` first"):
-        reward_model.main(reward_model.Config(model_name_or_path="runs/none_such_sft", output_dir=str(tmp_path / "r")))
+        reward_model.main(make(reward_model.Config, model_name_or_path="runs/none_such_sft", output_dir=str(tmp_path / "r")))
 
 
 def test_max_length_beyond_the_models_positions(tmp_path):
@@ -409,11 +409,11 @@ def test_max_length_beyond_the_models_positions(tmp_path):
 def test_model_of_the_wrong_kind_is_refused(tmp_path, toy_sft_checkpoint, toy_reward_model):
     # a causal LM as reward model: its score head would be random
     with pytest.raises(common.InputError, match=rf"--reward_model_path {toy_sft_checkpoint}: not a reward model"):
-        ppo.main(ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_sft_checkpoint,
+        ppo.main(make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_sft_checkpoint,
                             output_dir=str(tmp_path / "p")))
     # a reward model as the policy
     with pytest.raises(common.InputError, match=rf"--model_name_or_path {toy_reward_model}: a reward / classification"):
-        dpo.main(dpo.Config(model_name_or_path=toy_reward_model, output_dir=str(tmp_path / "d")))
+        dpo.main(make(dpo.Config, model_name_or_path=toy_reward_model, output_dir=str(tmp_path / "d")))
     assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "d")
 
 
@@ -433,7 +433,7 @@ def test_reward_function_returning_garbage_is_refused_with_its_name(returned, me
     global BAD_REWARD
     BAD_REWARD = returned
     with pytest.raises(common.InputError, match="reward function bad_reward " + message):
-        ppo.main(ppo.Config(model_name_or_path=toy_sft_checkpoint, reward_fn=("test_reliability:bad_reward",),
+        ppo.main(make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_reliability:bad_reward",),
                             critic_init="sft", rollout_batch_size=4, max_steps=1, max_new_tokens=4,
                             eval_samples_per_prompt=1, eval_reward_fn=("none",), output_dir=str(tmp_path / "p")))
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import common
 import reward_model as rm
 import toy_task
-from conftest import ROOT
+from conftest import make, ROOT
 
 
 def sigmoid(x):
@@ -84,7 +84,7 @@ def test_preference_metrics_against_naive():
 def test_gold_ceiling_matches_stats_json():
     """The ceiling computed from the gold reward equals the one the data generator wrote (same definition)."""
     stats = json.load(open(os.path.join(ROOT, "data/toy/stats.json")))
-    examples, _ = build("data/toy/preferences_eval.jsonl", toy_task.build_tokenizer(), rm.Config(),
+    examples, _ = build("data/toy/preferences_eval.jsonl", toy_task.build_tokenizer(), make(rm.Config),
                         {"gold_reward": (toy_task.gold_reward, 1.0)})
     gold = rm.gold_label_stats([ex["gold"] for ex in examples])
     assert round(gold["ceiling_accuracy"], 4) == stats["preferences_eval_ceiling_accuracy"]
@@ -113,7 +113,7 @@ def test_scores_at_last_real_token_any_padding(tiny_checkpoints, arch):
         ids_l, mask_l = common.left_pad(seqs, pad)
         torch.testing.assert_close(common.get_scores(model, ids_l, mask_l, normalize=False), alone,
                                    rtol=1e-5, atol=1e-5)
-        scores, _, _ = rm.example_scores_and_losses(model, examples, rm.Config(), torch.device("cpu"), None, pad)
+        scores, _, _ = rm.example_scores_and_losses(model, examples, make(rm.Config), torch.device("cpu"), None, pad)
     torch.testing.assert_close(scores.reshape(-1), alone, rtol=1e-5, atol=1e-5)  # right-padded, (B, K) best first
 
 
@@ -152,7 +152,7 @@ def test_formats_tokenise_alike(tmp_path):
              "chosen": [{"role": "assistant", "content": "good ."}], "rejected": "bad ."},
             {"chosen": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "good ."}],
              "rejected": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "bad ."}]}]
-    examples, counts = build(write_rows(tmp_path, rows), tok, rm.Config())
+    examples, counts = build(write_rows(tmp_path, rows), tok, make(rm.Config))
     assert counts == {"skipped_identical": 0, "truncated": 0, "dropped": 0}
     eos = tok.eos_token_id
     good = tok("good .", add_special_tokens=False)["input_ids"]
@@ -178,7 +178,7 @@ def test_bad_rows_name_file_line_field(tmp_path, row, message):
     good = {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."}
     path = write_rows(tmp_path, [good, row])
     with pytest.raises(ValueError) as err:
-        build(path, toy_task.build_tokenizer(), rm.Config())
+        build(path, toy_task.build_tokenizer(), make(rm.Config))
     assert f"{path}:2" in str(err.value) and message in str(err.value)
 
 
@@ -186,16 +186,16 @@ def test_identical_completions_skipped_and_counted(tmp_path):
     rows = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
             {"prompt": "the movie was", "chosen": " good .", "rejected": " good ."},
             {"chosen": "the movie was good .", "rejected": "the movie was good ."}]
-    examples, counts = build(write_rows(tmp_path, rows), toy_task.build_tokenizer(), rm.Config())
+    examples, counts = build(write_rows(tmp_path, rows), toy_task.build_tokenizer(), make(rm.Config))
     assert len(examples) == 1 and counts["skipped_identical"] == 2
     ranking = [{"prompt": "the movie was", "completions": [" good .", " fine .", " good ."]},
                {"prompt": "the movie was", "completions": [" good .", " fine .", " bad ."]}]
     examples, counts = build(write_rows(tmp_path, ranking, "r.jsonl"), toy_task.build_tokenizer(),
-                                        rm.Config(loss="ranking"))
+                                        make(rm.Config, loss="ranking"))
     assert len(examples) == 1 and counts["skipped_identical"] == 1 and len(examples[0]["completions"]) == 3
     with pytest.raises(ValueError, match=r"r1\.jsonl:1: field 'completions' must be a list of at least 2"):
         build(write_rows(tmp_path, [{"prompt": "x", "completions": [" good ."]}], "r1.jsonl"),
-                         toy_task.build_tokenizer(), rm.Config(loss="ranking"))
+                         toy_task.build_tokenizer(), make(rm.Config, loss="ranking"))
 
 
 def test_over_long_policy(tmp_path):
@@ -205,13 +205,13 @@ def test_over_long_policy(tmp_path):
             {"prompt": prompt, "chosen": " good .", "rejected": " bad ."}]
     path = write_rows(tmp_path, rows)
     # longest completion of row 1: 8 words + EOS = 9 tokens; 5 + 9 = 14 > 12
-    examples, counts = build(path, tok, rm.Config(max_length=12))
+    examples, counts = build(path, tok, make(rm.Config, max_length=12))
     assert counts["dropped"] == 1 and len(examples) == 1
-    examples, counts = build(path, tok, rm.Config(max_length=12, truncation="truncate_prompt"))
+    examples, counts = build(path, tok, make(rm.Config, max_length=12, truncation="truncate_prompt"))
     assert counts["truncated"] == 1 and len(examples) == 2
     assert examples[0]["prompt_ids"] == tok(prompt)["input_ids"][-3:]  # cut from the start, completions whole
     assert max(len(examples[0]["prompt_ids"]) + len(c) for c in examples[0]["completions"]) == 12
-    examples, counts = build(path, tok, rm.Config(max_length=9, truncation="truncate_prompt"))
+    examples, counts = build(path, tok, make(rm.Config, max_length=9, truncation="truncate_prompt"))
     assert counts["dropped"] == 1  # the completion alone does not fit
 
 
@@ -220,7 +220,7 @@ def test_over_long_policy(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_path):
     out = str(tmp_path / "rm")
-    cfg = rm.Config(model_name_or_path=toy_sft_checkpoint, output_dir=out, num_epochs=0.06, per_device_batch_size=32,
+    cfg = make(rm.Config, model_name_or_path=toy_sft_checkpoint, output_dir=out, num_epochs=0.06, per_device_batch_size=32,
                     learning_rate=1e-3, eval_every=10_000, log_every=5, normalize_samples=48, normalize_scale=True,
                     agreement_samples_per_prompt=1, max_new_tokens=12)
     final = rm.main(cfg)
@@ -254,7 +254,7 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
 
 
 def test_ranking_loss_end_to_end(toy_sft_checkpoint, tmp_path):
-    final = rm.main(rm.Config(model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "rm"), loss="ranking",
+    final = rm.main(make(rm.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "rm"), loss="ranking",
                               num_epochs=0.1, per_device_batch_size=16, learning_rate=1e-3, eval_every=10_000,
                               normalize_samples=16, agreement_samples_per_prompt=0))
     # 300 eval lists of 4: 6 comparisons each; the ceiling of Plackett-Luce labels lies strictly between 1/2 and 1
@@ -273,14 +273,14 @@ def test_tiny_architectures_conversational(tiny_checkpoints, tmp_path, arch):
                     {"chosen": [user, good], "rejected": [user, bad]})
     data = write_rows(tmp_path, rows)
     out = str(tmp_path / "rm")
-    final = rm.main(rm.Config(model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data,
+    final = rm.main(make(rm.Config, model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data,
                               output_dir=out, per_device_batch_size=4, num_epochs=1, normalize_samples=4,
                               max_new_tokens=4, learning_rate=1e-3))
     assert final["num_train_examples"] == 8 and math.isfinite(final["loss"]) and math.isfinite(final["reward_mean"])
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id  # gpt2's BPE had no pad token
-    ex, _ = build(data, tok, rm.Config())
+    ex, _ = build(data, tok, make(rm.Config))
     ids, mask, *_ = rm.collate(ex[:2], tok.pad_token_id, None)
     with torch.no_grad():  # the plain forward reads the same token as get_scores on right padding
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:, 0],
@@ -292,7 +292,7 @@ def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
     evals = write_rows(tmp_path, common.load_jsonl("data/toy/preferences_eval.jsonl")[:37], "eval.jsonl")  # odd
     args = dict(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, num_epochs=1.0,
                 learning_rate=1e-3, normalize_samples=0, log_every=1)
-    one = rm.main(rm.Config(output_dir=str(tmp_path / "one"), per_device_batch_size=16, **args))
+    one = rm.main(make(rm.Config, output_dir=str(tmp_path / "one"), per_device_batch_size=16, **args))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "reward_model.py",
            "--output_dir", str(tmp_path / "two"), "--per_device_batch_size", "8"]
     cmd += [x for k, v in args.items() for x in (f"--{k}", str(v))]

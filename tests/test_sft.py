@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, ROOT
+from conftest import make, ARCHS, ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +39,7 @@ def small_config(tmp_path, name: str, **kw) -> sft.Config:
                     eval_dataset=write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL_ROWS), per_device_batch_size=16,
                     num_epochs=1.0, log_every=1, eval_every=1000, num_eval_generations=4, max_new_tokens=8,
                     eval_reward_fn=("toy_task:gold_reward",))
-    return sft.Config(**{**defaults, **kw})
+    return make(sft.Config, **{**defaults, **kw})
 
 
 def logged(out_dir: str, key: str) -> list[float]:
@@ -105,7 +105,7 @@ def check_masking(examples, rows, tok, prompt_ids_of):
 
 def test_completion_only_masking_and_padding(tmp_path):
     tok = toy_task.build_tokenizer()
-    cfg = sft.Config(dataset=write_jsonl(tmp_path / "d.jsonl", TOY_ROWS[:8]))
+    cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "d.jsonl", TOY_ROWS[:8]))
     examples, counts = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
     assert counts == {"truncated": 0, "dropped": 0}
     check_masking(examples, TOY_ROWS[:8], tok, lambda r: tok(r["prompt"])["input_ids"])
@@ -118,7 +118,7 @@ def test_completion_only_masking_and_padding(tmp_path):
         assert (input_ids[b, n:] == tok.pad_token_id).all() and (labels[b, n:] == -100).all()
         assert attention_mask[b].tolist() == [1] * n + [0] * (input_ids.size(1) - n)
     # whole-sequence loss: every real token is a label
-    cfg = sft.Config(dataset=cfg.dataset, completion_only_loss=False)
+    cfg = make(sft.Config, dataset=cfg.dataset, completion_only_loss=False)
     for ids, labels in sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)[0]:
         assert labels == ids
 
@@ -127,7 +127,7 @@ def test_token_nll_sum_matches_cross_entropy():
     torch.manual_seed(0)
     tok = toy_task.build_tokenizer()
     model = AutoModelForCausalLM.from_config(toy_task.build_config(tok)).eval()
-    examples = [sft.tokenize_example(r, tok, sft.Config(), "row") for r in TOY_ROWS[:5]]
+    examples = [sft.tokenize_example(r, tok, make(sft.Config), "row") for r in TOY_ROWS[:5]]
     with torch.no_grad():
         nll, count = sft.token_nll_sum(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
         expected, n = 0.0, 0
@@ -143,7 +143,7 @@ def test_truncation_policy_counts(tmp_path, policy):
     tok = toy_task.build_tokenizer()
     long_prompt = "the phone was good and the battery was fine and"  # 11 tokens with <bos>: longer than max_length
     rows = TOY_ROWS[:30] + [{"prompt": long_prompt, "completion": " good ."}]
-    cfg = sft.Config(dataset=write_jsonl(tmp_path / "d.jsonl", rows), max_length=10, truncation=policy)
+    cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "d.jsonl", rows), max_length=10, truncation=policy)
     examples, counts = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
     lengths = [(len(tok(r["prompt"])["input_ids"]),
                 len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + 1) for r in rows]
@@ -163,7 +163,7 @@ def test_truncation_policy_counts(tmp_path, policy):
     else:
         assert counts == {"truncated": 0, "dropped": sum(over)}
         assert len(examples) == len(rows) - sum(over) and all(len(ids) <= 10 for ids, _ in examples)
-    cfg = sft.Config(dataset=write_jsonl(tmp_path / "long.jsonl", rows[-1:]), max_length=10, truncation=policy)
+    cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "long.jsonl", rows[-1:]), max_length=10, truncation=policy)
     with pytest.raises(ValueError, match="every example was dropped"):
         sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
 
@@ -211,7 +211,7 @@ def test_chat_row_must_end_with_assistant(tmp_path, tiny_checkpoints):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
     rows = as_chat(TOY_ROWS[:2])
     rows[1]["messages"] = rows[1]["messages"][:1]
-    cfg = sft.Config(dataset=write_jsonl(tmp_path / "chat.jsonl", rows))
+    cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "chat.jsonl", rows))
     with pytest.raises(ValueError, match=rf"{cfg.dataset}:2: field 'messages' holds no assistant message to train on"):
         sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
 
