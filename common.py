@@ -55,10 +55,10 @@ def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
     return torch.where(bools, torch.arange(bools.size(-1), device=bools.device), bools.size(-1)).min(dim=-1).values
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int):
     """(responses with every token after the first EOS set to pad, response_mask), both (B, R); response_mask is 1 on
-    real response tokens up to and including the EOS."""
-    eos_idx = first_true_indices(responses == eos_token_id)  # (B,)
+    real response tokens up to and including the EOS (eos_token_id: one id, or several that each end a response)."""
+    eos_idx = first_true_indices(torch.isin(responses, torch.tensor(eos_token_id, device=responses.device)))  # (B,)
     response_mask = torch.arange(responses.size(1), device=responses.device)[None, :] <= eos_idx[:, None]
     return torch.where(response_mask, responses, pad_token_id), response_mask.long()
 
@@ -137,9 +137,9 @@ def gathered(model):
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-             pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, sync_ranks: bool = False):
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+             eos_token_id: int | list[int], pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, generator: torch.Generator | None = None, sync_ranks: bool = False):
     """Sample responses to a left-padded batch of prompts (B, P) with a KV cache (transformers' DynamicCache, passed
     as `cache`, or `past_key_values` before transformers 5).
 
@@ -155,6 +155,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     attention = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
     ids, positions, tokens = input_ids, position_ids_from_mask(attention_mask), []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    stop = torch.tensor(eos_token_id, device=input_ids.device)  # one id, or several (a tool call's end too)
     was_training = model.training
     model.eval()
     with gathered(model):
@@ -164,7 +165,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
             next_tokens = torch.where(finished, pad_token_id, sample_next_token(logits, temperature, top_k, top_p,
                                                                                  generator))
             tokens.append(next_tokens)
-            finished |= next_tokens == eos_token_id
+            finished |= torch.isin(next_tokens, stop)
             running = (~finished).sum()
             if (all_reduce_sum(running) if sync_ranks else running) == 0:
                 break
@@ -394,8 +395,7 @@ def cli(main, config_class) -> None:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if distributed else ""
     try:
-        main(tyro.cli(config_class, description=inspect.cleandoc(sys.modules[config_class.__module__].__doc__ or ""),
-                      config=(tyro.conf.OmitArgPrefixes,), use_underscores=True))
+        main(parse(config_class))
     except InputError as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         os._exit(2) if distributed else sys.exit(2)
@@ -408,10 +408,16 @@ def cli(main, config_class) -> None:
         os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
 
 
+def parse(config_class, args: list[str] | None = None):
+    """The command line (or args) as a config_class: tyro, the option groups' options without a prefix."""
+    return tyro.cli(config_class, args=args, config=(tyro.conf.OmitArgPrefixes,), use_underscores=True,
+                    description=inspect.cleandoc(sys.modules[config_class.__module__].__doc__ or ""))
+
+
 def setup(cfg, script: str, pretrained: dict) -> tuple[int, int, torch.device]:
     """Everything before the data; returns (rank, world size, device). torch.distributed under torchrun (NCCL on CUDA,
     gloo on CPU), threads, seeds; the options left None take the defaults that follow the model, the toy's
-    (toy_task.DEFAULTS[script]) on the toy model and `pretrained` on any other, printed; output_dir is claimed."""
+    (toy_task.defaults) on a toy model and `pretrained` on any other, printed; output_dir is claimed."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
         torch.device("cpu")
@@ -425,9 +431,9 @@ def setup(cfg, script: str, pretrained: dict) -> tuple[int, int, torch.device]:
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     require_checkpoint(cfg.model_name_or_path, "--model_name_or_path")
-    config = os.path.join(cfg.model_name_or_path, "config.json")  # toy_task.build_config marks the toy model
-    toy = os.path.isfile(config) and json.load(open(config)).get("toy_task") is True
-    values, filled = __import__("toy_task").DEFAULTS[script] if toy else pretrained, {}
+    config = os.path.join(cfg.model_name_or_path, "config.json")  # toy_task.build_config marks the toy models
+    toy = json.load(open(config)).get("toy_task") if os.path.isfile(config) else None
+    values, filled = __import__("toy_task").defaults(script, toy) if toy else pretrained, {}
     for obj in [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                         if dataclasses.is_dataclass(getattr(cfg, f.name))]:
         for f in dataclasses.fields(obj):
@@ -444,7 +450,10 @@ def setup(cfg, script: str, pretrained: dict) -> tuple[int, int, torch.device]:
 def require_checkpoint(path: str | None, option: str) -> None:
     """A later stage's default input that is missing: say which script writes it (runs/sft -> sft.py)."""
     if path and path.startswith("runs/") and not os.path.isdir(path):
-        raise InputError(f"{option} {path}: not found; run `python {path.split('/')[1]}.py` first (or pass another "
+        script = path.split("/")[1]  # runs/NAME from NAME.py; another name: the script that writes what option takes
+        script = script if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{script}.py")) \
+            else "reward_model" if "reward" in option else "sft"
+        raise InputError(f"{option} {path}: not found; run `python {script}.py` first (or pass another "
                          "path)")
 
 
@@ -846,12 +855,12 @@ def chat_text(tokenizer, messages: list, where: str, **kw) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
 
 
-def render_prompt(prompt, tokenizer, where: str = "") -> list[int]:
+def render_prompt(prompt, tokenizer, where: str = "", **kw) -> list[int]:
     """Token ids of a prompt: a string with the tokenizer's special tokens (e.g. BOS); a conversation as the chat
-    template renders it with the generation prompt (which holds any special tokens itself)."""
+    template renders it with the generation prompt (which holds any special tokens itself; kw: e.g. tools=)."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return tokenizer(chat_text(tokenizer, prompt, where, add_generation_prompt=True),
+    return tokenizer(chat_text(tokenizer, prompt, where, add_generation_prompt=True, **kw),
                      add_special_tokens=False)["input_ids"]
 
 
@@ -869,9 +878,9 @@ def render_completion(prompt, completion, tokenizer, where: str = "") -> list[in
     return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
-def tokenize_prompts(prompts: list, tokenizer, max_length: int) -> tuple[list[list[int]], int]:
+def tokenize_prompts(prompts: list, tokenizer, max_length: int, **kw) -> tuple[list[list[int]], int]:
     """(token ids, number cut) of prompts; a longer prompt keeps its last max_length tokens (its end matters most)."""
-    ids = [render_prompt(p, tokenizer) for p in prompts]
+    ids = [render_prompt(p, tokenizer, **kw) for p in prompts]
     return [t[-max_length:] for t in ids], sum(len(t) > max_length for t in ids)
 
 
@@ -998,41 +1007,47 @@ def same_tokenizer(a, b) -> bool:
 
 
 # --- reward functions: module:function or path/to/file.py:function, called as TRL calls them --------------------------
-def load_reward_fns(specs, weights=(), columns: set | None = None, option: str = "--reward_fn") -> dict:
-    """{name: (function, weight)} of the reward functions given as specs (named after the functions, made unique;
-    weights 1 by default). A file's directory is on the import path while it loads (its own imports). Each signature
-    is checked now, before any model loads: TRL's f(prompts, completions, **kwargs) -> list[float | None], whose other
-    required parameters must be dataset columns (in `columns`, the fields every prompt row has)."""
+def load_function(spec: str, option: str):
+    """The function of 'module:function' or 'path/to/file.py:function'; a file's directory is on the import path while
+    it loads (its own imports beside it)."""
     import importlib
     import importlib.util
 
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name:
+        raise InputError(f"{option} {spec}: expected module:function or path/to/file.py:function (e.g. "
+                         "toy_task:gold_reward)")
+    is_file = module_name.endswith(".py") or os.sep in module_name
+    if is_file and not os.path.isfile(module_name):
+        raise InputError(f"{option} {spec}: no such file {module_name}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)) if is_file else os.getcwd())
+    try:
+        if is_file:
+            module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"{option} {spec}: cannot import {module_name} ({e})") from None
+    finally:
+        sys.path.pop(0)
+    if not callable(getattr(module, fn_name, None)):
+        raise InputError(f"{option} {spec}: {module_name} has no function {fn_name}")
+    return getattr(module, fn_name)
+
+
+def load_reward_fns(specs, weights=(), columns: set | None = None, option: str = "--reward_fn") -> dict:
+    """{name: (function, weight)} of the reward functions given as specs (named after the functions, made unique;
+    weights 1 by default). Each signature is checked now, before any model loads: TRL's f(prompts, completions,
+    **kwargs) -> list[float | None], whose other required parameters must be dataset columns (in `columns`, the fields
+    every prompt row has)."""
     if weights and len(weights) != len(specs):
         raise InputError(f"--reward_weights: {len(weights)} weights for {len(specs)} reward functions")
     fns = {}
     for spec, weight in zip(specs, weights or [1.0] * len(specs)):
-        module_name, _, fn_name = spec.rpartition(":")
-        if not module_name or not fn_name:
-            raise InputError(f"{option} {spec}: expected module:function or path/to/file.py:function (e.g. "
-                             "toy_task:gold_reward)")
-        is_file = module_name.endswith(".py") or os.sep in module_name
-        if is_file and not os.path.isfile(module_name):
-            raise InputError(f"{option} {spec}: no such file {module_name}")
-        sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)) if is_file else os.getcwd())
-        try:
-            if is_file:
-                module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-                module = importlib.util.module_from_spec(module_spec)
-                module_spec.loader.exec_module(module)
-            else:
-                module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise InputError(f"{option} {spec}: cannot import {module_name} ({e})") from None
-        finally:
-            sys.path.pop(0)
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise InputError(f"{option} {spec}: {module_name} has no function {fn_name}")
-        params = inspect.signature(fn).parameters
+        fn = load_function(spec, option)
+        fn_name, params = fn.__name__, inspect.signature(fn).parameters
         expected = "f(prompts, completions, **kwargs) -> list[float | None] (TRL's signature)"
         if "completions" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise InputError(f"{option} {spec}: {fn_name}{inspect.signature(fn)} cannot be called as {expected}")
@@ -1137,7 +1152,7 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_ids: lis
                     columns: list[dict] | None = None, ref=None, reward_model=None, reward_tokenizer=None,
                     reward_fns: dict | None = None, samples_per_prompt: int = 4, max_new_tokens: int = 24,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                    amp=None) -> dict:
+                    amp=None, rollout=None) -> dict:
     """Sample `samples_per_prompt` completions of every prompt from the policy and measure them (each rank takes a
     strided share of the (prompt, sample) pairs; all get the same metrics): for each reward function f f_mean, f_std,
     f_sem over the samples it scored, f_unscored, and with a reward model f_proxy_agreement (the pairs the reward model
@@ -1145,29 +1160,39 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_ids: lis
     several functions; proxy_reward_mean / std (the reward model, normalised); kl_to_ref, the mean over samples of
     sum_t log pi(y_t) - log pi_ref(y_t) (k1 estimate of KL(pi || pi_ref) at the sampling temperature; None without a
     reference); eos_rate, response_length, distinct_completions, num_samples; "samples", six spread over the prompts;
-    "per_sample", every sample's values."""
+    "per_sample", every sample's values. rollout(prompts, prompt_ids, columns, generator) -> (responses, response_mask,
+    sampled_mask, tool calls) replaces plain generation (grpo.py's tool rollouts: tool_calls, the mean calls per
+    sample, is added; the KL is over the sampled tokens only)."""
     reward_fns = reward_fns or {}
     prompt_ids = prompt_ids or [render_prompt(p, tokenizer) for p in prompts]
     gen = torch.Generator(device=device).manual_seed(seed + rank_info()[0])
-    rows = {k: [] for k in ("prompt", "completion", "proxy", "kl", "eos", "length", "reward", *reward_fns)}
+    rows = {k: [] for k in ("prompt", "completion", "proxy", "kl", "eos", "length", "reward", "tool_calls",
+                            *reward_fns)}
     for work in rank_batches(len(prompts) * samples_per_prompt, batch_size):
         idx = [w // samples_per_prompt for w in work or [0]]  # an empty share runs on a dummy prompt, discarded
         batch = [prompts[i] for i in idx]
         query, query_mask = left_pad([prompt_ids[i] for i in idx], tokenizer.pad_token_id, device)
         with autocast(device, amp):
-            responses, response_mask = generate(policy, query, query_mask, max_new_tokens, tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id, temperature, top_k, top_p, gen, sync_ranks=True)
+            if rollout is None:
+                responses, response_mask = generate(policy, query, query_mask, max_new_tokens, tokenizer.eos_token_id,
+                                                    tokenizer.pad_token_id, temperature, top_k, top_p, gen,
+                                                    sync_ranks=True)
+                sampled_mask, calls = response_mask, [0] * len(batch)
+            else:
+                responses, response_mask, sampled_mask, calls = rollout(
+                    batch, [prompt_ids[i] for i in idx], [columns[i] for i in idx] if columns else [{}] * len(idx), gen)
             completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
             seq, seq_mask, P = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1), query.size(1)
             kl = [0.0] * len(batch) if ref is None else masked_sum(
                 sequence_logprobs(policy, seq, seq_mask, P, temperature) -
-                sequence_logprobs(ref, seq, seq_mask, P, temperature), response_mask, 1).float().tolist()
+                sequence_logprobs(ref, seq, seq_mask, P, temperature), sampled_mask, 1).float().tolist()
             proxy = [None] * len(batch) if reward_model is None else score_responses(
                 reward_model, reward_tokenizer or tokenizer, tokenizer, query, query_mask, responses, response_mask,
                 batch, completions).float().tolist()
         if work:
             total, per_fn = score_with_fns(reward_fns, batch, completions, batch_columns(columns, idx))
             for key, values in (("prompt", batch), ("completion", completions), ("proxy", proxy), ("kl", kl),
+                                ("tool_calls", calls),
                                 ("length", response_mask.sum(1).tolist()), ("reward", total),
                                 ("eos", (responses == tokenizer.eos_token_id).any(1).float().tolist()), *per_fn.items()):
                 rows[key] += values
@@ -1187,6 +1212,7 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_ids: lis
         "eos_rate": float(np.mean(rows["eos"])), "response_length": float(np.mean(rows["length"])),
         "distinct_completions": len(set(rows["completion"])) / len(rows["completion"]),
         "num_samples": len(rows["completion"]), "per_sample": rows,
+        **({"tool_calls": float(np.mean(rows["tool_calls"]))} if rollout is not None else {}),
         "samples": [{"prompt": prompt_text(rows["prompt"][i]), "completion": rows["completion"][i],
                      **{k: rows[k][i] for k in ("proxy", *reward_fns)}} for i in range(0, len(rows["prompt"]), every)][:6]})
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()}

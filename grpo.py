@@ -44,7 +44,10 @@ rewards are all equal, sample more prompts until the batch is full), --overlong_
 part in the loss), --overlong_buffer / --overlong_penalty_factor (the soft overlong punishment, eq. 13).
 """
 
+import inspect
+import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
@@ -132,6 +135,16 @@ class Config:
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero advantage) and sample more prompts
     until every rank holds its rollout_batch_size / world_size groups"""
+    tools: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """module:function or path/to/file.py:function the policy may call (repeatable; type hints and a docstring with
+    Args:, as TRL's tools): multi-turn rollouts whose tool messages are in the context but out of the loss and the KL.
+    A parameter named like a column of the prompt rows is filled from the row (hidden from the model); "none" = none"""
+    tool_format: Literal["auto", "chat", "simple"] = "auto"
+    """how a call looks: chat = the chat template's (<tool_call>{"name": ..., "arguments": {...}}</tool_call>, the
+    result a "tool" message), simple = the toy's (<call> name arg ... </call> -> <result> ... </result>); auto: chat
+    for conversational prompts, simple for strings"""
+    max_tool_calls: int = 2
+    """tool calls per response at most; --max_new_tokens bounds the whole response, tool messages included"""
     max_sampling_rounds: int = 4
     """cap on the rounds of dynamic sampling (verl's max_num_gen_batches); when reached, dropped groups complete the
     batch so that it keeps its size (counted in dynamic_sampling/filled)"""
@@ -167,7 +180,7 @@ class Config:
     def __post_init__(self):
         common.check_options(self, positive=(
             "num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_new_tokens", "temperature",
-            "max_sampling_rounds", "update_epochs", "num_minibatches", "gradient_accumulation_steps",
+            "max_sampling_rounds", "max_tool_calls", "update_epochs", "num_minibatches", "gradient_accumulation_steps",
             "max_prompt_length", "eval_every", "eval_samples_per_prompt", "sample_every"), nonnegative=(
             "top_k", "missing_eos_penalty", "overlong_buffer", "overlong_penalty_factor", "kl_coef", "clip_range",
             "clip_range_high", "entropy_coef"), fractions=("gamma", "eval_split"), probabilities=("top_p",))
@@ -247,9 +260,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 def sequence_rewards_with_kl(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float):
     """Per-token rewards r_t = -beta KL_t on real response tokens plus the score on the last real one (the EOS when the
-    response ended), as in ppo.py: scores (B,), kl / response_mask (B, R) -> (B, R)."""
+    response ended; the mask may have holes: tool messages), as in ppo.py: scores (B,), kl / response_mask (B, R) ->
+    (B, R)."""
     rewards = torch.where(response_mask.bool(), -kl_coef * kl, 0.0)
-    rewards[torch.arange(len(scores)), response_mask.sum(1).long().clamp(min=1) - 1] += scores
+    rewards[torch.arange(len(scores)), common.last_token_index(response_mask).clamp(min=0)] += scores
     return rewards
 
 
@@ -380,12 +394,125 @@ def dynamic_sampling(rollout, sample, next_prompts, cfg: Config, device) -> tupl
               "query_mask": cat_padded([r["query_mask"][i] for r, i in chunks], 0, left=True),
               "responses": cat_padded([r["responses"][i] for r, i in chunks], pad, left=False),
               "response_mask": cat_padded([r["response_mask"][i] for r, i in chunks], 0, left=False),
+              "sampled_mask": cat_padded([r["sampled_mask"][i] for r, i in chunks], 0, left=False),
+              "ended": torch.cat([r["ended"][i] for r, i in chunks]),
+              "tool_calls": [r["tool_calls"][j] for r, i in chunks for j in i],
               "scores": torch.cat([r["scores"][i] for r, i in chunks]),
               "parts": {k: torch.cat([r["parts"][k][i] for r, i in chunks]) for k in rollout["parts"]},
               "prompts": [r["prompts"][j] for r, i in chunks for j in i],
               "completions": [r["completions"][j] for r, i in chunks for j in i], "pad_token_id": pad}
     return merged, {"dynamic_sampling/rounds": rounds, "dynamic_sampling/filled": filled, "zero_std_sampled": zero,
                     "groups_sampled": seen}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-turn rollouts with tools (--tools): token in, token out
+# ---------------------------------------------------------------------------------------------------------------------
+def load_tools(specs, columns: set) -> tuple[dict, list]:
+    """({name: function}, their JSON schemas for the chat template, without the parameters the prompt rows fill)."""
+    from transformers.utils import get_json_schema
+
+    tools = {fn.__name__: fn for fn in (common.load_function(spec, "--tools") for spec in specs)}
+    schemas = []
+    for name, fn in tools.items():
+        try:
+            schema = get_json_schema(fn)
+        except Exception as e:  # no type hints or no docstring with Args:
+            raise common.InputError(f"--tools {name}: {e}") from None
+        params = schema["function"]["parameters"]
+        for hidden in set(params.get("properties", {})) & columns:
+            del params["properties"][hidden]
+            params["required"] = [p for p in params.get("required", []) if p != hidden]
+        schemas.append(schema)
+    return tools, schemas
+
+
+def run_tool_call(text: str, tools: dict, fmt: str, row: dict) -> str | None:
+    """The tool message for a turn's text: None when the turn makes no call, else the tool's output, or "error: ..."
+    (a malformed call, an unknown tool, the tool's exception): the model reads it and the run goes on. chat: the last
+    <tool_call>{"name", "arguments"}</tool_call> (Hermes / Qwen); simple: the turn ending <call> name arg ... </call>.
+    Parameters named like columns of the prompt row come from the row."""
+    if fmt == "simple":
+        match = re.search(r"<call>(.*?)</call>\s*$", text)
+        if match is None:
+            return None
+        name, *args = match.group(1).split() or [""]
+        kwargs = {}
+    else:
+        match = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.S)
+        if not match:
+            return None
+        try:
+            call = json.loads(match[-1])
+            name, args, kwargs = call["name"], [], dict(call.get("arguments") or {})
+        except (ValueError, KeyError, TypeError) as e:
+            return f'error: a tool call is {{"name": ..., "arguments": {{...}}}} in JSON ({type(e).__name__}: {e})'
+    if name not in tools:
+        return f"error: no tool {name!r} (the tools: {', '.join(tools)})"
+    params = inspect.signature(tools[name]).parameters
+    try:
+        return str(tools[name](*args, **kwargs, **{k: v for k, v in row.items() if k in params and k not in kwargs}))
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"
+
+
+def tool_message_ids(tokenizer, fmt: str, messages: list | None, result: str, schemas: list) -> list[int]:
+    """The token ids inserted after a call, the only ones tokenised here (the sampled ids stay as they were sampled):
+    simple: " <result> ... </result>"; chat: what the chat template renders after the assistant's turn for a "tool"
+    message and the next generation prompt (the two renderings' difference, as for a completion)."""
+    if fmt == "simple":
+        return tokenizer(f" <result> {result} </result>", add_special_tokens=False)["input_ids"]
+    before = common.chat_text(tokenizer, messages, "--tools", tools=schemas).rstrip()
+    after = common.chat_text(tokenizer, messages + [{"role": "tool", "content": result}], "--tools",
+                             add_generation_prompt=True, tools=schemas)
+    if not after.startswith(before):
+        raise common.InputError("--tools: the chat template does not render a tool message after the assistant's turn")
+    return tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+
+
+def tool_rollout(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], columns: list[dict], tools: dict,
+                 schemas: list, cfg: Config, generator, device, amp):
+    """Multi-turn rollouts: generate until EOS (or, simple format, the end of a call), run the call, append the tool
+    message, go on, up to --max_tool_calls calls and --max_new_tokens tokens in all. Returns responses (B, R),
+    response_mask (B, R), 1 on every token after the prompt (the context of what follows), sampled_mask (B, R), 1 on
+    the tokens the policy sampled (the only ones in the loss and the KL), and the calls of each response. Each turn
+    re-reads the whole context (no KV cache across turns); every rank decodes every turn (FSDP)."""
+    fmt, pad, eos = cfg.tool_format, tokenizer.pad_token_id, tokenizer.eos_token_id
+    stop = [eos] + ([tokenizer.convert_tokens_to_ids("</call>")] if fmt == "simple" else [])
+    B = len(prompt_ids)
+    out, sampled, calls = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B
+    messages = [list(p) if isinstance(p, list) else None for p in prompts]
+    active = list(range(B))
+    while common.all_reduce_sum(torch.tensor(len(active), device=device)) > 0:
+        rows = active or [0]  # a rank with nothing left decodes a dummy row
+        budget = max(1, max(cfg.max_new_tokens - len(out[i]) for i in rows))
+        query, query_mask = common.left_pad([prompt_ids[i] + out[i] for i in rows], pad, device)
+        with common.autocast(device, amp):
+            turns, turn_mask = common.generate(policy, query, query_mask, budget, stop, pad, cfg.temperature,
+                                               cfg.top_k, cfg.top_p, generator, sync_ranks=True)
+        still = []
+        for row, i in enumerate(active):
+            ids = turns[row, :int(turn_mask[row].sum())].tolist()[:cfg.max_new_tokens - len(out[i])]
+            out[i], sampled[i] = out[i] + ids, sampled[i] + [1] * len(ids)
+            if not ids or ids[-1] not in stop or calls[i] >= cfg.max_tool_calls or len(out[i]) >= cfg.max_new_tokens:
+                continue
+            result = run_tool_call(tokenizer.decode(ids), tools, fmt, columns[i])
+            if result is None:
+                continue
+            calls[i] += 1
+            if messages[i] is not None:
+                messages[i].append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
+            inserted = tool_message_ids(tokenizer, fmt, messages[i], result, schemas)
+            if messages[i] is not None:
+                messages[i].append({"role": "tool", "content": result})
+            inserted = inserted[:cfg.max_new_tokens - len(out[i])]
+            out[i], sampled[i] = out[i] + inserted, sampled[i] + [0] * len(inserted)
+            if len(out[i]) < cfg.max_new_tokens:
+                still.append(i)
+        active = still
+    responses = common.right_pad(out, pad, device)
+    return (responses, common.right_pad([[1] * len(o) for o in out], 0, device), common.right_pad(sampled, 0, device),
+            calls)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -437,6 +564,7 @@ def grpo_metrics(t: dict, n_seq: int, n_groups: int, reward_names, has_ref: bool
         **{f"rewards/{n}/mean": t[f"{n}_sum"] / t[f"{n}_n"] if t[f"{n}_n"] else None for n in reward_names},
         "unscored": n_seq - t["scored"], "frac_reward_zero_std": t["zero_std"] / n_groups,
         "completions/mean_length": t["response_tokens"] / n_seq, "completions/clipped_ratio": 1 - t["ended"] / n_seq,
+        "tools/calls": t["tool_calls"] / n_seq,
         "entropy": t["entropy"] / n_tok, "clip_ratio/low_mean": t["clip_low"] / n_tok,
         "clip_ratio/high_mean": t["clip_high"] / n_tok, "loss/policy": t["pg_loss"] / n_tok,
         # KL_t of the rollout to the reference (the estimator in use): per token (TRL's kl) and per response
@@ -468,6 +596,9 @@ def main(cfg: Config) -> dict:
     eval_fns = common.load_reward_fns(cfg.eval_reward_fn, columns=common.common_columns(eval_columns),
                                       option="--eval_reward_fn") if cfg.eval_reward_fn != ("none",) else {}
     eval_fns = eval_fns or (reward_fns if cfg.eval_reward_fn != ("none",) else {})
+    tools, schemas = load_tools(cfg.tools, common.common_columns(columns)) if cfg.tools != ("none",) else ({}, [])
+    cfg.tool_format = cfg.tool_format if cfg.tool_format != "auto" else "chat" if prompts and isinstance(
+        prompts[0], list) else "simple"
     if not reward_fns and cfg.reward_model_path in (None, "none"):
         raise common.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
                                 "--reward_fn module:function (a rule-based or verifiable reward)")
@@ -475,14 +606,19 @@ def main(cfg: Config) -> dict:
     policy, ref, reward_model, tokenizer, reward_tokenizer = load_models(cfg, device, cfg.kl_coef > 0 or cfg.eval_kl)
     common.check_length(policy.config, cfg.max_prompt_length + cfg.max_new_tokens,
                         "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
-    prompt_ids, n_cut = common.tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
-    eval_ids = common.tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length)[0]
+    tools_kw = {"tools": schemas} if tools and cfg.tool_format == "chat" else {}  # the tools described in the prompt
+    prompt_ids, n_cut = common.tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length, **tools_kw)
+    eval_ids = common.tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length, **tools_kw)[0]
+    if tools_kw and prompt_ids[0] == common.render_prompt(prompts[0], tokenizer):
+        raise common.InputError(f"--tools: the chat template of {cfg.model_name_or_path} does not render tools; use a "
+                                "model whose template does (e.g. Qwen2.5-Instruct's), or --tool_format simple")
     if rank == 0:
         print(f"{estimator}: policy {cfg.model_name_or_path} | {len(prompts)} prompts ({n_cut} cut to "
               f"{cfg.max_prompt_length} tokens), {len(eval_prompts)} held out | reward "
               f"{', '.join(reward_fns) or cfg.reward_model_path} | eval reward {', '.join(eval_fns) or 'none'} | "
               f"{cfg.num_iterations} iterations x {cfg.rollout_batch_size} prompts x G={G}, loss {loss_agg}, beta "
-              f"{cfg.kl_coef} ({'loss' if cfg.kl_in_loss else 'reward'}) | world size {world_size}", flush=True)
+              f"{cfg.kl_coef} ({'loss' if cfg.kl_in_loss else 'reward'}) | tools {', '.join(tools) or 'none'} | "
+              f"world size {world_size}", flush=True)
     optimizer, scheduler = common.optimizer(policy.parameters(), cfg.optim,
                                             cfg.num_iterations * cfg.update_epochs * cfg.num_minibatches, eps=1e-5)
     # every random choice in named generators, restored on resume: the prompt and minibatch orders are the same on
@@ -498,16 +634,26 @@ def main(cfg: Config) -> dict:
 
     times = {}  # this iteration's seconds by phase
 
+    def rollout(batch_prompts, batch_ids, batch_columns, generator):  # (responses, response_mask, sampled_mask, calls)
+        if tools:
+            return tool_rollout(policy, tokenizer, batch_prompts, batch_ids, batch_columns, tools, schemas, cfg,
+                                generator, device, amp)
+        query, query_mask = common.left_pad(batch_ids, tokenizer.pad_token_id, device)
+        with common.autocast(device, amp):
+            responses, response_mask = common.generate(policy, query, query_mask, cfg.max_new_tokens,
+                                                       tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                       cfg.temperature, cfg.top_k, cfg.top_p, generator,
+                                                       sync_ranks=True)
+        return responses, response_mask, response_mask, [0] * len(batch_ids)
+
     def sample(batch_idx: list[int]) -> dict:
         """One rollout: the responses to the prompts batch_idx (G copies of each), decoded and scored (NaN: unscored)."""
         t0 = time.time()
         r = {"prompts": [prompts[i] for i in batch_idx], "pad_token_id": tokenizer.pad_token_id}
         r["query"], r["query_mask"] = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id,
                                                       device)  # (B, P)
-        with common.autocast(device, amp):
-            r["responses"], r["response_mask"] = common.generate(  # (B, R)
-                policy, r["query"], r["query_mask"], cfg.max_new_tokens, tokenizer.eos_token_id,
-                tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, sample_gen, sync_ranks=True)
+        r["responses"], r["response_mask"], r["sampled_mask"], r["tool_calls"] = rollout(  # (B, R) x 3, (B,)
+            r["prompts"], [prompt_ids[i] for i in batch_idx], [columns[i] for i in batch_idx], sample_gen)
         r["completions"] = tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
         t1 = time.time()
         with torch.no_grad(), common.autocast(device, amp):
@@ -515,8 +661,9 @@ def main(cfg: Config) -> dict:
                                                        r["query"], r["query_mask"], r["responses"], r["response_mask"],
                                                        r["prompts"], r["completions"],
                                                        common.batch_columns(columns, batch_idx))
-        ended = (r["responses"] == tokenizer.eos_token_id).any(1)
-        r["scores"] = scores - cfg.missing_eos_penalty * ~ended + overlong_penalty(  # (B,)
+        r["ended"] = r["responses"].gather(1, common.last_token_index(r["response_mask"])[:, None])[:, 0] == \
+            tokenizer.eos_token_id  # the last token (with tools an EOS may end a turn that a tool message follows)
+        r["scores"] = scores - cfg.missing_eos_penalty * ~r["ended"] + overlong_penalty(  # (B,)
             r["response_mask"].sum(1), cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty_factor)
         state["episodes_sampled"] += len(batch_idx) * world_size
         times["generate"], times["score"] = times.get("generate", 0) + t1 - t0, times.get("score", 0) + time.time() - t1
@@ -529,7 +676,8 @@ def main(cfg: Config) -> dict:
                                    ref=ref, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                    reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp)
+                                   top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp,
+                                   rollout=rollout if tools else None)
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items() if k not in ("samples", "per_sample")},
                    (*[f"eval/{n}_mean" for n in eval_fns], "eval/proxy_reward_mean", "eval/kl_to_ref",
                     "eval/distinct_completions"))
@@ -547,8 +695,8 @@ def main(cfg: Config) -> dict:
         query, responses, raw_scores = r["query"], r["responses"], r["scores"]  # (B, P), (B, R), (B,)
         P = query.size(1)
         seq, seq_mask = torch.cat([query, responses], 1), torch.cat([r["query_mask"], r["response_mask"]], 1)
-        response_mask = r["response_mask"].float()  # (B, R)
-        ended = (responses == tokenizer.eos_token_id).any(1)  # (B,)
+        response_mask = r["sampled_mask"].float()  # (B, R) the sampled tokens: tool messages are context only
+        ended = r["ended"]  # (B,)
         scored = ~raw_scores.isnan()  # (B,) an unscored response is out of the loss and of its group's statistics
         loss_mask = response_mask * scored[:, None] * (ended[:, None] if cfg.overlong_filter else 1)  # (B, R)
 
@@ -603,6 +751,7 @@ def main(cfg: Config) -> dict:
         state["episodes"] += B * world_size
         group_std = torch.where(scored, raw_scores, 0.0).view(-1, G).std(1) if G > 1 else torch.zeros(1)
         sums.add(kl=kl.sum(), response_tokens=response_mask.sum(), ended=ended.sum(), scored=scored.sum(),
+                 tool_calls=sum(r["tool_calls"]),
                  reward=raw_scores.nan_to_num().sum(), group_std=group_std.sum(),
                  zero_std=zero_std_groups(raw_scores, G, scored).sum() if G > 1 else 0,
                  **{f"{n}_sum": v.nan_to_num().sum() for n, v in r["parts"].items()},

@@ -32,6 +32,23 @@ over-optimisation that the KL penalty of PPO / DPO is there to hold back (Gao et
 
 Preferences are labelled like humans would, with Bradley-Terry noise: P(a preferred over b) = sigmoid(r*(a) - r*(b)).
 The gold reward itself only reaches a certain accuracy on such labels (the *ceiling*, reported in data/toy/stats.json).
+
+The tools toy (data/toy/tools/): a tool call worth something the policy cannot know without it. Every prompt row holds
+a hidden rating, "good" or "bad" (each prompt appears with both, so nothing in a prompt tells it); the tool
+`lookup(product, rating)` returns it; the gold tool reward (`gold_tool_reward`) is the gold reward of the review with
+the sentiment term's sign flipped for "bad" (the review must agree with the rating), the call and its result left out:
+
+    prompt      "the phone was"                                     (rating "bad", hidden)
+    completion  " <call> lookup phone </call> <result> bad </result> really slow ."
+
+The policy writes the call, generation stops at </call>, grpo.py's rollout runs the tool and inserts the result (not
+the policy's tokens: out of the loss), the policy finishes. Half of the SFT demonstrations call and follow the result,
+half write a review of random sentiment without a call; RL should learn to always call:
+
+    python sft.py --model_name_or_path data/toy/tools/base_model --output_dir runs/sft_tools
+    python grpo.py --model_name_or_path runs/sft_tools --output_dir runs/grpo_tools
+    python grpo.py --model_name_or_path runs/sft_tools --tools none --output_dir runs/grpo_no_tools
+    python toy_task.py report              # adds the table "Tool use (the tools toy)"
 """
 
 import argparse
@@ -47,6 +64,7 @@ import time
 SEED = 1234
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy")
 BASE_MODEL_DIR = os.path.join(DATA_DIR, "base_model")
+TOOLS_DIR = os.path.join(DATA_DIR, "tools")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The language
@@ -117,11 +135,8 @@ def prompt_subject(prompt: str) -> str | None:
     return None
 
 
-def gold_reward_one(prompt: str, completion: str) -> float:
-    """r*(prompt, completion); see the module docstring for the definition of each term."""
-    words = words_of(completion)
-    if not words:
-        return -3.0
+def sentiment_of(words: list[str]) -> float:
+    """S, the sentiment of a completion's words before squashing (intensified and negated clause by clause)."""
     sentiment, clause_start = 0.0, 0
     for i, w in enumerate(words):
         if w in CLAUSE_BREAKS:
@@ -133,7 +148,21 @@ def gold_reward_one(prompt: str, completion: str) -> float:
             if any(words[k] in NEGATIONS for k in range(max(clause_start, i - 3), i)):
                 value *= -0.5
             sentiment += value
-    reward = 3.0 * math.tanh(sentiment / 3.0)
+    return sentiment
+
+
+def sentiment_term(words: list[str]) -> float:
+    """The gold reward's sentiment term, 3 tanh(S / 3)."""
+    return 3.0 * math.tanh(sentiment_of(words) / 3.0)
+
+
+def score_words(prompt: str, words: list[str], sentiment_sign: float = 1.0) -> float:
+    """The gold reward of a completion's words, its sentiment term times sentiment_sign (-1: the tools toy's review
+    of a product rated bad); the other terms as in the module docstring."""
+    if not words:
+        return -3.0
+    # x * 1.0 == x exactly: gold_reward's values are those from before the sign existed
+    reward = sentiment_sign * sentiment_term(words)
 
     subject = prompt_subject(prompt)
     relevance = 0.0
@@ -150,6 +179,11 @@ def gold_reward_one(prompt: str, completion: str) -> float:
     return round(reward, 6)
 
 
+def gold_reward_one(prompt: str, completion: str) -> float:
+    """r*(prompt, completion); see the module docstring for the definition of each term."""
+    return score_words(prompt, words_of(completion))
+
+
 def gold_reward(prompts: list, completions: list) -> list[float]:
     """The toy task's gold reward for a batch; usable as `--reward_fn toy_task:gold_reward` / `--eval_reward_fn`.
 
@@ -159,6 +193,68 @@ def gold_reward(prompts: list, completions: list) -> list[float]:
         raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(completions)} completions")
     text = lambda x: x if isinstance(x, str) else x[-1]["content"]  # noqa: E731
     return [gold_reward_one(text(p), text(c)) for p, c in zip(prompts, completions)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tools toy: the tool, its gold reward
+# ---------------------------------------------------------------------------------------------------------------------
+RATINGS = ("good", "bad")
+TOOL_TOKENS = ["<call>", "</call>", "<result>", "</result>", "lookup"]  # single tokens of the tools toy's tokenizer
+CALL_SEGMENT = re.compile(r"<call>.*?</call>", re.S)
+RESULT_SEGMENT = re.compile(r"<result>.*?</result>", re.S)
+
+
+def lookup(product: str, rating: str) -> str:
+    """Looks up how a product was rated: the one tool of the tools toy.
+
+    Args:
+        product: The product asked about, a subject of the toy language (e.g. "phone"); the policy writes it.
+        rating: The prompt row's hidden rating, "good" or "bad"; the rollout fills it in from the row, the policy
+            never sees it.
+
+    Returns:
+        The rating, "good" or "bad".
+
+    Raises:
+        ValueError: product is not a subject of the toy language (the rollout shows the policy "error: ...").
+    """
+    if rating not in RATINGS:
+        raise ValueError(f"rating {rating!r} is not one of {RATINGS}")
+    if product.strip() not in SUBJECT_CATEGORY:
+        raise ValueError(f"unknown product {product.strip()!r}")
+    return rating
+
+
+def strip_tool_segments(text: str) -> str:
+    """The review alone: the calls and the inserted results cut out (a space each, so no two words are glued)."""
+    return RESULT_SEGMENT.sub(" ", CALL_SEGMENT.sub(" ", text))
+
+
+def gold_tool_reward_one(prompt: str, completion: str, rating: str) -> float:
+    """The gold tool reward: the gold reward of the review without its calls and results, the sentiment term's sign
+    flipped when the hidden rating is "bad" (the review must agree with what the tool returns)."""
+    if rating not in RATINGS:
+        raise ValueError(f"gold_tool_reward: rating {rating!r} is not one of {RATINGS}")
+    return score_words(prompt, words_of(strip_tool_segments(completion)), 1.0 if rating == "good" else -1.0)
+
+
+def message_text(x) -> str:
+    """A string, or the content of the last message of a conversation (as TRL passes conversational data)."""
+    return x if isinstance(x, str) else x[-1]["content"]
+
+
+def gold_tool_reward(prompts: list, completions: list, rating: list, **kwargs) -> list[float]:
+    """The tools toy's gold reward for a batch (TRL's signature; `rating` is the prompt rows' column, the other
+    columns are ignored); usable as `--reward_fn toy_task:gold_tool_reward`."""
+    if not len(prompts) == len(completions) == len(rating):
+        raise ValueError(f"gold_tool_reward: {len(prompts)} prompts, {len(completions)} completions and "
+                         f"{len(rating)} ratings")
+    return [gold_tool_reward_one(message_text(p), message_text(c), r) for p, c, r in zip(prompts, completions, rating)]
+
+
+def tool_calls(completions: list) -> list[int]:
+    """The number of complete calls (<call> ... </call>) in each completion (for the tool-call rate)."""
+    return [len(CALL_SEGMENT.findall(message_text(c))) for c in completions]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,6 +370,81 @@ def generate_data(out_dir: str = DATA_DIR, seed: int = SEED) -> dict:
         json.dump(stats, f, indent=2, sort_keys=True)
         f.write("\n")
     write_base_model(os.path.join(out_dir, "base_model"))
+    generate_tool_data(os.path.join(out_dir, "tools"), seed)
+    return stats
+
+
+def agreeing_review(rng: random.Random, prompt: str, rating: str) -> str:
+    """A review that clearly follows the rating (sentiment term > 0.5 for good, < -0.5 for bad): sample_completion
+    resampled until it does, so the demonstrations keep the main toy's variety of forms."""
+    sign = 1.0 if rating == "good" else -1.0
+    while True:
+        review = sample_completion(rng, prompt)
+        if sign * sentiment_term(words_of(review)) > 0.5:
+            return review
+
+
+def call_text(product: str, result: str) -> str:
+    """A call of the tool and its result as they stand in a completion (the result inserted by the rollout)."""
+    return f" <call> lookup {product} </call> <result> {result} </result>"
+
+
+def sample_tool_row(rng: random.Random, prompt: str) -> dict:
+    """One SFT row of the tools toy: half look the rating up and follow it, half review blindly (random sentiment),
+    so SFT learns the format and calls sometimes, and RL has the call rate to raise."""
+    rating = rng.choice(RATINGS)
+    if rng.random() < 0.5:
+        completion = call_text(prompt_subject(prompt), lookup(prompt_subject(prompt), rating)) + \
+            agreeing_review(rng, prompt, rating)
+    else:
+        completion = sample_completion(rng, prompt)
+    return {"prompt": prompt, "completion": completion, "rating": rating}
+
+
+def tool_prompt_rows(prompts: list[str]) -> list[dict]:
+    """Every prompt with both ratings: nothing about a prompt tells its rating (memorising one is useless)."""
+    return [{"prompt": p, "rating": r} for p in prompts for r in RATINGS]
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def generate_tool_data(out_dir: str = TOOLS_DIR, seed: int = SEED) -> dict:
+    """Writes the tools toy's files into out_dir (data/toy/tools); deterministic given the seed. Returns the
+    statistics (stats.json): counts, the SFT data's call rate and gold tool reward with and without a call."""
+    os.makedirs(out_dir, exist_ok=True)
+    train_prompts, eval_prompts = split_prompts(random.Random(seed))  # the main toy's split: its stream's first use
+    rng = random.Random(f"{seed}/tools")  # a stream of its own, so that the main toy's files stay as they were
+    files = {
+        "sft_train": [sample_tool_row(rng, rng.choice(train_prompts)) for _ in range(6000)],
+        "sft_eval": [sample_tool_row(rng, rng.choice(eval_prompts)) for _ in range(500)],
+        "prompts_train": tool_prompt_rows(train_prompts),
+        "prompts_eval": tool_prompt_rows(eval_prompts),
+    }
+    for name, rows in files.items():
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
+    stats = {"seed": seed, "num_prompts_train": len(train_prompts), "num_prompts_eval": len(eval_prompts),
+             "num_rows": {f"{name}.jsonl": len(rows) for name, rows in sorted(files.items())}}
+    for split in ("train", "eval"):
+        rows = files[f"sft_{split}"]
+        stats[f"sft_{split}_call_rate"] = round(mean([n > 0 for n in tool_calls([r["completion"] for r in rows])]), 4)
+    rows = files["sft_eval"]
+    gold = gold_tool_reward([r["prompt"] for r in rows], [r["completion"] for r in rows], [r["rating"] for r in rows])
+    called = tool_calls([r["completion"] for r in rows])
+    stats["sft_eval_gold_tool_reward_mean_with_call"] = round(mean([g for g, n in zip(gold, called) if n]), 4)
+    stats["sft_eval_gold_tool_reward_mean_without_call"] = round(mean([g for g, n in zip(gold, called) if not n]), 4)
+    stats["files_sha256"] = {f"{name}.jsonl": file_sha256(os.path.join(out_dir, f"{name}.jsonl"))
+                             for name in sorted(files)}
+    with open(os.path.join(out_dir, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+        f.write("\n")
+    write_tool_base_model(os.path.join(out_dir, "base_model"))
     return stats
 
 
@@ -292,14 +463,23 @@ def build_tokenizer():
                                    unk_token="<unk>", clean_up_tokenization_spaces=False, model_max_length=64)
 
 
-def build_config(tokenizer):
-    """A small GPT-2 (about 1.3 M parameters) sized for 2 CPU cores; its weights are trained from scratch by sft.py."""
+def build_tool_tokenizer():
+    """The toy tokenizer plus the tools toy's call and result tokens as added tokens (appended: every other id stays;
+    not special, so that decoding with skip_special_tokens keeps them for gold_tool_reward)."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(TOOL_TOKENS)
+    return tokenizer
+
+
+def build_config(tokenizer, marker=True):
+    """A small GPT-2 (about 1.3 M parameters) sized for 2 CPU cores; its weights are trained from scratch by sft.py.
+    marker: its config.json's "toy_task", true for the review toy, "tools" for the tools toy (see defaults)."""
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=160, n_layer=4, n_head=5,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      toy_task=True)  # the marker common.is_toy_model reads: models trained from it carry it
+                      toy_task=marker)  # the marker common.setup reads: models trained from it carry it
 
 
 def write_base_model(out_dir: str) -> None:
@@ -307,6 +487,13 @@ def write_base_model(out_dir: str) -> None:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out_dir)
     build_config(tokenizer).save_pretrained(out_dir)
+
+
+def write_tool_base_model(out_dir: str) -> None:
+    """The tools toy's tokenizer + config ("toy_task": "tools"), no weights, as write_base_model."""
+    tokenizer = build_tool_tokenizer()
+    tokenizer.save_pretrained(out_dir)
+    build_config(tokenizer, "tools").save_pretrained(out_dir)
 
 
 # What each script takes on the toy model for the options left unset (common.setup fills them and prints them): the
@@ -328,6 +515,37 @@ DEFAULTS = {
                 learning_rate=3e-4, max_length=64, per_device_batch_size=64, max_new_tokens=24),
     "grpo": dict(TOY_PROMPTS, learning_rate=1e-4),
 }
+
+
+# The tools toy's ("toy_task": "tools"): its own files, the gold tool reward (no reward model), the tool; SFT's
+# evaluation passes no row columns, so no reward there (the rating is a column).
+TOOLS = "data/toy/tools"
+GOLD_TOOL = ("toy_task:gold_tool_reward",)
+TOOLS_DEFAULTS = {
+    "sft": dict(dataset=f"{TOOLS}/sft_train.jsonl", eval_dataset=f"{TOOLS}/sft_eval.jsonl", eval_reward_fn=("none",),
+                from_scratch=True, learning_rate=2e-3, max_length=64, per_device_batch_size=64, max_new_tokens=24),
+    "grpo": dict(prompts=f"{TOOLS}/prompts_train.jsonl", eval_prompts=f"{TOOLS}/prompts_eval.jsonl",
+                 reward_fn=GOLD_TOOL, eval_reward_fn=GOLD_TOOL, tools=("toy_task:lookup",), reward_model_path="none",
+                 learning_rate=1e-4, max_new_tokens=24, max_prompt_length=40),  # 40 + 24 = the model's 64 positions
+}
+
+
+def defaults(script: str, marker) -> dict:
+    """The defaults of a script on a toy model, by the marker its config.json holds: "toy_task": true (the review
+    toy, DEFAULTS) or "tools" (the tools toy, TOOLS_DEFAULTS: sft and grpo only, it has no preference data)."""
+    from common import InputError  # common calls this; imported here so that toy_task.py runs without torch
+
+    if marker is True:
+        return DEFAULTS[script]
+    if marker != "tools":
+        raise InputError(f"config.json has \"toy_task\": {json.dumps(marker)}; toy_task.py knows true (the review "
+                         "toy) and \"tools\" (the tools toy)")
+    if script not in TOOLS_DEFAULTS:
+        scripts = " and ".join(f"{s}.py" for s in TOOLS_DEFAULTS)
+        raise InputError(f"{script}.py has no defaults on the tools toy (config.json \"toy_task\": \"tools\"): it has "
+                         f"data for {scripts} only; give every option, or start from data/toy/base_model (the review "
+                         "toy)")
+    return TOOLS_DEFAULTS[script]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,7 +639,8 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     methods = [(name.upper(), name) for name in ("ppo", "dpo", "grpo") if name not in missing]
     for name in sorted(os.listdir(runs_dir)):
         marker = os.path.join(runs_dir, name, "eval.json")
-        if name not in paths and os.path.exists(marker) and read_json(marker).get("script") == "grpo.py":
+        if name not in paths and os.path.exists(marker) and read_json(marker).get("script") == "grpo.py" and \
+                toy_marker(os.path.join(runs_dir, name)) != "tools":  # the tools toy has its own table and prompts
             estimator = read_json(marker).get("advantage_estimator", "?")
             methods.append((name if name == estimator else f"{name} ({estimator})", name))
             paths[name] = os.path.join(runs_dir, name)
@@ -483,8 +702,12 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
                     f"{stats['rm_ceiling_accuracy']:.3f}).")
     for msg in missing.values():
         text.append(f"Missing: {msg}.")
+    tools = None
+    if all(os.path.isdir(os.path.join(runs_dir, name)) for name in ("sft_tools", "grpo_tools")):
+        tools = tool_report(runs_dir, samples_per_prompt=samples_per_prompt, num_prompts=num_prompts, seed=seed)
+        text += ["", *tools["lines"]]
     text += ["", "## Samples (prompt | completion, gold reward)", ""]
-    for name, ss in samples.items():
+    for name, ss in [*samples.items(), *(tools or {}).get("samples", {}).items()]:
         for p, c, g in ss:
             text.append(f"- {name}: `{p} |{c}` ({g:+.2f})")
     figure = plot_report(rows, paths, os.path.join(out_dir, "report.png"))
@@ -495,7 +718,166 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
         f.write("\n".join(text) + "\n")
     print("\n".join(text))
     print(f"\nwritten: {os.path.join(out_dir, 'report.md')}" + (f", {figure}" if figure else ""))
-    return {"rows": rows, "stats": stats, "missing": missing, "figure": figure}
+    return {"rows": rows, "stats": stats, "missing": missing, "figure": figure, "tools": tools}
+
+
+def toy_marker(path: str):
+    """The "toy_task" marker of a checkpoint's config.json (true: the review toy, "tools": the tools toy), else None."""
+    config = os.path.join(path, "config.json")
+    return read_json(config).get("toy_task") if os.path.isfile(config) else None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# The report's sampling of the tools toy, the same for every method so that they compare: grpo.py's default of 2
+# calls at most (the task needs one), the tools toy's response budget, plain sampling at temperature 1.
+TOOL_SAMPLING = dict(max_new_tokens=24, max_tool_calls=2, temperature=1.0, top_k=0, top_p=1.0, tool_format="simple")
+TOOL_RUNS = (("GRPO-tools", "grpo_tools", "python grpo.py --model_name_or_path runs/sft_tools --output_dir "
+              "runs/grpo_tools"),
+             ("GRPO-no-tools", "grpo_no_tools", "python grpo.py --model_name_or_path runs/sft_tools --tools none "
+              "--output_dir runs/grpo_no_tools"))
+
+
+def load_tool_rollout():
+    """grpo.tool_rollout, the multi-turn sampler that runs the tool calls, or None while grpo.py has none. The seam
+    of the tools table: the tests stub it."""
+    import grpo
+
+    return getattr(grpo, "tool_rollout", None)
+
+
+def call_tool_rollout(rollout, policy, tokenizer, prompts: list, prompt_ids: list, columns: list[dict], tools: dict,
+                      cfg, generator, device) -> list[str]:
+    """The decoded responses of one rollout(policy, tokenizer, prompts, prompt_ids, columns, tools, cfg, generator,
+    device, amp) -> (responses (B, R), response_mask, sampled_mask, calls): the tokens under response_mask (the
+    inserted results among them), special tokens (EOS, padding) dropped. A rollout that also takes the tools' chat
+    schemas gets none: the simple format does not render them."""
+    import inspect
+
+    extra = {"schemas": []} if "schemas" in inspect.signature(rollout).parameters else {}
+    responses, response_mask, _, _ = rollout(policy=policy, tokenizer=tokenizer, prompts=prompts,
+                                             prompt_ids=prompt_ids, columns=columns, tools=tools, cfg=cfg,
+                                             generator=generator, device=device, amp=None, **extra)
+    return [tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+            for ids, mask in zip(responses.tolist(), response_mask.tolist())]
+
+
+def sample_with_tools(rollout, policy, tokenizer, rows: list[dict], samples_per_row: int, seed: int,
+                      batch_size: int = 64) -> dict:
+    """samples_per_row responses to each tool prompt row (its samples contiguous), the tool executed with the row's
+    hidden rating: {"prompt", "rating", "completion", "gold" (gold tool reward), "calls"}, one entry per sample."""
+    import types
+
+    import torch
+
+    import common
+
+    device, cfg = torch.device("cpu"), types.SimpleNamespace(**TOOL_SAMPLING)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    work = [j for j in range(len(rows)) for _ in range(samples_per_row)]
+    prompts = [rows[j]["prompt"] for j in work]
+    completions = []
+    for start in range(0, len(work), batch_size):
+        idx = work[start:start + batch_size]
+        batch = [rows[j]["prompt"] for j in idx]
+        with torch.no_grad():  # sampling only: no graph over the turns
+            completions += call_tool_rollout(rollout, policy, tokenizer, batch,
+                                             [common.render_prompt(p, tokenizer) for p in batch],
+                                             [{k: v for k, v in rows[j].items() if k != "prompt"} for j in idx],
+                                             {"lookup": lookup}, cfg, generator, device)
+    ratings = [rows[j]["rating"] for j in work]
+    return {"prompt": prompts, "rating": ratings, "completion": completions,
+            "gold": gold_tool_reward(prompts, completions, ratings), "calls": tool_calls(completions)}
+
+
+def tool_row(method: str, gold: list[float], called: list[float], per_row: bool = False) -> dict:
+    """A line of the tools table: mean and standard error of the gold tool reward (over samples, or over prompt
+    rows for best-of-N, whose values are per-row expectations), the tool-call rate, the number of values."""
+    import numpy as np
+
+    return {"method": method, "gold_tool_reward_mean": float(np.mean(gold)),
+            "gold_tool_reward_sem": float(np.std(gold) / math.sqrt(len(gold))),
+            "tool_call_rate": float(np.mean(called)), "num_values": len(gold),
+            "sem_over": "prompt rows" if per_row else "samples"}
+
+
+def best_of_n_tool_rows(pool: dict, pool_size: int, best_of: tuple[int, ...]) -> list[dict]:
+    """SFT-tools (N = 1) and best-of-N from its pool ranked by the gold tool reward itself (an oracle: the most that
+    re-ranking SFT's samples can reach), each computed exactly from the pool by best_of_n's order statistics."""
+    gold, called = pool["gold"], [float(n > 0) for n in pool["calls"]]
+    rows = []
+    for n in best_of:
+        if n == 1:
+            rows.append(tool_row("SFT-tools", gold, called))
+            continue
+        slices = [slice(j, j + pool_size) for j in range(0, len(gold), pool_size)]
+        rows.append(tool_row(f"best-of-{n} (oracle)", [best_of_n(gold[s], gold[s], n) for s in slices],
+                             [best_of_n(gold[s], called[s], n) for s in slices], per_row=True))
+    return rows
+
+
+def tool_table_lines(rows: list[dict], num_rows: int, missing: list[str]) -> list[str]:
+    """The markdown of the tools table and its notes."""
+    lines = ["## Tool use (the tools toy)", "",
+             "| method | gold tool reward (mean +- s.e.) | tool-call rate | values |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['gold_tool_reward_mean']:.3f} +- {r['gold_tool_reward_sem']:.3f} | "
+                     f"{r['tool_call_rate']:.3f} | {r['num_values']} |")
+    lines += ["", f"{num_rows} held-out tool prompt rows (each held-out prompt with both hidden ratings), sampled with "
+              f"the tool executed (grpo.tool_rollout: at most {TOOL_SAMPLING['max_tool_calls']} calls, "
+              f"{TOOL_SAMPLING['max_new_tokens']} tokens, temperature {TOOL_SAMPLING['temperature']:g}). Gold tool "
+              "reward: the gold reward of the review with its sentiment's sign flipped for a \"bad\" rating (the "
+              "review must agree with what the tool returns). Tool-call rate: responses with a complete call. "
+              "Best-of-N (oracle): N samples of SFT-tools, the one the gold tool reward itself ranks highest (values "
+              "are per prompt row, exact from a pool)."]
+    lines += [f"Missing: {m}." for m in missing]
+    return lines
+
+
+def tool_report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 4, 16), samples_per_prompt: int = 8,
+                num_prompts: int = 0, seed: int = 0, rollout=None) -> dict:
+    """The tools table: SFT-tools (runs/sft_tools), best-of-N from it ranked by the gold tool reward, runs/grpo_tools
+    and runs/grpo_no_tools when present, on the held-out tool prompt rows, sampled with the tool executed by
+    rollout (default grpo.tool_rollout). Returns {"rows", "lines" (markdown), "samples", "missing"}; without a
+    rollout (grpo.py has none yet) only lines saying so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import common
+
+    rollout = rollout or load_tool_rollout()
+    if rollout is None:
+        msg = "skipped: grpo.py has no tool_rollout yet (the multi-turn sampler that runs the tool)"
+        print(f"report: tools table {msg}")
+        return {"rows": [], "lines": ["## Tool use (the tools toy)", "", f"Tools table {msg}."], "samples": {},
+                "missing": []}
+    rows_in = read_jsonl(os.path.join(TOOLS_DIR, "prompts_eval.jsonl"))
+    rows_in = rows_in[:num_prompts] if num_prompts else rows_in
+    load = lambda path: common.from_pretrained(AutoModelForCausalLM, path, "report").eval()  # noqa: E731
+    sft_path = os.path.join(runs_dir, "sft_tools")
+    tokenizer = AutoTokenizer.from_pretrained(sft_path)
+    pool_size = max(max(best_of), samples_per_prompt)
+    t0 = time.time()
+    pool = sample_with_tools(rollout, load(sft_path), tokenizer, rows_in, pool_size, seed)
+    print(f"report: SFT-tools pool of {pool_size} samples x {len(rows_in)} tool prompt rows ({time.time() - t0:.0f}s)",
+          flush=True)
+    rows, samples, missing = best_of_n_tool_rows(pool, pool_size, best_of), {}, []
+    samples["SFT-tools"] = [(p, " " + c, g) for p, c, g in zip(pool["prompt"], pool["completion"], pool["gold"])][
+        ::pool_size][:3]
+    for method, name, command in TOOL_RUNS:
+        path = os.path.join(runs_dir, name)
+        if not os.path.isdir(path):
+            missing.append(f"{path} not found: run `{command}`")
+            continue
+        m = sample_with_tools(rollout, load(path), tokenizer, rows_in, samples_per_prompt, seed)
+        rows.append(dict(tool_row(method, m["gold"], [float(n > 0) for n in m["calls"]]), run=name))
+        samples[method] = [(p, " " + c, g) for p, c, g in zip(m["prompt"], m["completion"], m["gold"])][
+            ::samples_per_prompt][:3]
+        print(f"report: evaluated {path} with the tool", flush=True)
+    return {"rows": rows, "lines": tool_table_lines(rows, len(rows_in), missing), "samples": samples,
+            "missing": missing}
 
 
 def plot_report(rows: list[dict], paths: dict, out_path: str) -> str | None:
@@ -557,6 +939,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.command == "generate":
         print(json.dumps(generate_data(args.out_dir, args.seed), indent=2))
+        print("tools toy:", json.dumps(read_json(os.path.join(args.out_dir, "tools", "stats.json")), indent=2))
     else:
         result = report(args.runs_dir, tuple(int(n) for n in args.best_of_n.split(",")), args.samples_per_prompt,
                         args.num_prompts)

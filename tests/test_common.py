@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -68,7 +70,19 @@ def test_generate_greedy_left_padded_matches_unpadded_loop(arch):
     assert len(expected[0]) < R and any(len(e) == R for e in expected)
 
     ids, mask = common.left_pad(seqs, TOK.pad_token_id)
-    responses, response_mask = common.generate(model, ids, mask, R, eos, TOK.pad_token_id, temperature=0.0)
+    calls = []  # (tokens fed, the cache passed, tokens it already holds) of every forward
+    model.register_forward_pre_hook(lambda module, args, kw: calls.append(
+        (kw["input_ids"].size(1), kw.get("cache"), kw["cache"].get_seq_length() if "cache" in kw else None)),
+        with_kwargs=True)
+    with warnings.catch_warnings():  # the KV cache through transformers' current API: no deprecated argument
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        responses, response_mask = common.generate(model, ids, mask, R, eos, TOK.pad_token_id, temperature=0.0)
+    # the real cache: the prompt once, then one token per step into the same DynamicCache, which holds all before it
+    P = ids.size(1)
+    assert len(calls) == responses.shape[1] and all(type(c).__name__ == "DynamicCache" for _, c, _ in calls)
+    assert [(n, held) for n, _, held in calls] == [(P, 0)] + [(1, P + t) for t in range(len(calls) - 1)]
+    assert all(c is calls[0][1] for _, c, _ in calls)
     assert responses.shape[1] <= R
     for i, exp in enumerate(expected):
         n = len(exp)
@@ -208,6 +222,45 @@ def test_sequence_logprobs_left_padded_equals_unpadded(arch):
             assert entropy[i, t].item() == pytest.approx(-(logp.exp() * logp).sum().item(), abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("chunk_tokens", [None, 3])  # one chunk; many chunks with activation checkpointing
+def test_chunked_logprobs_equal_the_full_logits_values_and_gradients(arch, chunk_tokens, monkeypatch):
+    """sequence_logprobs never holds the (B, T, V) logits: against the plain forward's full logits, log_softmax."""
+    if chunk_tokens:
+        monkeypatch.setattr(common, "LOGITS_PER_CHUNK", chunk_tokens * len(TOK))
+    import torch.utils.checkpoint
+
+    checkpointed = []  # the chunks recomputed in backward (activation checkpointing)
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, hidden, *args, **kw: checkpointed.append(
+        hidden.size(0)) or real_checkpoint(fn, hidden, *args, **kw))
+    model = tiny_lm(arch)
+    torch.manual_seed(2)
+    ids, mask = common.left_pad(prompt_ids(), TOK.pad_token_id)
+    responses = torch.randint(4, len(TOK), (ids.size(0), 4))
+    seq, seq_mask = torch.cat([ids, responses], 1), torch.cat([mask, torch.ones_like(responses)], 1)
+    P, weights = ids.size(1), torch.randn(ids.size(0), 4)
+
+    def loss_and_grads(logprobs, entropy):
+        model.zero_grad()
+        ((logprobs + 0.3 * entropy) * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    logprobs, entropy = common.sequence_logprobs(model, seq, seq_mask, P, temperature=0.7, return_entropy=True)
+    n = responses.numel()  # response tokens: one chunk of all of them, or chunks of chunk_tokens, each checkpointed
+    assert checkpointed == ([] if not chunk_tokens else [min(chunk_tokens, n - i) for i in range(0, n, chunk_tokens)])
+    grads = loss_and_grads(logprobs, entropy)
+    logits = model(input_ids=seq, attention_mask=seq_mask, position_ids=common.position_ids_from_mask(seq_mask),
+                   use_cache=False).logits[:, P - 1:-1] / 0.7
+    logp = torch.log_softmax(logits, -1)
+    full = logp.gather(-1, responses[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    full_grads = loss_and_grads(*full)
+    torch.testing.assert_close(logprobs, full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, full[1], rtol=1e-5, atol=1e-5)
+    for g, h in zip(grads, full_grads):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5 * h.abs().max().item())  # float32 round-off
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # masks and masked statistics
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,8 +276,9 @@ def test_masked_mean_var_whiten_match_numpy():
     values, mask = random_values_and_mask()
     sel = values.numpy()[mask.numpy().astype(bool)]
     assert common.masked_mean(values, mask).item() == pytest.approx(sel.mean())
-    assert common.masked_var(values, mask).item() == pytest.approx(sel.var(ddof=1))
-    assert common.masked_var(values, mask, unbiased=False).item() == pytest.approx(sel.var())
+    mean, var, count = common.masked_mean_var(values, mask)
+    assert (mean.item(), var.item(), count.item()) == (pytest.approx(sel.mean()), pytest.approx(sel.var(ddof=1)),
+                                                       len(sel))
     # along a dim: row means; an all-masked row gives 0, not NaN
     rows = common.masked_mean(values, mask, dim=1)
     for b in range(4):
@@ -237,8 +291,7 @@ def test_masked_mean_var_whiten_match_numpy():
     # shift_mean=False keeps the mean, only the scale changes
     kept = common.masked_whiten(values, mask, shift_mean=False).numpy()[mask.numpy().astype(bool)]
     np.testing.assert_allclose(kept, expected + sel.mean(), rtol=1e-6)
-    with pytest.raises(ValueError):
-        common.masked_var(values, torch.zeros_like(mask))
+    assert common.masked_mean_var(values, torch.zeros_like(mask))[1] is None  # no variance below 2 values
     # fewer than 2 masked values have no spread: nothing masked gives zeros, one value is centred on itself (0)
     assert (common.masked_whiten(values, torch.zeros_like(mask)) == 0).all()
     one = torch.zeros_like(mask)
@@ -339,48 +392,45 @@ def write(path, text):
     return str(path)
 
 
-def test_load_jsonl_reads_rows_and_rejects_interior_blank_lines(tmp_path):
-    path = write(tmp_path / "ok.jsonl", '{"prompt": "a", "completion": " b"}\n{"messages": []}\n\n  \n')
-    rows = common.load_jsonl(path, alternatives=(("prompt", "completion"), ("messages",)))
-    assert rows == [{"prompt": "a", "completion": " b"}, {"messages": []}]
+def test_load_rows_reads_jsonl_and_rejects_interior_blank_lines(tmp_path):
+    path = write(tmp_path / "ok.jsonl",
+                 '{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": " d"}\n\n  \n')
+    assert common.load_rows(path, "--dataset") == [(f"{path}:1", {"prompt": "a", "completion": " b"}),
+                                                    (f"{path}:2", {"prompt": "c", "completion": " d"})]
     gap = write(tmp_path / "gap.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"}\n')
     with pytest.raises(ValueError, match=rf"{gap}:2: blank line between JSON rows"):
-        common.load_jsonl(gap)
+        common.load_rows(gap, "--dataset")
 
 
-def test_load_jsonl_errors_name_file_line_and_field(tmp_path):
+def test_load_rows_errors_name_file_and_line(tmp_path):
     bad = write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"prompt": "b", \n')
     with pytest.raises(ValueError, match=rf"{bad}:2: not valid JSON"):
-        common.load_jsonl(bad)
-    missing = write(tmp_path / "missing.jsonl", '{"prompt": "a", "chosen": "x"}\n{"prompt": "b"}\n')
-    with pytest.raises(ValueError, match=rf"{missing}:2: missing field 'chosen'"):
-        common.load_jsonl(missing, required=("prompt", "chosen"))
-    with pytest.raises(ValueError, match=rf"{missing}:1: missing fields: expected .*'completion'.* or .*'messages'"):
-        common.load_jsonl(missing, alternatives=(("prompt", "completion"), ("messages",)))
+        common.load_rows(bad, "--prompts")
     empty = write(tmp_path / "empty.jsonl", "\n  \n")
-    with pytest.raises(ValueError, match=rf"{empty}: file is empty"):
-        common.load_jsonl(empty)
+    with pytest.raises(ValueError, match=rf"--prompts {empty}: no rows"):
+        common.load_rows(empty, "--prompts")
     not_object = write(tmp_path / "list.jsonl", '{"prompt": "a"}\n["prompt", "b"]\n')
     with pytest.raises(ValueError, match=rf"{not_object}:2: expected a JSON object, got list"):
-        common.load_jsonl(not_object)
+        common.load_rows(not_object, "--prompts")
     with pytest.raises(common.InputError, match="nope.jsonl: no such file"):
-        common.load_jsonl(str(tmp_path / "nope.jsonl"))
+        common.load_rows(str(tmp_path / "nope.jsonl"), "--prompts")
+    with pytest.raises(common.InputError, match=rf"{bad}:1: missing field 'chosen'"):
+        common.parse_preference_row({"prompt": "a", "rejected": " b"}, f"{bad}:1")
 
 
-def test_save_model_round_trip_and_replaces_existing_dir(tmp_path):
+def test_save_model_round_trip_writes_into_output_dir(tmp_path):
     model = tiny_lm("gpt2")
     out = str(tmp_path / "ckpt")
     os.makedirs(os.path.join(out, "checkpoints", "step_2"))
-    write(os.path.join(out, "stale.bin"), "left over from an older run")
-    write(os.path.join(out, "eval.json"), '{"old": 1}')
     write(os.path.join(out, "metrics.jsonl"), '{"step": 1}\n')  # this run's log, written before the save
-    common.save_model(model, TOK, out, {"loss": 0.5, "nan": float("nan")}, extra_config={"reward_mean": 0.25})
+    cfg = types.SimpleNamespace(run=common.RunArgs(output_dir=out), model=common.ModelArgs())
+    common.save_model(cfg, model, TOK, {"loss": 0.5, "nan": float("nan")}, extra_config={"reward_mean": 0.25})
     files = set(os.listdir(out))
-    assert "model.safetensors" in files and "stale.bin" not in files and "tokenizer.json" in files
-    assert open(os.path.join(out, "metrics.jsonl")).read() == '{"step": 1}\n'  # the run's files are carried over
+    assert {"model.safetensors", "tokenizer.json", "config.json", "eval.json"} <= files and ".saving" not in files
+    assert open(os.path.join(out, "metrics.jsonl")).read() == '{"step": 1}\n'  # the run's files stay
     assert os.path.isdir(os.path.join(out, "checkpoints", "step_2"))
     assert json.load(open(os.path.join(out, "eval.json"))) == {"loss": 0.5, "nan": None}  # strict JSON, no NaN
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directories left behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # nothing written beside output_dir
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.reward_mean == 0.25
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -394,20 +444,18 @@ def test_save_model_round_trip_and_replaces_existing_dir(tmp_path):
 # diagnostics, schedule, policy evaluation
 # ---------------------------------------------------------------------------------------------------------------------
 def test_sampling_diagnostics_on_hand_made_distribution():
-    probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]])
-    logits = probs.clamp(min=1e-30).log()
-    tokens = torch.tensor([[1, 3, 0]])
-    mask = torch.tensor([[1, 1, 0]])  # the third position is padding and must not count
-    d = common.sampling_diagnostics(logits, tokens, mask, mass=0.9)
+    import sft
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    logits, tokens = probs.log(), torch.tensor([1, 3])
+    entropy, max_prob, sampled, nucleus = sft.sampling_diagnostics(logits, tokens, mass=0.9)
     h = lambda p: -sum(x * math.log(x) for x in p if x > 0)  # noqa: E731
-    assert d["sampling/entropy"] == pytest.approx((h([0.5, 0.3, 0.15, 0.05]) + math.log(4)) / 2, abs=1e-5)
-    assert d["sampling/max_prob"] == pytest.approx((0.5 + 0.25) / 2, abs=1e-6)
-    assert d["sampling/sampled_token_prob"] == pytest.approx((0.3 + 0.25) / 2, abs=1e-6)
-    # 0.9 of the mass: 3 tokens (0.5 + 0.3 + 0.15) in the first row, 4 in the uniform row
-    assert d["sampling/nucleus_size"] == pytest.approx((3 + 4) / 2)
+    assert entropy.tolist() == pytest.approx([h([0.5, 0.3, 0.15, 0.05]), math.log(4)], abs=1e-5)
+    assert max_prob.tolist() == pytest.approx([0.5, 0.25]) and sampled.tolist() == pytest.approx([0.3, 0.25])
+    assert nucleus.tolist() == [3, 4]  # 0.9 of the mass: 0.5 + 0.3 + 0.15 in the first row, all 4 in the uniform one
     # temperature -> infinity flattens: at T=1e6 every row is uniform
-    d = common.sampling_diagnostics(logits.clamp(min=-50), tokens, mask, temperature=1e6, mass=0.9)
-    assert d["sampling/entropy"] == pytest.approx(math.log(4), abs=1e-4)
+    assert sft.sampling_diagnostics(logits, tokens, temperature=1e6)[0].tolist() == pytest.approx([math.log(4)] * 2,
+                                                                                                   abs=1e-4)
 
 
 def test_lr_multiplier_shape():
@@ -426,7 +474,7 @@ def test_evaluate_policy_metrics(tmp_path):
     policy = tiny_lm("gpt2")
     reward_model = tiny_reward_model("gpt2")
     prompts = PROMPTS[:3]
-    m = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), ref_policy=policy,
+    m = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), ref=policy,
                                reward_model=reward_model, reward_fns=GOLD, samples_per_prompt=3,
                                max_new_tokens=6, batch_size=4, seed=0)
     for key in ["gold_reward_mean", "gold_reward_std", "proxy_reward_mean", "proxy_reward_std", "kl_to_ref",
@@ -446,13 +494,13 @@ def test_evaluate_policy_metrics(tmp_path):
     assert again["per_sample"]["completion"] == rows["completion"] and policy.training
     # prompts given as token ids (e.g. rendered by a chat template) decode the same way
     given = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), samples_per_prompt=3, max_new_tokens=6,
-                                   batch_size=4, seed=0, prompt_token_ids=[TOK(p)["input_ids"] for p in prompts])
+                                   batch_size=4, seed=0, prompt_ids=[TOK(p)["input_ids"] for p in prompts])
     assert given["per_sample"]["completion"] == rows["completion"]
-    assert math.isnan(again["kl_to_ref"]) and math.isnan(again["proxy_reward_mean"])
+    assert again["kl_to_ref"] is None and again["proxy_reward_mean"] is None  # no reference, no reward model
 
 
 def test_metrics_logger_writes_jsonl(tmp_path, capsys):
-    logger = common.MetricsLogger(str(tmp_path))
+    logger = common.MetricsLogger(types.SimpleNamespace(run=common.RunArgs(output_dir=str(tmp_path))))
     logger.log(3, {"loss": torch.tensor(1.5), "lr": 0.1})
     logger.log(4, {"loss": 1.25}, console_keys=())  # file only
     logger.close()

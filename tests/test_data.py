@@ -2,6 +2,7 @@
 parser per format in common.py, the assistant-turn mask, reward functions as TRL calls them, defaults that follow the
 data, strict JSON outputs and the grouped --help."""
 
+import dataclasses
 import json
 import os
 import re
@@ -56,13 +57,14 @@ def test_every_source_gives_the_same_rows(tmp_path):
     data.save_to_disk(paths["save_to_disk"])
     datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(paths["save_to_disk splits"])
     for name, path in paths.items():
-        rows = common.load_rows(path)
+        rows = common.load_rows(path, "--dataset")
         assert [row for _, row in rows] == expected, name
-    assert [w for w, _ in common.load_rows(paths["jsonl"])] == [f"{paths['jsonl']}:{i}" for i in (1, 2, 3)]
-    assert [w for w, _ in common.load_rows(paths["parquet"])] == [f"{paths['parquet']}[{i}]" for i in (0, 1, 2)]
-    assert [r for _, r in common.load_rows(paths["save_to_disk splits"], split="test")] == expected[:1]
+    assert [w for w, _ in common.load_rows(paths["jsonl"], "--dataset")] == [f"{paths['jsonl']}:{i}" for i in (1, 2, 3)]
+    assert [w for w, _ in common.load_rows(paths["parquet"], "--dataset")] == \
+        [f"{paths['parquet']}[{i}]" for i in (0, 1, 2)]
+    assert [r for _, r in common.load_rows(paths["save_to_disk splits"], "--dataset", "test")] == expected[:1]
     with pytest.raises(common.InputError, match=r"--dataset .*splits: no split 'dev' \(it has \['test', 'train'\]\)"):
-        common.load_rows(paths["save_to_disk splits"], split="dev")
+        common.load_rows(paths["save_to_disk splits"], "--dataset", "dev")
 
 
 def test_conversational_rows_survive_parquet_and_save_to_disk(tmp_path):
@@ -72,41 +74,45 @@ def test_conversational_rows_survive_parquet_and_save_to_disk(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "c"))
     for path in (str(tmp_path / "c.parquet"), str(tmp_path / "c")):
-        assert [common.parse_preference_row(r, w) for w, r in common.load_rows(path)] == \
+        assert [common.parse_preference_row(r, w) for w, r in common.load_rows(path, "--dataset")] == \
             [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
 
 def test_source_errors_name_the_option(tmp_path, monkeypatch):
     with pytest.raises(common.InputError, match="--dataset /nowhere/x.parquet: no such file or directory"):
-        common.load_rows("/nowhere/x.parquet")
+        common.load_rows("/nowhere/x.parquet", "--dataset")
     with pytest.raises(common.InputError, match=r"--eval_dataset .*\.txt: unknown file type '.txt'"):
         common.load_rows(write_jsonl(tmp_path / "d.txt", ROWS), "--eval_dataset")
     os.makedirs(tmp_path / "plain")
-    with pytest.raises(common.InputError, match="not one written by datasets' save_to_disk"):
-        common.load_rows(str(tmp_path / "plain"))
+    with pytest.raises(common.InputError, match="--dataset .*plain: cannot be read as a dataset"):
+        common.load_rows(str(tmp_path / "plain"), "--dataset")
     import datasets
 
     def offline(*args, **kwargs):  # what the hub answers here: no network
         raise ConnectionError("Couldn't reach 'someone/no-such-dataset' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(common.InputError, match="--dataset someone/no-such-dataset: not a local file and cannot be "
-                                                "loaded from the Hugging Face hub \\(ConnectionError: Couldn't reach"):
-        common.load_rows("someone/no-such-dataset")
+    with pytest.raises(common.InputError, match="--dataset someone/no-such-dataset: cannot be read as a dataset "
+                                                "\\(ConnectionError: Couldn't reach"):
+        common.load_rows("someone/no-such-dataset", "--dataset")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
     with pytest.raises(common.InputError, match=r"needs the `datasets` package \(pip install datasets\)"):
-        common.load_rows(str(tmp_path / "plain"))
-    assert len(common.load_rows(write_jsonl(tmp_path / "ok.jsonl", ROWS))) == 3  # JSON lines need nothing
+        common.load_rows(str(tmp_path / "plain"), "--dataset")
+    assert len(common.load_rows(write_jsonl(tmp_path / "ok.jsonl", ROWS), "--dataset")) == 3  # JSON lines need nothing
 
 
-def test_eval_split_is_seeded_and_disjoint():
-    rows = [(f"f:{i}", {"prompt": str(i)}) for i in range(20)]
-    train, held = common.split_rows(rows, 0.25, seed=3)
+def test_eval_split_is_seeded_and_disjoint(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": str(i)} for i in range(20)])
+    split = lambda fraction, seed: common.train_eval_rows(path, "--prompts", "train", None, "", fraction, seed)  # noqa
+    train, held = split(0.25, 3)
     assert len(held) == 5 and len(train) == 15 and not {w for w, _ in train} & {w for w, _ in held}
-    assert common.split_rows(rows, 0.25, seed=3) == (train, held)
-    assert common.split_rows(rows, 0.25, seed=4) != (train, held)
+    assert split(0.25, 3) == (train, held) and split(0.25, 4) != (train, held)
     with pytest.raises(common.InputError, match="--eval_split 1.0: would leave no training rows"):
-        common.split_rows(rows, 1.0, seed=3)
+        split(1.0, 3)
+    assert common.train_eval_rows(path, "--prompts", "train", path, "--eval_prompts", 0.25, 3)[1] == \
+        common.load_rows(path, "")  # an eval file wins over the split
+    with pytest.raises(common.InputError, match="--prompts is required"):
+        common.train_eval_rows(None, "--prompts", "train", None, "", 0.0, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,18 +126,18 @@ def test_prompt_only_formats():
     with pytest.raises(common.InputError, match="f:2: expected a prompt-only row"):
         common.parse_prompt({"question": "x"}, "f:2")
     with pytest.raises(common.InputError, match="f:2: unknown field 'promtp'; did you mean 'prompt'"):
-        common.parse_prompt({"promtp": "x", "messages": [USER]}, "f:2")
+        common.check_one_format([("f:1", {"messages": [USER]}), ("f:2", {"promtp": "x", "messages": [USER]})])
 
 
 def test_completion_formats():
-    assert common.parse_completion_row({"prompt": "a", "completion": " b"}, "f") == ("a", " b")
-    assert common.parse_completion_row({"prompt": [USER], "completion": [ANSWER]}, "f") == ([USER], [ANSWER])
-    assert common.parse_completion_row({"messages": [USER, ANSWER]}, "f") == (None, [USER, ANSWER])
-    assert common.parse_completion_row({"text": "free text"}, "f") == (None, "free text")
+    assert sft.parse_row({"prompt": "a", "completion": " b"}, "f") == ("a", " b")
+    assert sft.parse_row({"prompt": [USER], "completion": [ANSWER]}, "f") == ([USER], [ANSWER])
+    assert sft.parse_row({"messages": [USER, ANSWER]}, "f") == (None, [USER, ANSWER])
+    assert sft.parse_row({"text": "free text"}, "f") == (None, "free text")
     with pytest.raises(common.InputError, match="f: field 'completion' must end with a non-empty assistant message"):
-        common.parse_completion_row({"prompt": [USER], "completion": [USER]}, "f")
-    with pytest.raises(common.InputError, match="f: field 'messages' holds no assistant message"):
-        common.parse_completion_row({"messages": [USER]}, "f")
+        sft.parse_row({"prompt": [USER], "completion": [USER]}, "f")
+    with pytest.raises(common.InputError, match=r"f: field 'messages' holds no assistant message .*\(roles: user\)"):
+        sft.parse_row({"messages": [USER]}, "f")
 
 
 def test_preference_and_ranking_formats():
@@ -144,15 +150,17 @@ def test_preference_and_ranking_formats():
         ([USER], [ANSWER], [five])
     assert common.parse_preference_row({"prompt": [USER], "chosen": "Four.", "rejected": "Five."}, "f") == \
         ([USER], [ANSWER], [five])  # a string response after a conversational prompt is the assistant's message
-    assert common.parse_ranking_row({"prompt": [USER], "completions": ["Four.", "Five."]}, "f") == \
-        ([USER], [[ANSWER], [five]])
+    import reward_model
+
+    assert reward_model.parse_row({"prompt": [USER], "completions": ["Four.", "Five."]}, "f", "ranking") == \
+        ([USER], [[ANSWER], [five]], 0.0)
 
 
 def test_chat_rendering_of_prompt_and_completion():
     tok = chatml_tokenizer("eos")
-    text, ids = common.render_prompt([USER], tok)
-    assert text == "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
-    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    ids = common.render_prompt([USER], tok)
+    assert ids == tok("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n",
+                      add_special_tokens=False)["input_ids"]
     completion = common.render_completion([USER], [ANSWER], tok)  # the template's own end of turn is the EOS
     assert tok.decode(completion) == "Four.<|im_end|>" and completion.count(tok.eos_token_id) == 1
     assert common.render_completion("Say hello.", " Hello there!", tok)[-1] == tok.eos_token_id
@@ -169,7 +177,7 @@ def test_assistant_only_mask_matches_a_naive_scan_of_the_rendering(template):
         words = ["the phone was", "the movie was", "good .", "this book is", "very bad !", "my new pizza is", "fine ."]
     conversation = [{"role": role, "content": w} for role, w in zip(
         ["system", "user", "assistant", "user", "assistant", "user", "assistant"], words)]
-    ids, mask = common.render_conversation(conversation, tok, "f:1")
+    ids, mask = sft.render_conversation(conversation, tok, "f:1")
     full = tok(tok.apply_chat_template(conversation, tokenize=False).rstrip(), add_special_tokens=False)["input_ids"]
     header = tok("<|im_start|>assistant\n" if template == "chatml" else "assistant :",
                  add_special_tokens=False)["input_ids"]
@@ -182,9 +190,10 @@ def test_assistant_only_mask_matches_a_naive_scan_of_the_rendering(template):
             inside = False
     assert ids == full and mask == naive and sum(mask) > 0
     assert tok.decode([t for t, m in zip(ids, mask) if m]).count(words[4].rstrip(".! ")) == 1
-    examples = sft.build_dataset([("f:1", {"messages": conversation})], tok, make(sft.Config, max_length=512))[0]
+    parsed = [("f:1", (None, conversation))]
+    examples = sft.build_dataset(parsed, tok, make(sft.Config, max_length=512))[0]
     assert [label != -100 for label in examples[0][1]] == [bool(m) for m in mask]
-    whole = sft.build_dataset([("f:1", {"messages": conversation})], tok,
+    whole = sft.build_dataset(parsed, tok,
                               make(sft.Config, max_length=512, assistant_only_loss=False))[0]
     assert whole[0][1] == ids
 
@@ -192,28 +201,28 @@ def test_assistant_only_mask_matches_a_naive_scan_of_the_rendering(template):
 # ---------------------------------------------------------------------------------------------------------------------
 # reward functions, as TRL calls them
 # ---------------------------------------------------------------------------------------------------------------------
-def test_reward_functions_keyword_positional_columns_none_and_weights(tmp_path):
+def test_reward_functions_keywords_columns_none_and_weights(tmp_path):
     path = tmp_path / "rewards.py"
     path.write_text(
         "def exact(completions, answer, **kwargs):\n"  # TRL's signature, with a dataset column
         "    return [1.0 if c[0]['content'] == a else 0.0 for c, a in zip(completions, answer)]\n"
-        "def length(prompts, completions):\n"  # the older positional signature
+        "def length(prompts, completions):\n"  # named like TRL's keywords: called with them
         "    return [float(len(c)) for c in completions]\n"
         "def picky(prompts=None, completions=None, **kwargs):\n"
         "    return [None if kwargs['source'][i] == 'skip' else 2.0 for i in range(len(completions))]\n")
-    fns = common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0, 0.5))
+    fns = common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0, 0.5), columns={"answer", "source"})
     assert list(fns) == ["exact", "picky"]
     prompts = [[USER], [USER], [USER]]
     total, per_fn = common.score_with_fns(fns, prompts, ["Four.", "Five.", "Four."],
                                           {"answer": ["Four.", "Four.", "Four."], "source": ["a", "a", "skip"]})
     assert per_fn == {"exact": [1.0, 0.0, 1.0], "picky": [2.0, 2.0, None]}
     assert total == [1.0 + 0.5 * 2.0, 0.5 * 2.0, 1.0]  # a function that cannot score is left out of the sum
-    length = common.load_function(f"{path}:length")
-    assert common.call_reward_fn(length, ["a"], [" bcd"]) == [4.0]
-    nobody = {"picky": (common.load_function(f"{path}:picky"), 1.0)}
+    length = common.load_reward_fns([f"{path}:length"])["length"][0]
+    assert common.call_reward_fn("length", length, ["a"], [" bcd"]) == [4.0]
+    nobody = {"picky": fns["picky"]}
     assert common.score_with_fns(nobody, ["a"], ["b"], {"source": ["skip"]})[0] == [None]
     with pytest.raises(common.InputError, match="--reward_weights: 1 weights for 2 reward functions"):
-        common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0,))
+        common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0,), columns={"answer"})
 
 
 def test_evaluation_reports_each_function_by_its_name_and_counts_unscored(tiny_checkpoints, tmp_path):
@@ -230,46 +239,64 @@ def test_evaluation_reports_each_function_by_its_name_and_counts_unscored(tiny_c
                                samples_per_prompt=2, max_new_tokens=4)
     rows = m["per_sample"]
     assert m["brevity_mean"] == pytest.approx(-sum(len(c.split()) for c in rows["completion"]) / 4)
-    assert m["brevity_unscored"] == 0 and m["unsure_unscored"] == 4 and m["unsure_mean"] != m["unsure_mean"]
+    assert m["brevity_unscored"] == 0 and m["unsure_unscored"] == 4 and m["unsure_mean"] is None
     assert not any(k.startswith("gold") for k in m)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # defaults follow the data; strict JSON; help
 # ---------------------------------------------------------------------------------------------------------------------
-def test_toy_defaults_only_for_toy_data():
-    assert common.is_toy_data("data/toy/sft_train.jsonl") and not common.is_toy_data("my/data.jsonl")
-    assert common.eval_data_path("auto", "data/toy/sft_train.jsonl", "data/toy/sft_eval.jsonl") == \
-        "data/toy/sft_eval.jsonl"
-    assert common.eval_data_path("auto", "mine.jsonl", "data/toy/sft_eval.jsonl") is None
-    assert common.eval_data_path("none", "data/toy/sft_train.jsonl", "x") is None
-    assert list(common.eval_reward_fns((), "data/toy/prompts_train.jsonl")) == ["gold_reward"]
-    assert common.eval_reward_fns((), "mine.jsonl") == {}
-    assert common.eval_reward_fns(("none",), "data/toy/prompts_train.jsonl") == {}
-    training = common.load_reward_fns(["toy_task:gold_reward"])
-    assert common.eval_reward_fns((), "mine.jsonl", training) is training
+def test_defaults_follow_the_model(tmp_path, tiny_checkpoints, capsys):
+    """Options left None take the toy's values on the toy model, the script's PRETRAINED ones on any other."""
+    cfg = make(sft.Config, output_dir=str(tmp_path / "a"))
+    common.setup(cfg, "sft", sft.PRETRAINED)
+    assert (cfg.dataset, cfg.optim.learning_rate, cfg.max_length, cfg.from_scratch) == \
+        ("data/toy/sft_train.jsonl", 2e-3, 64, True)
+    assert "defaults for the toy model: " in capsys.readouterr().out
+    cfg = make(sft.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "b"),
+               max_length=96)
+    common.setup(cfg, "sft", sft.PRETRAINED)
+    assert (cfg.dataset, cfg.eval_dataset, cfg.eval_reward_fn, cfg.optim.learning_rate, cfg.max_length,
+            cfg.from_scratch) == (None, None, (), 2e-5, 96, False)  # nothing of the toy; given values stay
+    assert "defaults for a pretrained model: " in capsys.readouterr().out
+    with pytest.raises(common.InputError, match="--dataset is required"):
+        sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "c")))
 
 
 def test_strict_json_everywhere(tmp_path):
-    common.write_json_atomic(str(tmp_path / "e.json"), {"a": float("nan"), "b": [float("inf"), 1.5],
+    common.write_json(str(tmp_path / "e.json"), {"a": float("nan"), "b": [float("inf"), 1.5],
                                                          "c": {"d": float("-inf")}})
     assert strict_load(str(tmp_path / "e.json")) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
-    logger = common.MetricsLogger(str(tmp_path))
+    logger = common.MetricsLogger(make(sft.Config, output_dir=str(tmp_path)))
     logger.log(1, {"loss": float("nan"), "ok": 2.0}, ())
     logger.close()
     assert strict_load(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "loss": None, "ok": 2.0}]
+
+
+def command_line(module, args: list[str]):
+    """The config that `python script.py args` runs: the scripts' own entry point (common.cli), main swapped."""
+    parsed, argv = [], sys.argv
+    sys.argv = [module.__name__ + ".py", *args]
+    try:
+        common.cli(parsed.append, module.Config)
+    finally:
+        sys.argv = argv
+    return parsed[0]
 
 
 @pytest.mark.parametrize("script", ["sft", "reward_model", "dpo", "ppo", "grpo"])
 def test_help_opens_with_the_script_and_groups_options(script, capsys):
     module = __import__(script)
     with pytest.raises(SystemExit):
-        common.parse_grouped(module.Config, ["--help"])
+        command_line(module, ["--help"])
     out = capsys.readouterr().out
     assert module.__doc__.splitlines()[0] in out
     groups = re.findall(r"^[ ─╭]*([\w-]+) options[ ─╮]*$", out, flags=re.M)  # boxes on a terminal, plain here
-    assert groups[:2] == ["model", "data"] and {"checkpoints", "logging"} <= set(groups)
-    assert "--learning-rate" in out and "(default: " in out
+    assert groups == ["model", "optim", "run"] and out.index("--help") < out.index("model options")  # own first
+    assert "--learning_rate" in out and "--lora_r" in out and "--output_dir" in out and "(default: " in out
+    assert out.index(f"--{[f.name for f in dataclasses.fields(module.Config)][0]}") < out.index("--lora_r")
+    cfg = command_line(module, ["--lora_r", "8", "--output_dir", "x", "--learning_rate", "0.5"])
+    assert (cfg.model.lora_r, cfg.run.output_dir, cfg.optim.learning_rate) == (8, "x", 0.5)  # flat names, groups
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,6 +369,8 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
     (tmp_path / "rewards.py").write_text(REWARDS)
     fns = str(tmp_path / "rewards.py")
     small = dict(max_steps=2, log_every=1, max_new_tokens=6)
+    rl = dict(small, max_steps=None, num_iterations=2, max_prompt_length=48)
+    rl.pop("max_steps")
     held_out = dict(eval_dataset=data["sft"], eval_dataset_split="test") if source == "save_to_disk" \
         else dict(eval_split=0.25)
     runs = tmp_path / "runs"
@@ -361,12 +390,12 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
         dict(reward_fn=(f"{fns}:exact", f"{fns}:brevity"), reward_weights=(1.0, 0.5), critic_init="sft")
     ppo.main(make(ppo.Config, model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=4,
                         num_samples_per_prompt=2, eval_split=0.25, eval_samples_per_prompt=1,
-                        output_dir=str(runs / "ppo"), **reward, **small))
+                        output_dir=str(runs / "ppo"), **reward, **rl))
 
     grpo.main(make(grpo.Config, model_name_or_path=policy, prompts=data["prompts"], rollout_batch_size=2,
                           num_samples_per_prompt=2, num_minibatches=1, eval_split=0.25, eval_samples_per_prompt=1,
                           output_dir=str(runs / "grpo"), **{k: v for k, v in reward.items() if k != "critic_init"},
-                          **small))
+                          **rl))
 
     printed = capsys.readouterr()
     for stage in ("sft", "rm", "dpo", "ppo", "grpo"):
@@ -384,3 +413,83 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
         assert all("rewards/exact" in r for r in ppo_rows if "objective/scores" in r)
         assert {"exact_mean", "brevity_mean"} <= set(strict_load(str(runs / "grpo" / "eval.json")))
     assert "brevity_mean" in strict_load(str(runs / "dpo" / "eval.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mistakes a new user makes, each one clear error before any model loads
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bad_sources_say_what_shape_is_expected(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    one_object = tmp_path / "data.json"
+    one_object.write_text(json.dumps({"version": 1, "data": ROWS}))
+    with pytest.raises(common.InputError, match=rf"{one_object}: one JSON object \(keys \['data', 'version'\]\); "
+                                                "expected an array of row objects or JSON lines"):
+        common.load_rows(str(one_object), "--dataset")
+    config_only = tmp_path / "model"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{}")
+    with pytest.raises(common.InputError, match=r"--model_name_or_path .*model: holds \['config.json'\] but no "
+                                                "weights; a Hugging Face checkpoint folder holds config.json, "
+                                                "model.safetensors"):
+        common.from_pretrained(AutoModelForCausalLM, str(config_only), "--model_name_or_path")
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    for cls in (AutoModelForCausalLM, AutoTokenizer):  # the tokenizer is the first thing a script loads
+        with pytest.raises(common.InputError, match="a GGUF file, not a Hugging Face checkpoint; convert it once"):
+            common.from_pretrained(cls, str(gguf), "--model_name_or_path")
+
+
+def test_prompts_without_a_user_turn_and_mixed_formats_are_refused(tmp_path):
+    system_only = write_jsonl(tmp_path / "p.jsonl", [{"messages": [USER]}, {"messages": [{"role": "system",
+                                                                                        "content": "Be brief."}]}])
+    with pytest.raises(common.InputError, match=rf"{system_only}:2: field 'messages' holds no user message \(roles: "
+                                                "system\\); a prompt needs one"):
+        common.prompts_and_columns(common.load_rows(system_only, "--prompts"))
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROWS[0], ROWS[1], {"prompt": [USER], "completion": [ANSWER]}])
+    with pytest.raises(common.InputError, match=rf"{mixed}:3: a conversational \{{prompt, completion\}} row, but "
+                                                rf"{mixed}:1 is a text \{{prompt, completion\}} row; one dataset must "
+                                                "hold one format"):
+        common.load_rows(mixed, "--dataset")
+    explicit_and_implicit = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"},
+                                                                   {"chosen": "a b", "rejected": "a c"}])
+    with pytest.raises(common.InputError, match=r"prefs.jsonl:2: a text \{chosen, rejected\} row, but .*prefs.jsonl:1 "
+                                                r"is a text \{prompt, chosen, rejected\} row"):
+        common.load_rows(explicit_and_implicit, "--dataset")
+
+
+def test_wrong_chat_roles_are_named_before_any_model_loads(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "human", "content": "hi"},
+                                                               {"role": "bot", "content": "hello"}]}] * 4)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(common, "from_pretrained", no_model)
+    with pytest.raises(common.InputError, match=rf"{data}:1: field 'messages' has the roles \['bot', 'human'\]; "
+                                                "expected system / user / assistant / tool"):
+        sft.main(make(sft.Config, dataset=data, output_dir=str(tmp_path / "out")))
+
+
+def test_reward_function_signatures_and_columns_are_checked_at_load(tmp_path):
+    (tmp_path / "helpers.py").write_text("def bonus(text):\n    return 0.5 if text.endswith('.') else 0.0\n")
+    (tmp_path / "rewards.py").write_text(
+        "from helpers import bonus\n"  # a module beside the file: importable while it loads
+        "def one(completion):\n    return [1.0]\n"
+        "def pair(p, c):\n    return [1.0] * len(c)\n"
+        "def accuracy(completions, answer, **kwargs):\n"
+        "    return [float(c == a) for c, a in zip(completions, answer)]\n"
+        "def polished(completions, **kwargs):\n    return [bonus(c) for c in completions]\n")
+    path = tmp_path / "rewards.py"
+    for name in ("one", "pair"):
+        with pytest.raises(common.InputError, match=rf"--reward_fn {path}:{name}: {name}\(.*\) cannot be called as "
+                                                    r"f\(prompts, completions, \*\*kwargs\)"):
+            common.load_reward_fns([f"{path}:{name}"], columns={"answer"})
+    with pytest.raises(common.InputError, match=rf"{path}:accuracy: accuracy needs the dataset column\(s\) \['answer'\]"
+                                                r", which the prompt rows lack \(their columns: \['source'\]\)"):
+        common.load_reward_fns([f"{path}:accuracy"], columns={"source"})
+    fns = common.load_reward_fns([f"{path}:accuracy", f"{path}:polished"], columns={"answer"})
+    assert common.score_with_fns(fns, ["q", "q"], ["yes.", "no"], {"answer": ["yes.", "yes."]})[1] == \
+        {"accuracy": [1.0, 0.0], "polished": [0.5, 0.0]}
+    assert str(tmp_path) not in sys.path  # the file's directory is on the path only while it loads

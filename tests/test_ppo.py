@@ -136,8 +136,8 @@ def test_policy_loss_hand_example_and_zero_gradient_where_clipped():
     #   A=-1 r=0.5 -> max(0.5, 0.8) = 0.8 clipped     |  A=-1 r=1.5 -> max(1.5, 1.2) = 1.5
     #   A=+2 r=1.1 -> -2.2 (inside the clip range)
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5 - 2.2) / 5, abs=1e-12)
-    assert stats["clipped_tokens"].item() == 2  # a count of real tokens; main divides by the token count
-    assert stats["approxkl_sum"].item() == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in [1.5, 0.5, 0.5, 1.5, 1.1]))
+    assert stats["clipped"].item() == 2  # a count of real tokens; main divides by the token count
+    assert stats["approxkl"].item() == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in [1.5, 0.5, 0.5, 1.5, 1.1]))
     loss.backward()
     # d(-A r)/d logprob = -A r where unclipped; exactly 0 where clipped and on padding
     expected_grad = [0.0, -0.5 / 5, 0.0, 1.5 / 5, -2.2 / 5, 0.0]
@@ -159,7 +159,7 @@ def test_value_loss_hand_example_and_zero_gradient_where_clipped():
     #   V=.5 R=1 -> max(.25, .64) clipped | V=.5 R=0 -> max(.25, .04) | V=.1 R=1 -> .81 (inside)
     #   V=-.5 R=-1 -> max(.25, .64) clipped
     assert loss.item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81 + 0.64) / 4, abs=1e-12)
-    assert stats["clipped_tokens"].item() == 2
+    assert stats["vf_clipped"].item() == 2
     loss.backward()
     np.testing.assert_allclose(values.grad[0].numpy(), [0.0, 0.5 / 4, -0.9 / 4, 0.0, 0.0], atol=1e-12)
 
@@ -184,7 +184,7 @@ def test_masking_padding_changes_no_advantage_loss_or_statistic():
         adv = common.masked_whiten(adv, mask)
         pg, pg_stats = ppo.policy_loss(new_lp, lp, adv, mask, eps, mask.sum())
         vf, vf_stats = ppo.value_loss(new_v, v * mask, ret, mask, eps, mask.sum())
-        return [adv, ret, pg, vf, pg_stats["approxkl_sum"], pg_stats["clipped_tokens"], vf_stats["clipped_tokens"]]
+        return [adv, ret, pg, vf, pg_stats["approxkl"], pg_stats["clipped"], vf_stats["vf_clipped"]]
 
     for a, b in zip(pipeline(garbage), pipeline(garbage)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -220,7 +220,7 @@ def test_masking_padding_changes_no_advantage_loss_or_statistic():
 # ---------------------------------------------------------------------------------------------------------------------
 def test_adaptive_kl_controller_follows_formula():
     target, horizon, n = 4.0, 1000, 64
-    ctl = ppo.AdaptiveKLController(0.1, target, horizon)
+    ctl = ppo.KLController(0.1, True, target, horizon)
     beta = 0.1
     for kl in [10.0, 100.0, 4.4, 4.0, 3.0, 0.5, 0.0]:
         before = ctl.value
@@ -230,17 +230,26 @@ def test_adaptive_kl_controller_follows_formula():
         assert ctl.value == pytest.approx(beta, rel=1e-12)
         assert (ctl.value > before) == (kl > target) and (ctl.value < before) == (kl < target)
     # the clip: KL 10x or 100x above target give the same step
-    a, b = ppo.AdaptiveKLController(0.1, target, horizon), ppo.AdaptiveKLController(0.1, target, horizon)
+    a, b = ppo.KLController(0.1, True, target, horizon), ppo.KLController(0.1, True, target, horizon)
     a.update(40.0, n), b.update(400.0, n)
     assert a.value == b.value == pytest.approx(0.1 * (1 + 0.2 * n / horizon))
+    # not adaptive: beta stays where it started whatever the KL; the value survives a state_dict round trip
+    fixed = ppo.KLController(0.1, False, target, horizon)
+    for kl in [100.0, 0.0]:
+        fixed.update(kl, n)
+    assert fixed.value == 0.1
+    restored = ppo.KLController(0.3, True, target, horizon)
+    restored.load_state_dict(a.state_dict())
+    assert restored.value == a.value
 
 
 def test_per_prompt_normalize_matches_loop():
     g = torch.Generator().manual_seed(0)
     scores, N = torch.randn(12, generator=g, dtype=torch.float64) * 2 + 1, 3
-    out = ppo.per_prompt_normalize(scores, N)
     s = scores.tolist()
     global_mean = sum(s) / len(s)
+    out = ppo.per_prompt_normalize(scores, N, torch.tensor(global_mean, dtype=torch.float64),
+                                   torch.ones(len(s), dtype=torch.bool))
     for i in range(len(s)):
         group = s[(i // N) * N:(i // N + 1) * N]
         assert out[i].item() == pytest.approx(s[i] - sum(group) / N + global_mean, rel=1e-12)
@@ -360,7 +369,7 @@ def test_unscored_samples_are_counted_and_left_out_of_the_loss(toy_sft_checkpoin
         out = tmp_path / name
         # critic from SFT with a fresh head: its weights are saved beside the policy's only in checkpoints, so the
         # policy shows what the loss saw
-        ppo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed",
+        ppo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
                               reward_fn=(f"{fns}:{name}",), critic_init="sft", eval_prompts="none"))
         train, _, _ = read_outputs(out)
         assert [r["objective/unscored"] for r in train] == [unscored, unscored]
@@ -373,14 +382,14 @@ def test_unscored_samples_are_counted_and_left_out_of_the_loss(toy_sft_checkpoin
 def test_end_to_end_reward_fn_critic_sft_k3_adaptive_per_prompt(toy_sft_checkpoint, eval_prompts, tmp_path):
     out = tmp_path / "ppo"
     penalty, beta0, target, horizon = 1.0, 0.05, 0.5, 40
-    cfg = small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_reward_model_needed",
+    cfg = small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
                        reward_fn=("toy_task:gold_reward",), critic_init="sft", kl_estimator="k3", adaptive_kl=True,
                        kl_coef=beta0, target_kl=target, kl_horizon=horizon, score_norm="per_prompt",
                        num_samples_per_prompt=2, num_iterations=3, missing_eos_penalty=penalty,
                        eval_prompts=eval_prompts)
     result = ppo.main(cfg)
     train, _, eval_json = read_outputs(out)
-    assert math.isnan(result["proxy_reward_mean"]) and math.isfinite(eval_json["gold_reward_mean"])
+    assert result["proxy_reward_mean"] is None and math.isfinite(eval_json["gold_reward_mean"])
     beta = beta0
     for r in train:
         assert r["beta"] == pytest.approx(beta, rel=1e-9)  # the controller's value is used in the next iteration
@@ -408,7 +417,7 @@ def test_end_to_end_k2_running_norm_and_more_options(toy_sft_checkpoint, toy_rew
         assert r["objective/kl"] >= 0 and all(math.isfinite(r[k]) for k in PPO_KEYS)
     assert train[0]["policy/approxkl"] > 0  # 2 epochs x 2 minibatches: later minibatches see a moved policy
     # 2 iterations x 2 epochs x 2 minibatches = 8 updates, the first 4 in warmup, then cosine decay to 0
-    assert [r["lr"] for r in train] == pytest.approx([cfg.learning_rate, 0.0], abs=1e-12)
+    assert [r["lr"] for r in train] == pytest.approx([cfg.optim.learning_rate, 0.0], abs=1e-12)
     assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 
@@ -424,11 +433,20 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
         ppo.main(small_config(tmp_path / "c", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path=toy_reward_model, score_norm="per_prompt"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "the phone was"}\n{"text": "oops"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a prompt-only row"):
+    bad.write_text('{"text": "the phone was"}\n{"text": "oops"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a prompt-only row"):
         ppo.main(small_config(tmp_path / "d", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path=toy_reward_model, prompts=str(bad)))
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "the phone was"}\n{"text": "oops"}\n')
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: a text \{text\} row, but .*mixed.jsonl:1 is a text "
+                                         r"\{prompt\} row; one dataset must hold one format"):
+        ppo.main(small_config(tmp_path / "e", model_name_or_path=toy_sft_checkpoint,
+                              reward_model_path=toy_reward_model, prompts=str(mixed)))
+    # a missing policy is refused before output_dir is claimed; a later error leaves at most the lock (stale once the
+    # process ends, taken over by the next run): no model, log or eval.json
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
+    assert all(set(os.listdir(tmp_path / d)) <= {".lock"} for d in "bde")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,24 +477,26 @@ def test_score_responses_retokenises_for_a_different_reward_tokenizer(tiny_check
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
 def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_reward_model, tmp_path):
+    # a tiny random checkpoint is no toy model: the prompts and lengths that fit its 128 positions are given
     policy = tiny_checkpoints[arch]
-    if arch == "gpt2":
-        with pytest.raises(ValueError, match="pad token distinct from EOS"):
-            ppo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model))
-        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
                                for p in ["the phone was", "honestly the movie was", "this book is"]))
+    fits = dict(prompts=str(prompts), max_prompt_length=48, max_new_tokens=5)
+    if arch == "gpt2":
+        with pytest.raises(ValueError, match="pad token distinct from EOS"):
+            ppo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model,
+                                  **fits))
+        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
     tok = AutoTokenizer.from_pretrained(policy)
-    rows = common.load_rows(str(prompts))
-    ids, _ = ppo.tokenize_prompts([common.parse_prompt(row, where) for where, row in rows], tok, 48)
+    rows = common.load_rows(str(prompts), "--prompts")
+    ids, _ = common.tokenize_prompts([common.parse_prompt(row, where) for where, row in rows], tok, 48)
     text = tok.apply_chat_template([{"role": "user", "content": "the phone was"}], add_generation_prompt=True,
                                    tokenize=False)
     assert ids[0] == tok(text, add_special_tokens=False)["input_ids"] and text.endswith("assistant :")
     out = tmp_path / "ppo"
     cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, critic_init="sft",
-                       prompts=str(prompts), eval_prompts=str(prompts), eval_reward_fn=("none",),
-                       eval_samples_per_prompt=1, max_new_tokens=5)
+                       eval_prompts=str(prompts), eval_reward_fn=("none",), eval_samples_per_prompt=1, **fits)
     ppo.main(cfg)
     train, _, eval_json = read_outputs(out)
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in PPO_KEYS)
@@ -486,7 +506,7 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
     if arch == "llama":  # the critic needs the policy's tokenizer when it starts from the reward model
         with pytest.raises(ValueError, match="critic_init reward_model needs the reward model to share"):
             ppo.main(small_config(tmp_path / "y", model_name_or_path=policy, reward_model_path=toy_reward_model,
-                                  prompts=str(prompts)))
+                                  **fits))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ SMALL = {"sft": ["--max_length", "96", "--per_device_batch_size", "2", "--gradie
          "dpo": ["--max_length", "96", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "1",
                  "--max_new_tokens", "4", "--max_steps", "2"],
          "ppo": ["--max_prompt_length", "48", "--max_new_tokens", "4", "--rollout_batch_size", "4",
-                 "--num_minibatches", "1", "--gradient_accumulation_steps", "1", "--max_steps", "2"],
+                 "--num_minibatches", "1", "--gradient_accumulation_steps", "1", "--num_iterations", "2"],
          "grpo": ["--max_prompt_length", "48", "--max_new_tokens", "4", "--rollout_batch_size", "2",
                   "--num_samples_per_prompt", "2", "--num_minibatches", "1", "--gradient_accumulation_steps", "1",
-                  "--max_steps", "2"]}
+                  "--num_iterations", "2"]}
 
 
 def readme_commands() -> list[list[str]]:
@@ -32,13 +32,14 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(line) for line in lines]
 
 
-def test_readme_commands_run_as_written(chatml_checkpoints, tmp_path, monkeypatch):
-    from test_data import datasets_for
+def test_readme_commands_run_as_written(chatml_checkpoints, tmp_path):
+    from test_data import command_line, datasets_for
 
     data = datasets_for("jsonl", tmp_path)
     import datasets
 
-    datasets.Dataset.from_list([r for _, r in common.load_rows(data["dpo"])]).to_parquet(str(tmp_path / "p.parquet"))
+    datasets.Dataset.from_list([r for _, r in common.load_rows(data["dpo"], "--dataset")]).to_parquet(
+        str(tmp_path / "p.parquet"))
     swap = {"Qwen/Qwen2.5-1.5B-Instruct": chatml_checkpoints["qwen2"], "my_sft.jsonl": data["sft"],
             "my_prefs.parquet": str(tmp_path / "p.parquet"), "my_prompts.jsonl": data["prompts"],
             "rewards.py:accuracy": str(tmp_path / "rewards.py") + ":accuracy"}
@@ -51,10 +52,11 @@ def test_readme_commands_run_as_written(chatml_checkpoints, tmp_path, monkeypatc
         script = command[1][:-3]
         args = [swap.get(a, re.sub(r"^runs/", f"{tmp_path}/runs/", a)) for a in command[2:]] + SMALL[script]
         module = importlib.import_module(script)
-        config = common.parse_grouped(module.Config, args)
+        config = command_line(module, args)  # as the shell runs it
         module.main(config)
-        out = config.output_dir
+        out = config.run.output_dir
         assert os.path.exists(os.path.join(out, "eval.json")), command
-        if config.merge_lora:  # merged for plain transformers, the adapter beside it
+        if config.model.merge_lora:  # merged for plain transformers, the adapter beside it
             assert os.path.exists(os.path.join(out, "model.safetensors"))
             assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
+

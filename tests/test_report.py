@@ -1,6 +1,7 @@
 """`python toy_task.py report` on tiny runs: the table, best-of-N, and missing stages."""
 
 import itertools
+import json
 import math
 import os
 import random
@@ -47,6 +48,8 @@ def test_report_table_with_missing_stages(tiny_runs, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_runs, runs)
     shutil.copytree(runs / "sft", runs / "ppo")  # a "PPO policy" identical to SFT: its KL to SFT must be 0
+    # the reward model's eval.json holds its accuracy only; the gold-label ceiling is the data's (stats.json)
+    (runs / "reward_model" / "eval.json").write_text(json.dumps({"accuracy": 0.7123, "ceiling_accuracy": 0.01}))
     result = toy_task.report(str(runs), best_of=(1, 2, 4), samples_per_prompt=2, num_prompts=3)
     out = capsys.readouterr().out
     methods = [r["method"] for r in result["rows"]]
@@ -62,6 +65,8 @@ def test_report_table_with_missing_stages(tiny_runs, tmp_path, capsys):
     report_md = (runs / "report.md").read_text()
     assert "| method | gold reward" in report_md and "| best-of-4 |" in report_md and "| PPO |" in report_md
     assert "Missing: " in report_md and "dpo.py" in report_md
+    ceiling = json.load(open(os.path.join(ROOT, "data", "toy", "stats.json")))["preferences_eval_ceiling_accuracy"]
+    assert f"Reward model held-out accuracy: 0.712 (gold-label ceiling {ceiling:.3f})." in report_md
     try:
         import matplotlib  # noqa: F401  (optional: the figure is made when it is installed, else a note says so)
 

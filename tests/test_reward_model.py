@@ -69,6 +69,7 @@ def test_preference_metrics_against_naive():
     scores = [1.0, -1.0, 2.0, 0.0]
     m = rm.preference_metrics(diffs, scores)
     assert m["accuracy"] == pytest.approx(3 / 6)  # the tie is a miss
+    assert m["accuracy_sem"] == pytest.approx(math.sqrt(0.5 * 0.5 / 6))  # binomial standard error of the accuracy
     assert m["ties"] == pytest.approx(1 / 6)
     assert m["margin"] == pytest.approx(sum(diffs) / 6)
     assert m["reward/mean"] == pytest.approx(0.5) and m["reward/std"] == pytest.approx(np.std(scores))
@@ -78,17 +79,8 @@ def test_preference_metrics_against_naive():
     assert m["accuracy_by_confidence/0.5-0.6"] == pytest.approx(1 / 3)  # -0.1 and 0.0 miss, 0.3 hits
     assert m["accuracy_by_confidence/0.8-0.9"] == 1.0
     assert m["accuracy_by_confidence/0.9-1.0"] == pytest.approx(1 / 2)
-    assert math.isnan(m["accuracy_by_confidence/0.6-0.7"]) and m["pairs_by_confidence/0.6-0.7"] == 0.0
-
-
-def test_gold_ceiling_matches_stats_json():
-    """The ceiling computed from the gold reward equals the one the data generator wrote (same definition)."""
-    stats = json.load(open(os.path.join(ROOT, "data/toy/stats.json")))
-    examples, _ = build("data/toy/preferences_eval.jsonl", toy_task.build_tokenizer(), make(rm.Config),
-                        {"gold_reward": (toy_task.gold_reward, 1.0)})
-    gold = rm.gold_label_stats([ex["gold"] for ex in examples])
-    assert round(gold["ceiling_accuracy"], 4) == stats["preferences_eval_ceiling_accuracy"]
-    assert round(gold["gold_accuracy"], 4) == stats["preferences_eval_gold_accuracy"]
+    assert m["accuracy_by_confidence/0.6-0.7"] is None and m["pairs_by_confidence/0.6-0.7"] == 0.0
+    assert not [k for k in m if "ceiling" in k or "gold" in k]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,8 +112,14 @@ def test_scores_at_last_real_token_any_padding(tiny_checkpoints, arch):
 # ---------------------------------------------------------------------------------------------------------------------
 # Data formats and bad rows
 # ---------------------------------------------------------------------------------------------------------------------
-def build(path, tokenizer, cfg, reward_fns=None):
-    return rm.build_dataset(common.load_rows(path), tokenizer, cfg, reward_fns)
+def build(path, tokenizer, cfg):
+    """reward_model.main's way from a file to examples: load_rows, parse_row (None: identical), build_dataset."""
+    rows = common.load_rows(path, "--dataset")
+    return rm.build_dataset([(where, rm.parse_row(row, where, cfg.loss)) for where, row in rows], tokenizer, cfg)
+
+
+def toy_rows(path):
+    return [row for _, row in common.load_rows(path, "--dataset")]
 
 
 def write_rows(tmp_path, rows, name="data.jsonl"):
@@ -131,7 +129,9 @@ def write_rows(tmp_path, rows, name="data.jsonl"):
 
 
 def test_implicit_prompt_split():
-    split = common.split_implicit_prompt  # shared with dpo.py, so both scripts split a pair the same way
+    def split(chosen, rejected, where):  # common.parse_preference_row: shared with dpo.py, both split a pair alike
+        return common.parse_preference_row({"chosen": chosen, "rejected": rejected}, where)
+
     assert split("the movie was good .", "the movie was great !", "f:1") == ("the movie was", " good .", " great !")
     assert split("the movie was good", "the movie was good indeed", "f:1") == ("the movie was", " good", " good indeed")
     assert split("the movie was  good .", "the movie was  bad .", "f:1") == ("the movie was", "  good .", "  bad .")
@@ -152,7 +152,7 @@ def test_formats_tokenise_alike(tmp_path):
              "chosen": [{"role": "assistant", "content": "good ."}], "rejected": "bad ."},
             {"chosen": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "good ."}],
              "rejected": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "bad ."}]}]
-    examples, counts = build(write_rows(tmp_path, rows), tok, make(rm.Config))
+    examples, counts = build(write_rows(tmp_path, rows), tok, make(rm.Config, max_length=64))
     assert counts == {"skipped_identical": 0, "truncated": 0, "dropped": 0}
     eos = tok.eos_token_id
     good = tok("good .", add_special_tokens=False)["input_ids"]
@@ -178,7 +178,7 @@ def test_bad_rows_name_file_line_field(tmp_path, row, message):
     good = {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."}
     path = write_rows(tmp_path, [good, row])
     with pytest.raises(ValueError) as err:
-        build(path, toy_task.build_tokenizer(), make(rm.Config))
+        build(path, toy_task.build_tokenizer(), make(rm.Config, max_length=64))
     assert f"{path}:2" in str(err.value) and message in str(err.value)
 
 
@@ -186,16 +186,16 @@ def test_identical_completions_skipped_and_counted(tmp_path):
     rows = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
             {"prompt": "the movie was", "chosen": " good .", "rejected": " good ."},
             {"chosen": "the movie was good .", "rejected": "the movie was good ."}]
-    examples, counts = build(write_rows(tmp_path, rows), toy_task.build_tokenizer(), make(rm.Config))
+    examples, counts = build(write_rows(tmp_path, rows), toy_task.build_tokenizer(), make(rm.Config, max_length=64))
     assert len(examples) == 1 and counts["skipped_identical"] == 2
     ranking = [{"prompt": "the movie was", "completions": [" good .", " fine .", " good ."]},
                {"prompt": "the movie was", "completions": [" good .", " fine .", " bad ."]}]
     examples, counts = build(write_rows(tmp_path, ranking, "r.jsonl"), toy_task.build_tokenizer(),
-                                        make(rm.Config, loss="ranking"))
+                                        make(rm.Config, loss="ranking", max_length=64))
     assert len(examples) == 1 and counts["skipped_identical"] == 1 and len(examples[0]["completions"]) == 3
     with pytest.raises(ValueError, match=r"r1\.jsonl:1: field 'completions' must be a list of at least 2"):
         build(write_rows(tmp_path, [{"prompt": "x", "completions": [" good ."]}], "r1.jsonl"),
-                         toy_task.build_tokenizer(), make(rm.Config, loss="ranking"))
+                         toy_task.build_tokenizer(), make(rm.Config, loss="ranking", max_length=64))
 
 
 def test_over_long_policy(tmp_path):
@@ -220,16 +220,18 @@ def test_over_long_policy(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_path):
     out = str(tmp_path / "rm")
-    cfg = make(rm.Config, model_name_or_path=toy_sft_checkpoint, output_dir=out, num_epochs=0.06, per_device_batch_size=32,
-                    learning_rate=1e-3, eval_every=10_000, log_every=5, normalize_samples=48, normalize_scale=True,
-                    agreement_samples_per_prompt=1, max_new_tokens=12)
+    cfg = make(rm.Config, model_name_or_path=toy_sft_checkpoint, output_dir=out, num_epochs=0.06,
+               per_device_batch_size=32, learning_rate=1e-3, eval_every=10_000, log_every=5, normalize_samples=48,
+               normalize_scale=True, agreement_samples_per_prompt=1, max_new_tokens=12)
     final = rm.main(cfg)
     assert final["loss"] < math.log(2)  # held-out loss below chance after ~18 steps
-    assert final["ceiling_accuracy"] == pytest.approx(0.7974, abs=1e-4)
+    n = final["num_eval_examples"]  # the toy's 1000 held-out pairs: the accuracy with its binomial standard error
+    assert n == 1000 and final["accuracy_sem"] == pytest.approx(math.sqrt(final["accuracy"] * (1 - final["accuracy"])
+                                                                          / n))
     assert 0 <= final["gold_reward_proxy_agreement"] <= 1 and final["agreement_num_samples"] == 36
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert {"loss", "accuracy", "margin", "reward/mean", "reward/std", "pairs_per_s"} <= set(lines[0])
-    assert {"eval/accuracy", "eval/ceiling_accuracy", "eval/accuracy_by_confidence/0.5-0.6"} <= set(lines[-1])
+    assert {"eval/accuracy", "eval/accuracy_sem", "eval/accuracy_by_confidence/0.5-0.6"} <= set(lines[-1])
 
     # plain transformers loads it; the stored statistics are those of the policy's samples and get_scores applies them
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -237,14 +239,13 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     assert (model.config.reward_mean, model.config.reward_std) == (final["reward_mean"], final["reward_std"])
     policy = rm.load_policy(toy_sft_checkpoint, tok, cfg, torch.device("cpu"), torch.float32)
-    prompts = sorted({tuple(tok(r["prompt"])["input_ids"]) for r in common.load_jsonl(
-        "data/toy/preferences_train.jsonl")})
-    raw = rm.policy_sample_scores(policy, model, tok, [list(p) for p in prompts], 48, cfg, torch.device("cpu"), None,
-                                  0, 1)
+    prompts = sorted({tuple(tok(r["prompt"])["input_ids"]) for _, r in common.load_rows(
+        "data/toy/preferences_train.jsonl", "--dataset")})
+    raw = rm.policy_sample_scores(policy, model, tok, [list(p) for p in prompts], 48, cfg, torch.device("cpu"), None)
     assert np.mean(raw) == pytest.approx(model.config.reward_mean, abs=1e-5)
     assert np.std(raw) == pytest.approx(model.config.reward_std, abs=1e-5)
     ex, _ = build(write_rows(tmp_path, [{"prompt": "the movie was", "chosen": " good .",
-                                                    "rejected": " not bad but the battery is ugly !"}]), tok, cfg)
+                                         "rejected": " not bad but the battery is ugly !"}]), tok, cfg)
     ids, mask, *_ = rm.collate(ex, tok.pad_token_id, None)  # right-padded
     with torch.no_grad():
         raw_scores = common.get_scores(model, ids, mask, normalize=False)
@@ -254,11 +255,12 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
 
 
 def test_ranking_loss_end_to_end(toy_sft_checkpoint, tmp_path):
-    final = rm.main(make(rm.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "rm"), loss="ranking",
-                              num_epochs=0.1, per_device_batch_size=16, learning_rate=1e-3, eval_every=10_000,
-                              normalize_samples=16, agreement_samples_per_prompt=0))
-    # 300 eval lists of 4: 6 comparisons each; the ceiling of Plackett-Luce labels lies strictly between 1/2 and 1
-    assert final["num_eval_examples"] == 300 and 0.5 < final["ceiling_accuracy"] < 1
+    final = rm.main(make(rm.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "rm"),
+                         loss="ranking", num_epochs=0.1, per_device_batch_size=16, learning_rate=1e-3,
+                         eval_every=10_000, normalize_samples=16, agreement_samples_per_prompt=0))
+    # 300 eval lists of 4: 6 comparisons each, every one counted in the accuracy and its standard error
+    assert final["num_eval_examples"] == 300 and 0.5 < final["accuracy"] < 1
+    assert final["accuracy_sem"] == pytest.approx(math.sqrt(final["accuracy"] * (1 - final["accuracy"]) / 1800))
     assert final["loss"] < math.log(2)
 
 
@@ -273,14 +275,15 @@ def test_tiny_architectures_conversational(tiny_checkpoints, tmp_path, arch):
                     {"chosen": [user, good], "rejected": [user, bad]})
     data = write_rows(tmp_path, rows)
     out = str(tmp_path / "rm")
+    # not a toy model: the length has no toy default (the pretrained 1024 exceeds the 128 positions)
     final = rm.main(make(rm.Config, model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data,
-                              output_dir=out, per_device_batch_size=4, num_epochs=1, normalize_samples=4,
-                              max_new_tokens=4, learning_rate=1e-3))
+                         output_dir=out, per_device_batch_size=4, num_epochs=1, normalize_samples=4,
+                         max_new_tokens=4, learning_rate=1e-3, max_length=64))
     assert final["num_train_examples"] == 8 and math.isfinite(final["loss"]) and math.isfinite(final["reward_mean"])
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id  # gpt2's BPE had no pad token
-    ex, _ = build(data, tok, make(rm.Config))
+    ex, _ = build(data, tok, make(rm.Config, max_length=64))
     ids, mask, *_ = rm.collate(ex[:2], tok.pad_token_id, None)
     with torch.no_grad():  # the plain forward reads the same token as get_scores on right padding
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:, 0],
@@ -288,8 +291,8 @@ def test_tiny_architectures_conversational(tiny_checkpoints, tmp_path, arch):
 
 
 def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
-    train = write_rows(tmp_path, common.load_jsonl("data/toy/preferences_train.jsonl")[:64], "train.jsonl")
-    evals = write_rows(tmp_path, common.load_jsonl("data/toy/preferences_eval.jsonl")[:37], "eval.jsonl")  # odd
+    train = write_rows(tmp_path, toy_rows("data/toy/preferences_train.jsonl")[:64], "train.jsonl")
+    evals = write_rows(tmp_path, toy_rows("data/toy/preferences_eval.jsonl")[:37], "eval.jsonl")  # odd
     args = dict(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, num_epochs=1.0,
                 learning_rate=1e-3, normalize_samples=0, log_every=1)
     one = rm.main(make(rm.Config, output_dir=str(tmp_path / "one"), per_device_batch_size=16, **args))
@@ -309,3 +312,37 @@ def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)
+
+
+def test_few_held_out_pairs_warn_and_deterministic_labels_report_no_ceiling(toy_sft_checkpoint, tmp_path, capsys):
+    """Labels made deterministically from a function (chosen = the higher gold reward): the old label "ceiling" of
+    such data is meaningless (no Bradley-Terry noise); the run reports the accuracy with its standard error and no
+    ceiling. Under 200 held-out pairs a warning says that the accuracy is too uncertain to judge the model."""
+    def by_gold(rows):
+        out = []
+        for r in rows:
+            a, b = (toy_task.gold_reward_one(r["prompt"], c) for c in (r["chosen"], r["rejected"]))
+            if a != b:
+                out.append({**r, "chosen": r["chosen"] if a > b else r["rejected"],
+                            "rejected": r["rejected"] if a > b else r["chosen"]})
+        return out
+
+    train = write_rows(tmp_path, by_gold(toy_rows("data/toy/preferences_train.jsonl")[:64]), "train.jsonl")
+    pool = by_gold(toy_rows("data/toy/preferences_eval.jsonl")[:260])
+    assert len(pool) >= 200
+    for n, warned in ((40, True), (200, False)):
+        out = str(tmp_path / f"rm{n}")
+        final = rm.main(make(rm.Config, model_name_or_path=toy_sft_checkpoint, dataset=train,
+                             eval_dataset=write_rows(tmp_path, pool[:n], f"eval{n}.jsonl"), output_dir=out,
+                             per_device_batch_size=16, max_steps=2, normalize_samples=0,
+                             agreement_samples_per_prompt=0))
+        printed = capsys.readouterr().out
+        assert (f"warning: {n} held-out examples measure the accuracy to about +-{1 / math.sqrt(n):.2f}" in printed) \
+            == warned, printed
+        with open(os.path.join(out, "eval.json")) as f:
+            saved = json.load(f)
+        assert saved["num_eval_examples"] == n
+        assert saved["accuracy_sem"] == pytest.approx(math.sqrt(saved["accuracy"] * (1 - saved["accuracy"]) / n))
+        logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        assert not [k for k in [*saved, *(k for row in logged for k in row)] if "ceiling" in k or "gold_accuracy" in k]
+        assert "ceiling" not in printed

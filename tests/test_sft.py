@@ -42,6 +42,11 @@ def small_config(tmp_path, name: str, **kw) -> sft.Config:
     return make(sft.Config, **{**defaults, **kw})
 
 
+def parsed_rows(path: str) -> list:
+    """(where, sft.parse_row(row)) of every row of a data file, as sft.main passes them to build_dataset."""
+    return [(where, sft.parse_row(row, where)) for where, row in common.load_rows(path, "--dataset")]
+
+
 def logged(out_dir: str, key: str) -> list[float]:
     return [row[key] for row in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if key in row]
 
@@ -105,8 +110,8 @@ def check_masking(examples, rows, tok, prompt_ids_of):
 
 def test_completion_only_masking_and_padding(tmp_path):
     tok = toy_task.build_tokenizer()
-    cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "d.jsonl", TOY_ROWS[:8]))
-    examples, counts = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
+    cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "d.jsonl", TOY_ROWS[:8]), max_length=64)
+    examples, counts = sft.build_dataset(parsed_rows(cfg.dataset), tok, cfg)
     assert counts == {"truncated": 0, "dropped": 0}
     check_masking(examples, TOY_ROWS[:8], tok, lambda r: tok(r["prompt"])["input_ids"])
     for (ids, _), row in zip(examples, TOY_ROWS[:8]):  # the completion is the row's text (with its leading space)
@@ -118,8 +123,8 @@ def test_completion_only_masking_and_padding(tmp_path):
         assert (input_ids[b, n:] == tok.pad_token_id).all() and (labels[b, n:] == -100).all()
         assert attention_mask[b].tolist() == [1] * n + [0] * (input_ids.size(1) - n)
     # whole-sequence loss: every real token is a label
-    cfg = make(sft.Config, dataset=cfg.dataset, completion_only_loss=False)
-    for ids, labels in sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)[0]:
+    cfg = make(sft.Config, dataset=cfg.dataset, completion_only_loss=False, max_length=64)
+    for ids, labels in sft.build_dataset(parsed_rows(cfg.dataset), tok, cfg)[0]:
         assert labels == ids
 
 
@@ -127,7 +132,7 @@ def test_token_nll_sum_matches_cross_entropy():
     torch.manual_seed(0)
     tok = toy_task.build_tokenizer()
     model = AutoModelForCausalLM.from_config(toy_task.build_config(tok)).eval()
-    examples = [sft.tokenize_example(r, tok, make(sft.Config), "row") for r in TOY_ROWS[:5]]
+    examples = [sft.tokenize(sft.parse_row(r, "row"), tok, make(sft.Config), "row") for r in TOY_ROWS[:5]]
     with torch.no_grad():
         nll, count = sft.token_nll_sum(model, *sft.collate(examples, tok.pad_token_id, "cpu"))
         expected, n = 0.0, 0
@@ -144,7 +149,7 @@ def test_truncation_policy_counts(tmp_path, policy):
     long_prompt = "the phone was good and the battery was fine and"  # 11 tokens with <bos>: longer than max_length
     rows = TOY_ROWS[:30] + [{"prompt": long_prompt, "completion": " good ."}]
     cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "d.jsonl", rows), max_length=10, truncation=policy)
-    examples, counts = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
+    examples, counts = sft.build_dataset(parsed_rows(cfg.dataset), tok, cfg)
     lengths = [(len(tok(r["prompt"])["input_ids"]),
                 len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + 1) for r in rows]
     over = [P + C > 10 for P, C in lengths]
@@ -165,7 +170,7 @@ def test_truncation_policy_counts(tmp_path, policy):
         assert len(examples) == len(rows) - sum(over) and all(len(ids) <= 10 for ids, _ in examples)
     cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "long.jsonl", rows[-1:]), max_length=10, truncation=policy)
     with pytest.raises(ValueError, match="every example was dropped"):
-        sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
+        sft.build_dataset(parsed_rows(cfg.dataset), tok, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,18 +180,19 @@ def test_truncation_policy_counts(tmp_path, policy):
 def test_tiny_architectures_with_chat_data(tmp_path, tiny_checkpoints, arch):
     ckpt = tiny_checkpoints[arch]
     chat = as_chat(TOY_ROWS[:32])
+    # not a toy model: no toy defaults, so the length (128 positions) and the learning rate are given
     cfg = small_config(tmp_path, arch, model_name_or_path=ckpt, from_scratch=False, per_device_batch_size=8,
-                       num_epochs=2.0, dataset=write_jsonl(tmp_path / "chat.jsonl", chat),
-                       eval_dataset=write_jsonl(tmp_path / "chat_eval.jsonl", as_chat(TOY_EVAL_ROWS)))
+                       num_epochs=2.0, max_length=64, learning_rate=2e-3,
+                       dataset=write_jsonl(tmp_path / "chat.jsonl", chat), eval_dataset=write_jsonl(tmp_path / "chat_eval.jsonl", as_chat(TOY_EVAL_ROWS)))
     if arch == "gpt2":  # prompt-completion eval data: also samples from the model (left padding, the new pad token)
         cfg.eval_dataset = write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL_ROWS)
     final = sft.main(cfg)
-    losses = logged(cfg.output_dir, "loss")
+    losses = logged(cfg.run.output_dir, "loss")
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert math.isfinite(final["eval/loss"])
 
-    tok = AutoTokenizer.from_pretrained(cfg.output_dir)
-    model = AutoModelForCausalLM.from_pretrained(cfg.output_dir)
+    tok = AutoTokenizer.from_pretrained(cfg.run.output_dir)
+    model = AutoModelForCausalLM.from_pretrained(cfg.run.output_dir)
     original = AutoTokenizer.from_pretrained(ckpt)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert model.config.pad_token_id == tok.pad_token_id
@@ -202,7 +208,7 @@ def test_tiny_architectures_with_chat_data(tmp_path, tiny_checkpoints, arch):
         text = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    examples, _ = sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
+    examples, _ = sft.build_dataset(parsed_rows(cfg.dataset), tok, cfg)
     check_masking(examples, chat, tok, prompt_ids_of)
     assert "assistant" in tok.decode(prompt_ids_of(chat[0]))
 
@@ -213,7 +219,7 @@ def test_chat_row_must_end_with_assistant(tmp_path, tiny_checkpoints):
     rows[1]["messages"] = rows[1]["messages"][:1]
     cfg = make(sft.Config, dataset=write_jsonl(tmp_path / "chat.jsonl", rows))
     with pytest.raises(ValueError, match=rf"{cfg.dataset}:2: field 'messages' holds no assistant message to train on"):
-        sft.build_dataset(common.load_rows(cfg.dataset), tok, cfg)
+        sft.build_dataset(parsed_rows(cfg.dataset), tok, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,24 +227,28 @@ def test_chat_row_must_end_with_assistant(tmp_path, tiny_checkpoints):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_from_scratch_guard(tmp_path, tiny_checkpoints):
     # a directory with weights + --from_scratch would silently throw the weights away
-    with pytest.raises(common.InputError, match="would discard the weights.*--no-from_scratch"):
+    with pytest.raises(common.InputError, match="would discard the weights.*--from_scratch False"):
         sft.main(small_config(tmp_path, "x", model_name_or_path=tiny_checkpoints["llama"], from_scratch=True))
     # and the toy base model holds no weights: fine-tuning it is an error, not a silent random start
-    with pytest.raises(common.InputError, match="--model_name_or_path data/toy/base_model: cannot load"):
+    with pytest.raises(common.InputError, match=r"--model_name_or_path data/toy/base_model: holds \[.*\] but no "
+                                                "weights"):
         sft.main(small_config(tmp_path, "y", from_scratch=False))
-    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    # output_dir is claimed (locked) before anything loads; nothing else is written
+    assert set(os.listdir(tmp_path / "x")) <= {".lock"} and set(os.listdir(tmp_path / "y")) <= {".lock"}
 
 
 @pytest.mark.parametrize("content,line,message", [
     ('{"prompt": "the phone was", "completion": " good ."}\n{"prompt": "the phone was", "completion": \n', 2,
      "not valid JSON"),
     ('{"prompt": "the phone was", "completion": " good ."}\n{"prompt": "the phone was"}\n', 2,
-     r"expected \{prompt: str \| messages, completion: .*\} or \{text: str\} or \{messages: \[...\]\}, got keys"),
+     r"a text \{prompt\} row, but .*:1 is a text \{prompt, completion\} row; one dataset must hold one format"),
+    ('{"prompt": "the phone was"}\n', 1,
+     r"expected \{prompt, completion\} \(strings or messages\), \{messages\} or \{text\}, got keys \['prompt'\]"),
     ('{"prompt": "the phone was", "completion": " good ."}\n\n{"prompt": "the phone was", "completion": " ok ."}\n',
      2, "blank line between JSON rows"),
     ('{"prompt": "the phone was", "completion": ""}\n', 1, "field 'completion' is empty"),
     ('{"prompt": "the phone was", "completion": 3}\n', 1, "field 'completion' must be a string or a list of messages"),
-    ("\n", None, "file is empty"),
+    ("\n", None, "no rows"),
 ])
 @pytest.mark.parametrize("which", ["dataset", "eval_dataset"])
 def test_bad_input_names_file_and_line(tmp_path, content, line, message, which):
@@ -266,19 +276,19 @@ def test_truncation_counts_reported(one_process_run):
     n_over = sum(len(tok(r["prompt"])["input_ids"]) + len(tok(r["completion"], add_special_tokens=False)["input_ids"])
                  + 1 > 12 for r in TOY_ROWS[:64])
     assert n_over > 0 and final["truncated"] == n_over and final["dropped"] == 0
-    assert json.load(open(os.path.join(cfg.output_dir, "eval.json")))["truncated"] == n_over
+    assert json.load(open(os.path.join(cfg.run.output_dir, "eval.json")))["truncated"] == n_over
 
 
 def test_same_seed_same_result(tmp_path, one_process_run):
     cfg, final = one_process_run
     again = sft.main(small_config(tmp_path, "again", max_length=12))
     other_seed = sft.main(small_config(tmp_path, "seed2", max_length=12, seed=2))
-    assert logged(cfg.output_dir, "loss") == logged(str(tmp_path / "again"), "loss")
+    assert logged(cfg.run.output_dir, "loss") == logged(str(tmp_path / "again"), "loss")
     assert again["eval/loss"] == final["eval/loss"] and again["gold_reward_mean"] == final["gold_reward_mean"]
-    a = load_file(os.path.join(cfg.output_dir, "model.safetensors"))
+    a = load_file(os.path.join(cfg.run.output_dir, "model.safetensors"))
     b = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert logged(str(tmp_path / "seed2"), "loss") != logged(cfg.output_dir, "loss")
+    assert logged(str(tmp_path / "seed2"), "loss") != logged(cfg.run.output_dir, "loss")
     assert other_seed["eval/loss"] != final["eval/loss"]
 
 
@@ -286,7 +296,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_process_run):
     cfg, final = one_process_run
     accumulated = sft.main(small_config(tmp_path, "accum", max_length=12, per_device_batch_size=8,
                                         gradient_accumulation_steps=2))
-    assert logged(str(tmp_path / "accum"), "loss") == pytest.approx(logged(cfg.output_dir, "loss"), rel=1e-5)
+    assert logged(str(tmp_path / "accum"), "loss") == pytest.approx(logged(cfg.run.output_dir, "loss"), rel=1e-5)
     assert accumulated["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
 
 
@@ -303,12 +313,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path, one_process_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stdout
     # same global batch (2 x 8 = 16) -> the same losses, the same eval loss and the same weights, up to float error
-    one_losses = logged(cfg.output_dir, "loss")
+    one_losses = logged(cfg.run.output_dir, "loss")
     assert len(one_losses) == 4 and logged(out, "loss") == pytest.approx(one_losses, rel=1e-5)
     two = json.load(open(os.path.join(out, "eval.json")))
     assert two["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
     assert two["truncated"] == final["truncated"] and two["num_samples"] == 4
-    one_model = AutoModelForCausalLM.from_pretrained(cfg.output_dir)
+    one_model = AutoModelForCausalLM.from_pretrained(cfg.run.output_dir)
     two_model = AutoModelForCausalLM.from_pretrained(out)
     for (name, p), (_, q) in zip(one_model.state_dict().items(), two_model.state_dict().items()):
         assert torch.allclose(p, q, atol=1e-3), name
