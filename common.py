@@ -133,7 +133,7 @@ def gathered(model):
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(m is not modules[-1], recurse=False)  # the root (last) keeps its default
+            m.set_reshard_after_forward(m is not modules[0], recurse=False)  # the root (first) keeps its default
 
 
 @torch.no_grad()
@@ -431,6 +431,10 @@ def setup(cfg, script: str, pretrained: dict) -> tuple[int, int, torch.device]:
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     require_checkpoint(cfg.model_name_or_path, "--model_name_or_path")
+    if cfg.model.attn_implementation == "flash_attention_2" and __import__("importlib.util").util.find_spec(
+            "flash_attn") is None:  # say so before any model loads
+        raise InputError("--attn_implementation flash_attention_2 needs the `flash-attn` package (pip install "
+                         "flash-attn, on CUDA); or use sdpa")
     config = os.path.join(cfg.model_name_or_path, "config.json")  # toy_task.build_config marks the toy models
     toy = json.load(open(config)).get("toy_task") if os.path.isfile(config) else None
     values, filled = __import__("toy_task").defaults(script, toy) if toy else pretrained, {}
@@ -443,6 +447,8 @@ def setup(cfg, script: str, pretrained: dict) -> tuple[int, int, torch.device]:
     if rank == 0 and filled:
         print(f"defaults for {'the toy model' if toy else 'a pretrained model'}: " + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in filled.items()), flush=True)
+    if filled:
+        cfg.__post_init__()  # the checks between options again, with the filled-in values (--overlong_buffer)
     prepare_output_dir(cfg.run, rank)
     return rank, world_size, device
 
@@ -500,7 +506,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, someone else's
         pass
-    return True
+    try:  # a zombie (killed, not yet reaped: e.g. no init process in a container) has ended
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def release_lock(run: RunArgs) -> None:
@@ -807,7 +817,8 @@ def parse_preference_row(row: dict, where: str):
         if key not in row:
             raise InputError(f"{where}: missing field '{key}' (expected {{prompt?, chosen, rejected}})")
     chosen, rejected = row["chosen"], row["rejected"]
-    shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected))) \
+        if type(chosen) is type(rejected) and isinstance(chosen, (str, list)) else 0  # a number: refused below
     if "prompt" in row:
         prompt = prompt_field(row["prompt"], where)
     elif isinstance(chosen, str) and isinstance(rejected, str):
@@ -897,7 +908,7 @@ def from_pretrained(model_class, path: str, option: str, **kwargs):
     require_checkpoint(path, option)
     files = os.listdir(path) if os.path.isdir(path) else []
     model = model_class.__name__ != "AutoTokenizer"
-    weights = any(f.endswith((".safetensors", ".bin")) for f in files)
+    weights = any(f.endswith((".safetensors", ".bin")) and not f.startswith("adapter_model") for f in files)
     if model and "adapter_config.json" in files and not weights:
         return _load_adapter(model_class, path, option, **kwargs)
     if any(f.endswith(".gguf") for f in files) and "config.json" not in files:
@@ -1320,7 +1331,10 @@ def save_checkpoint(cfg, step: int, total: int, models: dict, optimizers: list, 
             os.rename(tmp, os.path.join(root, f"step_{step}"))
             for old in sorted(checkpoints(run.output_dir))[:-run.save_total_limit]:
                 shutil.rmtree(os.path.join(root, f"step_{old}"))
-    except OSError as e:
+    except (OSError, dcp.CheckpointException) as e:
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e  # DCP wraps it
+        if not isinstance(e, OSError):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise InputError(f"--output_dir {run.output_dir}: saving the checkpoint of step {step} failed ({e.strerror or e}"
                          f"); it needs about {checkpoint_bytes(models) / 2**30:.2f} GiB, "
@@ -1381,7 +1395,8 @@ def resume(cfg, models: dict, optimizers: list, state: dict) -> int:
     try:
         dcp.load(sharded, checkpoint_id=path, no_dist=not dist.is_initialized())
         per_rank = json.load(open(os.path.join(path, f"rank{rank}.json")))
-    except Exception as e:  # a truncated or damaged file (DCP raises on every rank)
+    except (Exception, dcp.CheckpointException) as e:  # a truncated or damaged file (DCP raises on every rank)
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e  # what DCP wraps
         older = f"delete it to resume from {found[max(s for s in found if s < step)]}" if len(found) > 1 else \
             "run without --resume to start over"
         raise InputError(f"--resume: {path} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"

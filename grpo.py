@@ -288,6 +288,7 @@ def compute_advantages(estimator: str, scores: torch.Tensor, scored: torch.Tenso
         scores = scores - means.repeat_interleave(group_size)
     elif estimator != "reinforce_pp":
         raise ValueError(f"unknown advantage estimator {estimator}")
+    response_mask = response_mask * scored[:, None]  # an unscored response: out of the whitening, advantage 0
     returns = reinforce_pp_returns(sequence_rewards_with_kl(scores, kl, response_mask, kl_coef_in_reward),
                                    response_mask, gamma)
     return common.masked_whiten(returns, response_mask, distributed=distributed)

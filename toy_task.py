@@ -576,7 +576,8 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     table and writes runs/report.md (+ runs/report.png when matplotlib is installed). Every trained method is placed
     against the best-of-N curve at its own KL (best-of-N's gold reward interpolated linearly in KL between the
     best-of-N points). Missing stages are reported as missing; the SFT checkpoint is required (everything is
-    measured relative to it)."""
+    measured relative to it). With runs/sft_tools and runs/grpo_tools, also the tools toy's table (tool_report); its
+    runs stay out of the main table (another task, other prompts)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer

@@ -126,15 +126,28 @@ def test_dpo_and_reward_model_read_pairs_alike(tmp_path):
     import reward_model as rm
 
     tok = toy_task.build_tokenizer()
-    rows = [{"chosen": "the movie was  good .", "rejected": "the movie was  bad ."},
-            {"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."},
-            {"chosen": "honestly the cafe was great !", "rejected": "honestly the cafe was not great ."}]
-    loaded = common.load_rows(write_jsonl(tmp_path / "p.jsonl", rows))
-    pairs = dpo.build_dataset(loaded, tok, make(dpo.Config))[0]
-    ranked = rm.build_dataset(loaded, tok, make(rm.Config))[0]
-    for (prompt_ids, chosen_ids, rejected_ids), ex in zip(pairs, ranked):
-        assert ex["prompt_ids"] == prompt_ids and ex["completions"] == [chosen_ids, rejected_ids]
-    assert tok.decode(pairs[0][0]) == "<bos> the movie was" and tok.decode(pairs[0][1]) == "good . <eos>"
+    implicit = [{"chosen": "the movie was  good .", "rejected": "the movie was  bad ."},
+                {"chosen": "honestly the cafe was great !", "rejected": "honestly the cafe was not great ."}]
+    explicit = [{"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."}]
+    for name, rows in (("implicit.jsonl", implicit), ("explicit.jsonl", explicit)):  # one format per file
+        loaded = common.load_rows(write_jsonl(tmp_path / name, rows), "--dataset")
+        pairs = dpo.build_dataset(parsed_pairs(loaded), tok, make(dpo.Config, max_length=64))[0]
+        ranked = rm.build_dataset([(where, rm.parse_row(row, where, "pairwise")) for where, row in loaded], tok,
+                                  make(rm.Config, max_length=64))[0]
+        assert len(pairs) == len(ranked) == len(rows)
+        for (prompt_ids, chosen_ids, rejected_ids), ex in zip(pairs, ranked):
+            assert ex["prompt_ids"] == prompt_ids and ex["completions"] == [chosen_ids, rejected_ids]
+        if rows is implicit:
+            assert tok.decode(pairs[0][0]) == "<bos> the movie was" and tok.decode(pairs[0][1]) == "good . <eos>"
+
+
+def parsed_pairs(loaded):
+    """(where, (prompt, chosen, rejected)) of load_rows' rows, as dpo.main passes them to build_dataset."""
+    return [(where, common.parse_preference_row(row, where)) for where, row in loaded]
+
+
+def pairs_of(path, tok, cfg):
+    return dpo.build_dataset(parsed_pairs(common.load_rows(path, "--dataset")), tok, cfg)
 
 
 def write_jsonl(path, rows):
@@ -151,10 +164,10 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
     cfg = make(dpo.Config, max_length=64)
     explicit = {"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."}
     implicit = {"chosen": "the phone was very good .", "rejected": "the phone was bad ."}
-    path = write_jsonl(tmp_path / "p.jsonl", [explicit, implicit, {**explicit, "rejected": " very good ."}])
-    examples, counts = dpo.build_dataset(common.load_rows(path), tok, cfg)
-    assert counts == {"truncated": 0, "dropped": 0, "identical": 1}
-    assert examples[0] == examples[1]
+    examples, counts = pairs_of(write_jsonl(tmp_path / "p.jsonl", [explicit, {**explicit, "rejected": " very good ."}]),
+                                tok, cfg)
+    assert counts == {"truncated": 0, "dropped": 0, "identical": 1} and len(examples) == 1
+    assert pairs_of(write_jsonl(tmp_path / "i.jsonl", [implicit]), tok, cfg)[0] == examples  # one format per file
     prompt_ids, chosen_ids, rejected_ids = examples[0]
     assert tok.decode(prompt_ids) == "<bos> the phone was" and chosen_ids[-1] == tok.eos_token_id
     assert tok.decode(chosen_ids[:-1]) == "very good ." and tok.decode(rejected_ids[:-1]) == "bad ."
@@ -163,26 +176,27 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
     conv = {"prompt": user, "chosen": [{"role": "assistant", "content": "very good ."}],
             "rejected": [{"role": "assistant", "content": "bad ."}]}
     conv_implicit = {"chosen": user + conv["chosen"], "rejected": user + conv["rejected"]}
-    path = write_jsonl(tmp_path / "c.jsonl", [conv, conv_implicit])
-    examples, _ = dpo.build_dataset(common.load_rows(path), tok, cfg)
-    assert examples[0] == examples[1]
+    examples = pairs_of(write_jsonl(tmp_path / "c.jsonl", [conv]), tok, cfg)[0]
+    assert pairs_of(write_jsonl(tmp_path / "ci.jsonl", [conv_implicit]), tok, cfg)[0] == examples
     assert tok.decode(examples[0][0]) == "user : the phone was <eos> assistant :"
     assert examples[0][1][:-1] == chosen_ids[:-1]
     # truncation policy
-    examples, counts = dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "t.jsonl", [explicit])), tok,
-                                         make(dpo.Config, max_length=6))
+    examples, counts = pairs_of(write_jsonl(tmp_path / "t.jsonl", [explicit]), tok, make(dpo.Config, max_length=6))
     assert counts["truncated"] == 1 and all(len(examples[0][0]) + len(x) <= 6 for x in examples[0][1:])
     with pytest.raises(ValueError, match="no usable pair"):
-        dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "d.jsonl", [explicit])), tok,
-                          make(dpo.Config, max_length=6, truncation="drop"))
-    bad = [({"prompt": "a", "chosen": " good ."}, r"b.jsonl:2: missing field 'rejected'"),
-           ({**explicit, "chosen": " "}, r"b.jsonl:2: field 'chosen' is empty"),
-           ({**explicit, "prompt": 3}, r"b.jsonl:2: field 'prompt' must be a string or a list of messages"),
-           ({**conv, "chosen": user}, r"b.jsonl:2: field 'chosen' must end with a non-empty assistant message"),
-           ({**conv, "rejected": ["bad ."]}, r"b.jsonl:2: field 'rejected' must be a non-empty list of \{")]
-    for row, message in bad:
-        with pytest.raises(ValueError, match=message):
-            dpo.build_dataset(common.load_rows(write_jsonl(tmp_path / "b.jsonl", [explicit, row])), tok, cfg)
+        pairs_of(write_jsonl(tmp_path / "d.jsonl", [explicit]), tok, make(dpo.Config, max_length=6, truncation="drop"))
+    # each bad row after a good row of its format (a file holds one format), or alone where none has its keys
+    bad = [([], {"prompt": "a", "chosen": " good ."}, r"b.jsonl:1: missing field 'rejected'"),
+           ([explicit], {**explicit, "chosen": " "}, r"b.jsonl:2: field 'chosen' is empty"),
+           ([explicit], {**explicit, "prompt": 3}, r"b.jsonl:2: field 'prompt' must be a string or a list of messages"),
+           ([explicit], {**explicit, "rejected": 3}, r"b.jsonl:2: field 'rejected' must be a string or a list of"),
+           ([conv], {**conv, "chosen": user}, r"b.jsonl:2: field 'chosen' must end with a non-empty assistant message"),
+           ([conv], {**conv, "rejected": ["bad ."]}, r"b.jsonl:2: field 'rejected' must be a non-empty list of \{"),
+           ([explicit], conv, r"b.jsonl:2: a conversational \{prompt, chosen, rejected\} row, but .*b.jsonl:1 is a "
+                              r"text \{prompt, chosen, rejected\} row")]
+    for before, row, message in bad:
+        with pytest.raises(common.InputError, match=message):
+            pairs_of(write_jsonl(tmp_path / "b.jsonl", before + [row]), tok, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,11 +257,11 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
     runs = {}
     for precompute in [False, True]:
         out = str(tmp_path / f"dpo_{precompute}")
-        cfg = make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, eval_prompts=prompts,
-                         output_dir=out, per_device_batch_size=16, num_epochs=4, learning_rate=1e-3, warmup_ratio=0,
-                         lr_scheduler="constant", log_every=1, eval_every=8, eval_samples_per_prompt=2,
-                         eval_reward_fn=("toy_task:gold_reward",), reward_model_path="none",
-                         precompute_ref_log_probs=precompute)
+        cfg = make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals,
+                   eval_prompts=prompts, output_dir=out, per_device_batch_size=16, num_epochs=4, learning_rate=1e-3,
+                   warmup_ratio=0, lr_scheduler="constant", log_every=1, eval_every=8, eval_samples_per_prompt=2,
+                   eval_reward_fn=("toy_task:gold_reward",), reward_model_path="none",
+                   precompute_ref_log_probs=precompute)
         runs[precompute] = (dpo.main(cfg), read_metrics(out))
     final, metrics = runs[False]
     train_logs = [m for m in metrics if "loss" in m]
@@ -262,8 +276,12 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
         assert math.isfinite(final[key]), key
     assert final["num_samples"] == 8 and final["sft_kl_to_ref"] == pytest.approx(0, abs=1e-4)
     assert final["kl_to_ref"] > 0.01
+    assert final["eval_rewards/accuracies_sem"] == pytest.approx(math.sqrt(final["accuracy"] * (1 - final["accuracy"])
+                                                                            / 32))  # 32 held-out pairs
     with open(os.path.join(tmp_path, "dpo_False", "eval.json")) as f:
-        assert json.load(f)["accuracy"] == final["accuracy"]
+        saved = json.load(f)
+    assert saved["accuracy"] == final["accuracy"]
+    assert "proxy_reward_mean" in saved and saved["proxy_reward_mean"] is None  # no reward model: kept, as null
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "dpo_False"))
     AutoTokenizer.from_pretrained(str(tmp_path / "dpo_False"))
     # the reference log-probs computed once before training give the same run as computing them at every step
@@ -303,9 +321,10 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
     for arch, fmt, loss_type, eps, rpo_alpha in plan:
         data = write_jsonl(tmp_path / f"{fmt}.jsonl", formats[fmt])
         out = str(tmp_path / arch)
-        final = dpo.main(make(dpo.Config, 
-            model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data, eval_prompts=prompts,
-            output_dir=out, per_device_batch_size=4, num_epochs=1, learning_rate=1e-3, log_every=1,
+        final = dpo.main(make(  # not toy models: max_length within their 128 positions
+            dpo.Config, model_name_or_path=tiny_checkpoints[arch], dataset=data, eval_dataset=data,
+            eval_prompts=prompts, output_dir=out, per_device_batch_size=4, num_epochs=1, learning_rate=1e-3,
+            log_every=1, max_length=64,
             loss_type=loss_type, label_smoothing=eps, rpo_alpha=rpo_alpha, eval_samples_per_prompt=2, max_new_tokens=6,
             eval_reward_fn=("toy_task:gold_reward",), reward_model_path="none"))
         logs = read_metrics(out)
@@ -315,7 +334,7 @@ def test_tiny_architectures_and_formats(tiny_checkpoints, tmp_path):
         assert first["rewards/margins"] == pytest.approx(0, abs=1e-6) and first["rewards/accuracies"] == 0, arch
         if rpo_alpha:  # plus the chosen responses' NLL per token, between its sum / longest and sum / shortest
             tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
-            lengths = [len(c) for _, c, _ in dpo.build_dataset(common.load_rows(data), tok, make(dpo.Config))[0]]
+            lengths = [len(c) for _, c, _ in pairs_of(data, tok, make(dpo.Config, max_length=64))[0]]
             nll = -first["logps/chosen"]
             assert nll / max(lengths) <= (first["loss"] - at_zero[loss_type]) / rpo_alpha <= nll / min(lengths)
         else:

@@ -13,15 +13,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make, ROOT, with_pad_token
+from conftest import head_jsonl, make, ROOT, with_pad_token
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import grpo
 import toy_task
 
-TRAIN_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/min_length",
-              "completions/max_length", "completions/clipped_ratio", "entropy", "clip_ratio/low_mean",
+TRAIN_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+              "entropy", "clip_ratio/low_mean",
               "clip_ratio/high_mean", "loss/policy", "time/generate", "time/score", "time/train", "episodes_per_s"]
 EVAL_KEYS = ["gold_reward_mean", "proxy_reward_mean", "kl_to_ref", "eos_rate", "distinct_completions", "num_samples"]
 
@@ -66,14 +66,16 @@ REWARDS = [1.0, 2.0, 3.5, -1.0,   # distinct
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
 def test_group_estimators_match_naive_per_group_loop(estimator, G):
     rewards = torch.tensor(REWARDS, dtype=torch.float64)
-    fn = {"grpo": lambda r: grpo.group_advantages(r, G), "dr_grpo": lambda r: grpo.group_advantages(r, G, False),
-          "rloo": lambda r: grpo.rloo_advantages(r, G)}[estimator]
+    every = torch.ones(len(REWARDS), dtype=torch.bool)
+    fn = {"grpo": lambda r: grpo.group_advantages(r, G, every[:len(r)]),
+          "dr_grpo": lambda r: grpo.group_advantages(r, G, every[:len(r)], False),
+          "rloo": lambda r: grpo.rloo_advantages(r, G, every[:len(r)])}[estimator]
     np.testing.assert_allclose(fn(rewards).numpy(), naive_group_advantages(REWARDS, G, estimator), rtol=1e-12,
                                atol=1e-12)
     assert (fn(rewards)[-4:] == 0).all()  # the last groups hold equal rewards
     if estimator == "rloo":  # closed form: G / (G - 1) (r - mean)
         np.testing.assert_allclose(fn(rewards).numpy(),
-                                   (G / (G - 1) * grpo.group_advantages(rewards, G, False)).numpy(), rtol=1e-12)
+                                   (G / (G - 1) * grpo.group_advantages(rewards, G, every, False)).numpy(), rtol=1e-12)
     if G == 2 and estimator == "grpo":  # two rewards a < b: -+ ((b - a) / 2) / (sample std (b - a) / sqrt(2) + eps)
         assert fn(torch.tensor([1.0, 3.0], dtype=torch.float64)).tolist() == \
             pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)], rel=1e-12)
@@ -87,7 +89,8 @@ def test_compute_advantages_matches_naive_loops_with_garbage_after_eos(estimator
     mask, real, fill = padded_batch(lengths, R)
     kl = real(0.5)
     scores = torch.tensor(REWARDS, dtype=torch.float64)
-    advantages = grpo.compute_advantages(estimator, scores, fill(kl), mask, G, kl_in_reward, gamma)
+    advantages = grpo.compute_advantages(estimator, scores, torch.ones(len(scores), dtype=torch.bool), fill(kl), mask,
+                                         G, kl_in_reward, gamma)
     # naive: per-sequence Python lists of real tokens only
     klr = [kl[i, :L].tolist() for i, L in enumerate(lengths)]
     if estimator in grpo.GROUP_ESTIMATORS:
@@ -232,8 +235,9 @@ def test_overlong_penalty_hand_examples():
 
 
 def test_zero_std_groups_and_cat_padded():
-    assert grpo.zero_std_groups(torch.tensor(REWARDS), 4).tolist() == [False, False, True]
-    assert grpo.zero_std_groups(torch.tensor([1.0, 1.0, 2.0, 3.0]), 2).tolist() == [True, False]
+    every = torch.ones(len(REWARDS), dtype=torch.bool)
+    assert grpo.zero_std_groups(torch.tensor(REWARDS), 4, every).tolist() == [False, False, True]
+    assert grpo.zero_std_groups(torch.tensor([1.0, 1.0, 2.0, 3.0]), 2, every[:4]).tolist() == [True, False]
     a, b = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6, 7]])
     assert grpo.cat_padded([a, b], 0, left=True).tolist() == [[0, 1, 2], [0, 3, 4], [5, 6, 7]]
     assert grpo.cat_padded([a, b], 9, left=False).tolist() == [[1, 2, 9], [3, 4, 9], [5, 6, 7]]
@@ -250,12 +254,27 @@ def eval_prompts(tmp_path_factory):
     return str(path)
 
 
-def small_config(out, **overrides) -> grpo.Config:
+def small_options(out, **overrides) -> dict:
     kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=2, num_samples_per_prompt=4, max_new_tokens=8,
               update_epochs=1, num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100,
               log_every=100, eval_reward_fn=("toy_task:gold_reward",))
     kw.update(overrides)
-    return make(grpo.Config, **kw)
+    return kw
+
+
+def small_config(out, **overrides) -> grpo.Config:
+    return make(grpo.Config, **small_options(out, **overrides))
+
+
+def command_line(options: dict) -> list[str]:
+    """Flat options as on the command line: --k=v, a tuple's items repeated (append options), bools --k / --no_k."""
+    args = []
+    for k, v in options.items():
+        if isinstance(v, bool):
+            args.append(f"--{k}" if v else f"--no_{k}")
+        else:
+            args += [f"--{k}={item}" for item in (v if isinstance(v, tuple) else [v])]
+    return args
 
 
 def read_outputs(out):
@@ -281,7 +300,8 @@ def test_end_to_end_reward_model_ratio_one(toy_sft_checkpoint, toy_reward_model,
         assert r["clip_ratio/low_mean"] == 0 and r["clip_ratio/high_mean"] == 0  # ratio exactly 1
         assert r["reward"] == pytest.approx(r["rewards/reward_model/mean"] - (1.0 * r["completions/clipped_ratio"]),
                                             abs=1e-5)  # the missing-EOS penalty
-        assert r["episodes"] == 8 * r["step"] and r["dynamic_sampling/rounds"] == 1
+        assert r["episodes"] == r["episodes_sampled"] == 8 * r["step"]  # one round of sampling
+        assert not any(k.startswith("dynamic_sampling/") for k in r)  # logged with --dynamic_sampling only
     assert train[0]["kl"] == 0 and train[0]["kl_seq"] == 0  # the policy that sampled is the reference
     assert train[1]["kl_seq"] > 0  # the update moved the policy
     for key in EVAL_KEYS:
@@ -317,15 +337,124 @@ def test_every_estimator_runs_with_options(estimator, options, toy_sft_checkpoin
     assert math.isfinite(eval_json["gold_reward_mean"]) and math.isfinite(eval_json["kl_to_ref"])
 
 
-def test_fill_unscored_matches_loop():
-    nan = math.nan
-    scores = torch.tensor([1.0, nan, 3.0, nan, nan, nan, -2.0, 4.0, 0.5])
-    out = grpo.fill_unscored(scores, 3).tolist()
-    for g in range(3):
-        group = scores[3 * g:3 * g + 3].tolist()
-        known = [v for v in group if not math.isnan(v)]
-        fill = sum(known) / len(known) if known else 0.0
-        assert out[3 * g:3 * g + 3] == pytest.approx([fill if math.isnan(v) else v for v in group])
+# groups of 4 with NaN where a reward function could not score: every kind of group
+nan = math.nan
+MASKED_REWARDS = [1.0, nan, 3.5, -1.0,   # one unscored
+                  nan, 2.0, nan, 0.5,    # two scored
+                  nan, nan, 4.0, nan,    # one scored: no spread, no other response
+                  nan, nan, nan, nan,    # none scored
+                  0.5, 0.5, nan, 2.0,    # ties among the scored
+                  2.0, 2.0, nan, 2.0,    # the scored all equal
+                  3.0, 1.0, 2.0, -2.0]   # all scored
+
+
+def naive_scored_group_advantages(rewards: list, scored: list, G: int, estimator: str) -> list:
+    """One group at a time over its n scored responses only: their mean, their Bessel std (n - 1), RLOO's mean of the
+    other scored ones (n - 1 of them); an unscored response gets 0."""
+    out = []
+    for g in range(0, len(rewards), G):
+        vals = [rewards[i] for i in range(g, g + G) if scored[i]]
+        n = len(vals)
+        for i in range(g, g + G):
+            if not scored[i]:
+                out.append(0.0)
+                continue
+            mean = sum(vals) / n
+            if estimator == "grpo":
+                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+                out.append((rewards[i] - mean) / (std + 1e-4))
+            elif estimator == "dr_grpo":
+                out.append(rewards[i] - mean)
+            else:  # rloo
+                out.append(rewards[i] - (sum(vals) - rewards[i]) / (n - 1) if n > 1 else 0.0)
+    return out
+
+
+def group_estimator(estimator: str):
+    return {"grpo": lambda r, G, m: grpo.group_advantages(r, G, m),
+            "dr_grpo": lambda r, G, m: grpo.group_advantages(r, G, m, False),
+            "rloo": lambda r, G, m: grpo.rloo_advantages(r, G, m)}[estimator]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_use_only_the_scored_responses(estimator):
+    G, fn = 4, group_estimator(estimator)
+    rewards = torch.tensor(MASKED_REWARDS, dtype=torch.float64)
+    scored = ~rewards.isnan()
+    out = fn(rewards, G, scored)
+    np.testing.assert_allclose(out.numpy(), naive_scored_group_advantages(MASKED_REWARDS, scored.tolist(), G,
+                                                                          estimator), rtol=1e-12, atol=1e-12)
+    assert out.isfinite().all() and (out[~scored] == 0).all()  # an unscored response: advantage 0, no NaN leaks
+    # what an unscored slot holds does not matter
+    torch.testing.assert_close(fn(torch.where(scored, rewards, 1e6), G, scored), out, rtol=0, atol=0)
+    if estimator == "rloo":  # n / (n - 1) times the centred reward, n the group's scored count
+        n = scored.view(-1, G).sum(1, keepdim=True).double()
+        factor = torch.where(n > 1, n / (n - 1).clamp(min=1), 0.0).expand(-1, G).reshape(-1)
+        np.testing.assert_allclose(out.numpy(), (factor * grpo.group_advantages(rewards, G, scored, False)).numpy(),
+                                   rtol=1e-12, atol=1e-12)
+    # every response scored: the unmasked formulas (torch's mean / Bessel std over the whole group)
+    full = torch.tensor(REWARDS + [3.0, -1.0, 0.25, 7.0], dtype=torch.float64)
+    grouped = full.view(-1, G)
+    expected = {"grpo": (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4),
+                "dr_grpo": grouped - grouped.mean(1, keepdim=True),
+                "rloo": grouped - (grouped.sum(1, keepdim=True) - grouped) / (G - 1)}[estimator]
+    torch.testing.assert_close(fn(full, G, torch.ones(len(full), dtype=torch.bool)), expected.reshape(-1),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_zero_std_groups_use_only_the_scored_responses():
+    G = 4
+    rewards = torch.tensor(MASKED_REWARDS, dtype=torch.float64)
+    scored = ~rewards.isnan()
+    expected = []
+    for g in range(0, len(MASKED_REWARDS), G):
+        vals = [MASKED_REWARDS[i] for i in range(g, g + G) if scored[i]]
+        expected.append(len(vals) < 2 or max(vals) - min(vals) <= 1e-6)  # fewer than 2 scored: no signal either
+    assert grpo.zero_std_groups(rewards, G, scored).tolist() == expected
+    assert expected.count(True) == 3 and expected.count(False) == 4  # the example holds both kinds
+    # every response scored: a group is flat exactly where its rewards' torch.std is 0
+    full = torch.tensor(REWARDS + [3.0, -1.0, 0.25, 7.0], dtype=torch.float64)
+    assert grpo.zero_std_groups(full, G, torch.ones(len(full), dtype=torch.bool)).tolist() == \
+        (full.view(-1, G).std(1) == 0).tolist()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_compute_advantages_use_only_the_scored_responses(estimator):
+    """compute_advantages with NaN scores where unscored (as main passes them): the group statistics, the REINFORCE++
+    baseline's group mean and its whitening are over the scored responses only; unscored responses get 0."""
+    G, R, gamma, beta = 4, 5, 0.9, 0.1
+    lengths = [5, 2, 4, 1, 3, 3, 5, 5, 2, 1, 4, 4, 5, 3, 2, 1, 1, 2, 3, 4, 5, 4, 3, 2, 4, 4, 1, 5]
+    mask, real, fill = padded_batch(lengths, R, seed=4)
+    kl = real(0.5)
+    scores = torch.tensor(MASKED_REWARDS, dtype=torch.float64)
+    scored = ~scores.isnan()
+    advantages = grpo.compute_advantages(estimator, scores, scored, fill(kl), mask, G, beta, gamma)
+    klr = [kl[i, :L].tolist() for i, L in enumerate(lengths)]
+    if estimator in grpo.GROUP_ESTIMATORS:
+        seq_rewards = [s - beta * sum(k) for s, k in zip(MASKED_REWARDS, klr)]
+        expected = [[a] * L for a, L in
+                    zip(naive_scored_group_advantages(seq_rewards, scored.tolist(), G, estimator), lengths)]
+    else:
+        s = list(MASKED_REWARDS)
+        if estimator == "reinforce_pp_baseline":  # minus the mean of the group's scored responses
+            for g in range(0, len(s), G):
+                vals = [MASKED_REWARDS[i] for i in range(g, g + G) if scored[i]]
+                for i in range(g, g + G):
+                    s[i] = s[i] - sum(vals) / len(vals) if scored[i] else nan
+        returns = {}
+        for i, L in enumerate(lengths):
+            if scored[i]:
+                r = [-beta * k for k in klr[i]]
+                r[-1] += s[i]
+                returns[i] = [sum(gamma ** (k - t) * r[k] for k in range(t, L)) for t in range(L)]
+        flat = np.concatenate(list(returns.values()))  # the scored responses' tokens only
+        mean, std = flat.mean(), flat.std(ddof=1)
+        expected = [list((np.array(returns[i]) - mean) / math.sqrt(std ** 2 + 1e-8)) if i in returns else [0.0] * L
+                    for i, L in enumerate(lengths)]
+    for i, L in enumerate(lengths):
+        np.testing.assert_allclose(advantages[i, :L].numpy(), expected[i], rtol=1e-9, atol=1e-9)
+        assert (advantages[i, L:] == 0).all()
+    assert advantages.isfinite().all() and (advantages[~scored] == 0).all()
 
 
 UNSCORING = """
@@ -343,7 +472,7 @@ def test_unscored_responses_are_counted_and_left_out_of_the_loss(toy_sft_checkpo
     # nothing scored: no token is in the loss, so the policy is exactly the SFT model (AdamW without weight decay
     # moves nothing on zero gradients)
     out = tmp_path / "nothing"
-    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
                            reward_fn=(f"{fns}:nothing",), eval_prompts="none"))
     train, _, _ = read_outputs(out)
     assert [r["unscored"] for r in train] == [2 * 4, 2 * 4] and all(r["reward"] is None for r in train)
@@ -352,7 +481,7 @@ def test_unscored_responses_are_counted_and_left_out_of_the_loss(toy_sft_checkpo
         assert torch.equal(saved[name], p), name
     # every other response unscored: counted, and the rest trains the policy
     out = tmp_path / "every_other"
-    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
                            reward_fn=(f"{fns}:every_other",), eval_prompts="none"))
     train, _, _ = read_outputs(out)
     assert [r["unscored"] for r in train] == [4, 4] and all(math.isfinite(r["reward"]) for r in train)
@@ -361,7 +490,11 @@ def test_unscored_responses_are_counted_and_left_out_of_the_loss(toy_sft_checkpo
                for n, p in AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict().items())
 
 
-def test_beta_zero_loads_no_reference(toy_sft_checkpoint, eval_prompts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["no_reference", "eval_kl", "lora"])
+def test_beta_zero_loads_no_reference_unless_the_eval_kl_is_asked_or_free(mode, toy_sft_checkpoint, eval_prompts,
+                                                                          tmp_path, monkeypatch, capsys):
+    """kl_coef 0: no KL term. Without LoRA no reference model is loaded and the evaluation's KL is None ("n/a"), unless
+    --eval_kl loads one to measure it; with LoRA the reference is the adapter switched off, so it is measured free."""
     loaded = []
     original = grpo.AutoModelForCausalLM.from_pretrained
 
@@ -371,12 +504,21 @@ def test_beta_zero_loads_no_reference(toy_sft_checkpoint, eval_prompts, tmp_path
 
     monkeypatch.setattr(grpo.AutoModelForCausalLM, "from_pretrained", counting_from_pretrained)
     out = tmp_path / "beta0"
-    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="runs/no_rm_needed_here",
-                           reward_fn=("toy_task:gold_reward",), kl_coef=0.0, eval_prompts=eval_prompts))
-    assert loaded == [toy_sft_checkpoint]  # the policy only
+    options = {"no_reference": {}, "eval_kl": {"eval_kl": True}, "lora": {"lora_r": 4, "lora_alpha": 8.0}}[mode]
+    grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
+                           reward_fn=("toy_task:gold_reward",), kl_coef=0.0, eval_prompts=eval_prompts, **options))
+    printed = capsys.readouterr().out
+    # the policy, and a reference copy only for --eval_kl without LoRA
+    assert loaded == [toy_sft_checkpoint] * (2 if mode == "eval_kl" else 1)
     train, _, eval_json = read_outputs(out)
-    assert all(r["kl"] is None and r["kl_seq"] is None for r in train)  # strict JSON: null, not NaN
-    assert eval_json["kl_to_ref"] is None and math.isfinite(eval_json["gold_reward_mean"])
+    assert all(r["kl"] is None and r["kl_seq"] is None for r in train)  # no KL term; strict JSON: null, not NaN
+    assert math.isfinite(eval_json["gold_reward_mean"])
+    if mode == "no_reference":
+        assert eval_json["kl_to_ref"] is None and eval_json["sft_kl_to_ref"] is None
+        assert "KL to SFT n/a (no reference model)" in printed
+    else:
+        assert math.isfinite(eval_json["kl_to_ref"]) and eval_json["sft_kl_to_ref"] == 0  # the start is the reference
+        assert f"KL to SFT {eval_json['kl_to_ref']:.3f}" in printed and "n/a (no reference model)" not in printed
     assert all(r["reward"] == pytest.approx(r["rewards/gold_reward/mean"] - r["completions/clipped_ratio"], abs=1e-5)
                for r in train)
 
@@ -405,7 +547,7 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoin
     CALLS.clear()
     out = tmp_path / "dyn"
     grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:half_constant_reward",),
-                           reward_model_path="runs/none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
+                           reward_model_path="none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
                            dynamic_sampling=True, max_sampling_rounds=cap, num_iterations=3, eval_prompts=eval_prompts,
                            missing_eos_penalty=0.0))  # the rewards are then exactly the reward function's
     train, _, _ = read_outputs(out)
@@ -429,7 +571,7 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoin
     CALLS.clear()
     out = tmp_path / "dyn_cap"
     grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:constant_reward",),
-                           reward_model_path="runs/none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
+                           reward_model_path="none", num_samples_per_prompt=G, rollout_batch_size=n_prompts,
                            dynamic_sampling=True, max_sampling_rounds=3, eval_prompts=eval_prompts,
                            missing_eos_penalty=0.0))
     train, _, _ = read_outputs(out)
@@ -452,10 +594,24 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
     with pytest.raises(ValueError, match="k1 as a loss term has zero expected gradient"):
         grpo.main(small_config(tmp_path / "d", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path=toy_reward_model, kl_in_loss=True, kl_estimator="k1"))
-    with pytest.raises(ValueError, match="do not split into --num_minibatches 3"):
+    with pytest.raises(ValueError, match=r"--rollout_batch_size 2 must split evenly over 1 processes, and its x 4 "
+                                         r"responses per rank over --num_minibatches x --gradient_accumulation_steps"):
         grpo.main(small_config(tmp_path / "e", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path=toy_reward_model, num_minibatches=3))
-    assert not any(os.path.exists(tmp_path / d) for d in "abcde")
+    # refused before output_dir is claimed (a missing policy, the options themselves), or after it with at most the
+    # lock left (stale once the process ends, taken over by the next run): no model, log or eval.json
+    assert not any(os.path.exists(tmp_path / d) for d in "acd")
+    assert all(set(os.listdir(tmp_path / d)) <= {".lock"} for d in "be")
+
+
+@pytest.mark.parametrize("low,high", [(0.28, 0.2), (0.2, 0.1999)])
+def test_clip_range_high_below_clip_range_is_refused_naming_both(low, high):
+    with pytest.raises(common.InputError, match=rf"--clip_range_high {high} < --clip_range {low}"):
+        make(grpo.Config, clip_range=low, clip_range_high=high)
+    # equal or above is clip-higher (DAPO's 0.2 / 0.28); None takes clip_range
+    assert make(grpo.Config, clip_range=high, clip_range_high=low).clip_range_high == low
+    assert make(grpo.Config, clip_range=low, clip_range_high=low).clip_range_high == low
+    assert make(grpo.Config, clip_range=low).clip_range_high is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,18 +619,21 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
 def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_reward_model, tmp_path):
+    # a tiny random checkpoint is no toy model: the prompts and lengths that fit its 128 positions are given
     policy = tiny_checkpoints[arch]
-    if arch == "gpt2":
-        with pytest.raises(ValueError, match="pad token distinct from EOS"):
-            grpo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model))
-        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
                                for p in ["the phone was", "honestly the movie was", "this book is"]))
+    fits = dict(prompts=str(prompts), max_prompt_length=48, max_new_tokens=5)
+    if arch == "gpt2":
+        with pytest.raises(ValueError, match="pad token distinct from EOS"):
+            grpo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model,
+                                   **fits))
+        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
     out = tmp_path / "grpo"
-    cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, prompts=str(prompts),
-                       eval_prompts=str(prompts), eval_reward_fn=("none",), eval_samples_per_prompt=1, max_new_tokens=5,
-                       advantage_estimator="rloo" if arch == "qwen2" else "grpo")
+    cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, eval_prompts=str(prompts),
+                       eval_reward_fn=("none",), eval_samples_per_prompt=1,
+                       advantage_estimator="rloo" if arch == "qwen2" else "grpo", **fits)
     grpo.main(cfg)
     train, _, eval_json = read_outputs(out)
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in TRAIN_KEYS)
@@ -492,24 +651,68 @@ def position_reward(prompts, completions):
     return [g + 0.5 * (i % 2) for i, g in enumerate(toy_task.gold_reward(prompts, completions))]
 
 
+def run_grpo_counting_gathers(log_dir: str) -> None:
+    """What `torchrun tests/test_grpo.py ARGS` runs: grpo.py (its own __main__) with the all-gathers of every
+    common.generate call counted, and the decoding steps (forwards) and the FSDP modules of the model; one JSON list of
+    calls per rank in log_dir."""
+    import runpy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    gathers, depth, calls = [0], [0], []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            gathers[0] += depth[0] == 0  # one collective, whichever all-gather function calls which in this torch
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return wrapper
+
+    for name in ("all_gather_into_tensor", "all_gather_single", "_all_gather_base"):  # FSDP2's, by torch version
+        if hasattr(dist, name):
+            setattr(dist, name, counted(getattr(dist, name)))
+    generate = common.generate
+
+    def counting_generate(model, *args, **kwargs):
+        steps, before = [], gathers[0]
+        hook = model.register_forward_pre_hook(lambda module, inputs: steps.append(1))
+        try:
+            out = generate(model, *args, **kwargs)
+        finally:
+            hook.remove()
+        calls.append({"gathers": gathers[0] - before, "steps": len(steps),
+                      "fsdp_modules": sum(isinstance(m, FSDPModule) for m in model.modules())})
+        return out
+
+    common.generate = counting_generate  # grpo.py's rollouts and common.evaluate_policy's
+    sys.argv[0] = os.path.join(ROOT, "grpo.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    with open(os.path.join(log_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(calls, f)
+
+
 def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_path):
     # top_k=1 samples the argmax (log-probs stay those of the full distribution): both runs roll out the same
     # responses although each rank has its own sampling seed. REINFORCE++ (no group baseline) with token_mean: its
     # whitening and token count are over both ranks, and identical responses in a group do not cancel each other.
     settings = dict(model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:position_reward",),
-                    reward_model_path="runs/none", advantage_estimator="reinforce_pp", num_samples_per_prompt=2,
+                    reward_model_path="none", advantage_estimator="reinforce_pp", num_samples_per_prompt=2,
                     rollout_batch_size=4, eval_prompts=eval_prompts, top_k=1, eval_samples_per_prompt=1,
                     max_new_tokens=6, kl_coef=0.1)
     one = tmp_path / "one"
     grpo.main(small_config(one, **settings))
-    two = tmp_path / "two"
-    cfg = small_config(two, **settings)
-    args = [f"--{k}={item}" for k, v in vars(cfg).items()
-            if v is not None and not isinstance(v, bool) and v != getattr(grpo.Config, k)
-            for item in (v if isinstance(v, tuple) else [v])]  # --reward_fn is repeated per function
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    two, gathers = tmp_path / "two", tmp_path / "gathers"
+    gathers.mkdir()
+    args = command_line(small_options(two, **settings))
+    assert common.parse(grpo.Config, args) == small_config(two, **settings)  # the command line says the same
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests"), "GATHER_LOG": str(gathers)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "grpo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           os.path.join(ROOT, "tests", "test_grpo.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train1, _, eval1 = read_outputs(one)
     train2, _, eval2 = read_outputs(two)
@@ -525,6 +728,15 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_p
     w0, w1, w2 = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (toy_sft_checkpoint, one, two))
     update = max((w1[n] - w0[n]).abs().max().item() for n in w0)
     assert update > 0 and max((w2[n] - w1[n]).abs().max().item() for n in w0) < 0.01 * update
+    # FSDP2 rollouts gather the sharded weights once per rollout: one all-gather per FSDP module (the 4 blocks and the
+    # root; the root's may be gathered already, FSDP keeps the root unsharded after a forward), not one per module and
+    # decoding step (4 blocks x 6 steps)
+    for rank in (0, 1):
+        calls = json.load(open(gathers / f"rank{rank}.json"))
+        assert len(calls) >= 2 + 2  # 2 training rollouts, the evaluations before and after
+        assert all(c["fsdp_modules"] == 4 + 1 and c["fsdp_modules"] - 1 <= c["gathers"] <= c["fsdp_modules"]
+                   for c in calls), calls
+        assert any(c["steps"] > 1 for c in calls)  # several decoding steps, still one gather each
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -566,3 +778,65 @@ def test_report_lists_grpo_runs_against_best_of_n(toy_sft_checkpoint, toy_reward
     report_md = (runs / "report.md").read_text()
     assert "| GRPO |" in report_md and "vs best-of-N" in report_md
     assert rows["GRPO"]["best_of_n_gold_at_kl"] == pytest.approx(rows["SFT"]["gold_reward_mean"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the reward and the defaults follow the model: the toy's on the toy model, grpo.PRETRAINED on any other
+# ---------------------------------------------------------------------------------------------------------------------
+def test_no_reward_off_the_toy_is_refused_naming_both_options(tiny_checkpoints, toy_sft_checkpoint, toy_reward_model,
+                                                             tmp_path, monkeypatch):
+    # a reward model at runs/reward_model in the current directory: the toy's default, never another model's
+    shutil.copytree(toy_reward_model, tmp_path / "runs" / "reward_model")
+    prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "prompts.jsonl", 4)
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(tmp_path / "out", model_name_or_path=tiny_checkpoints["llama"], prompts=prompts,
+                       max_prompt_length=48)
+    with pytest.raises(common.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
+        grpo.main(cfg)
+    assert cfg.reward_model_path is None and set(os.listdir(tmp_path / "out")) <= {".lock"}  # not picked up
+    # the toy model takes it (setup fills the defaults that follow the model)
+    toy = small_config(tmp_path / "toy", model_name_or_path=toy_sft_checkpoint, prompts=prompts)
+    common.setup(toy, "grpo", grpo.PRETRAINED)
+    assert toy.reward_model_path == toy_task.DEFAULTS["grpo"]["reward_model_path"] == "runs/reward_model"
+
+
+def test_defaults_follow_the_model(toy_sft_checkpoint, tiny_checkpoints, tmp_path, capsys):
+    keys = ("learning_rate", "max_new_tokens", "max_prompt_length")
+    toy, pretrained = toy_task.DEFAULTS["grpo"], grpo.PRETRAINED
+    assert all(toy[k] != pretrained[k] for k in keys)  # else this test could not tell them apart
+    value = lambda cfg, k: getattr(cfg.optim if k == "learning_rate" else cfg, k)  # noqa: E731
+    common_options = dict(reward_fn=("toy_task:gold_reward",), reward_model_path="none", num_iterations=1,
+                          rollout_batch_size=2, update_epochs=1, num_minibatches=1, eval_prompts="none",
+                          num_samples_per_prompt=2)
+    # the toy model (its config.json says "toy_task": true): toy_task.DEFAULTS, printed
+    cfg = make(grpo.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "toy"), **common_options)
+    grpo.main(cfg)
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("defaults for the toy model: "))
+    for k in keys:
+        assert value(cfg, k) == toy[k] and f"--{k} {toy[k]}" in line, k
+    assert cfg.prompts == toy["prompts"]
+    # a tiny random checkpoint: the script's PRETRAINED values (whose lengths do not fit its 128 positions)
+    prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "prompts.jsonl", 4)
+    tiny = tiny_checkpoints["llama"]
+    cfg = make(grpo.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "tiny"),
+               **common_options)
+    length = pretrained["max_prompt_length"] + pretrained["max_new_tokens"]
+    with pytest.raises(common.InputError, match=rf"--max_prompt_length \+ --max_new_tokens = {length} tokens "
+                                                r"exceeds the 128 positions"):
+        grpo.main(cfg)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for a pretrained model: "))
+    for k in keys:
+        assert value(cfg, k) == pretrained[k] and f"--{k} {pretrained[k]}" in line, k
+    # given explicitly: kept, and nothing is filled in
+    given = dict(learning_rate=1e-3, max_new_tokens=5, max_prompt_length=40)
+    if "critic_learning_rate" in keys:
+        given["critic_learning_rate"] = 2e-3
+    cfg = make(grpo.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "given"),
+               **given, **common_options)
+    grpo.main(cfg)
+    assert all(value(cfg, k) == v for k, v in given.items()) and "defaults for" not in capsys.readouterr().out
+
+
+if __name__ == "__main__":  # torchrun tests/test_grpo.py ARGS (test_two_processes_match_one_process)
+    run_grpo_counting_gathers(os.environ["GATHER_LOG"])

@@ -3,6 +3,7 @@ its base, the adapter-disabled reference is the base exactly, training changes o
 head), the merged checkpoint computes what the adapter model computes, later stages take adapter outputs, bf16
 weights train, and LoRA under torchrun matches one process."""
 
+import importlib.util
 import json
 import math
 import os
@@ -25,8 +26,8 @@ import sft
 LORA = dict(lora_r=4, lora_alpha=8.0)
 
 
-def lora_config(**kw):
-    return make(sft.Config, **{**LORA, **kw})
+def lora_config(**kw) -> common.ModelArgs:
+    return common.ModelArgs(**{**LORA, **kw})
 
 
 def batch_of(tok, texts=("the phone was very good .", "honestly the movie was bad", "this book is")):
@@ -68,7 +69,7 @@ def test_sft_lora_trains_only_the_adapter_and_merged_equals_adapter(tiny_checkpo
     out = str(tmp_path / "sft")
     data = head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 32)
     sft.main(make(sft.Config, model_name_or_path=ckpt, from_scratch=False, dataset=data, per_device_batch_size=8,
-                        max_steps=3, learning_rate=1e-2, output_dir=out, merge_lora=True, **LORA))
+                  max_length=64, max_steps=3, learning_rate=1e-2, output_dir=out, merge_lora=True, **LORA))
     assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
     base = load_file(os.path.join(ckpt, "model.safetensors"))
     merged_model = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
@@ -86,13 +87,33 @@ def test_sft_lora_trains_only_the_adapter_and_merged_equals_adapter(tiny_checkpo
                                    atol=1e-5)
 
 
-def test_reward_model_lora_trains_adapter_and_score_head_and_keeps_normalisation(toy_sft_checkpoint, tmp_path):
-    out = str(tmp_path / "rm")
-    reward_model.main(make(reward_model.Config, 
-        model_name_or_path=toy_sft_checkpoint, output_dir=out, max_steps=3, per_device_batch_size=8,
-        dataset=head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 32),
-        eval_dataset=head_jsonl("data/toy/preferences_eval.jsonl", tmp_path / "e.jsonl", 8), normalize_samples=8,
+@pytest.fixture(scope="module")
+def lora_reward_model(toy_sft_checkpoint, tmp_path_factory):
+    """reward_model.py with --lora_r on the toy SFT backbone: an adapter folder (adapter + score head, no weights)."""
+    root = tmp_path_factory.mktemp("lora_rm")
+    out = str(root / "rm")
+    reward_model.main(make(
+        reward_model.Config, model_name_or_path=toy_sft_checkpoint, output_dir=out, max_steps=3,
+        per_device_batch_size=8, dataset=head_jsonl("data/toy/preferences_train.jsonl", root / "p.jsonl", 32),
+        eval_dataset=head_jsonl("data/toy/preferences_eval.jsonl", root / "e.jsonl", 8), normalize_samples=8,
         agreement_samples_per_prompt=0, eval_reward_fn=("none",), **LORA))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_sft(tiny_checkpoints, tmp_path_factory):
+    """sft.py with --lora_r and without --merge_lora on the tiny Qwen2: an adapter folder, no merged weights."""
+    root = tmp_path_factory.mktemp("lora_sft")
+    out = str(root / "sft")
+    sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["qwen2"], from_scratch=False, per_device_batch_size=8,
+                  max_length=64, dataset=head_jsonl("data/toy/sft_train.jsonl", root / "t.jsonl", 16), max_steps=1,
+                  learning_rate=1e-2, output_dir=out, **LORA))
+    return out
+
+
+def test_reward_model_lora_trains_adapter_and_score_head_and_keeps_normalisation(toy_sft_checkpoint,
+                                                                                 lora_reward_model):
+    out = lora_reward_model
     files = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json"} <= files
     assert "model.safetensors" not in files
@@ -108,30 +129,28 @@ def test_reward_model_lora_trains_adapter_and_score_head_and_keeps_normalisation
 
 
 def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(toy_sft_checkpoint, toy_reward_model,
-                                                                               tmp_path, tiny_checkpoints):
+                                                                               tmp_path, lora_sft):
     # a LoRA SFT output (an adapter directory) is a valid starting point of the later stages
-    sft_out = str(tmp_path / "sft")
-    sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["qwen2"], from_scratch=False, per_device_batch_size=8,
-                        dataset=head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 16), max_steps=1,
-                        output_dir=sft_out, **LORA))
-    assert not os.path.exists(os.path.join(sft_out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(lora_sft, "model.safetensors"))
     prefs = head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 16)
-    final = dpo.main(make(dpo.Config, model_name_or_path=sft_out, dataset=prefs, per_device_batch_size=8, max_steps=2,
-                                log_every=1,
-                                eval_prompts="none", eval_dataset="none", output_dir=str(tmp_path / "dpo"), **LORA))
+    final = dpo.main(make(dpo.Config, model_name_or_path=lora_sft, dataset=prefs, per_device_batch_size=8, max_steps=2,
+                          max_length=64, log_every=1, eval_prompts="none", eval_dataset="none",
+                          output_dir=str(tmp_path / "dpo"), **LORA))
     assert math.isfinite(final["train_loss"])
     # at the first step the adapter is zero: policy == reference, so every implicit reward is exactly 0
     first = json.loads(open(os.path.join(tmp_path / "dpo", "metrics.jsonl")).readline())
     assert first["step"] == 1 and first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
 
     prompts = head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2)
-    cfg = make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=4,
-                     max_steps=2, max_new_tokens=5, eval_prompts=prompts, eval_samples_per_prompt=1,
-                     output_dir=str(tmp_path / "ppo"), merge_lora=True, **LORA)
-    actor, ref, rm, critic, _, _ = ppo.load_models(cfg, torch.device("cpu"))
+    cfg = make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
+               critic_init="reward_model", rollout_batch_size=4, num_iterations=2, max_new_tokens=5,
+               eval_prompts=prompts, eval_samples_per_prompt=1, output_dir=str(tmp_path / "ppo"), merge_lora=True,
+               **LORA)
+    actor, ref, critic, rm, _, _ = ppo.load_models(cfg, torch.device("cpu"))
     assert isinstance(ref, common.WithoutAdapter) and ref.model is actor  # one backbone fewer
     assert [n for n, p in critic.named_parameters() if p.requires_grad and "lora_" not in n] == \
         ["base_model.model.score.modules_to_save.default.weight"]
+    assert not any(p.requires_grad for p in rm.parameters())
     result = ppo.main(cfg)
     assert result["sft_kl_to_ref"] == 0 and math.isfinite(result["kl_to_ref"])
     rows = [json.loads(line) for line in open(os.path.join(tmp_path / "ppo", "metrics.jsonl"))]
@@ -141,15 +160,93 @@ def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(
     assert changed(start, merged) and not any("wte" in k or "wpe" in k for k in changed(start, merged))
 
 
+def counting_optimised(monkeypatch) -> list:
+    """The number of weights of every optimiser the scripts create (common.optimizer), in order."""
+    counts, original = [], common.optimizer
+
+    def recording(params, *args, **kwargs):
+        opt, scheduler = original(params, *args, **kwargs)
+        counts.append(sum(p.numel() for group in opt.param_groups for p in group["params"]))
+        return opt, scheduler
+
+    monkeypatch.setattr(common, "optimizer", recording)
+    return counts
+
+
+@pytest.mark.parametrize("script", ["ppo", "grpo", "dpo"])
+def test_a_lora_sft_output_without_lora_r_trains_every_weight(script, lora_sft, tmp_path, monkeypatch):
+    """The adapter folder of a LoRA SFT as --model_name_or_path of a later stage without --lora_r: the adapter is merged
+    into its base and the whole model trains (the optimiser holds every weight, not an empty list; the weights that
+    LoRA never adapts move too) and is saved whole."""
+    start = common.from_pretrained(AutoModelForCausalLM, lora_sft, "--model_name_or_path")
+    base = AutoModelForCausalLM.from_pretrained(json.load(open(os.path.join(lora_sft, "adapter_config.json")))[
+        "base_model_name_or_path"])
+    assert changed(base.state_dict(), start.state_dict())  # the SFT adapter is in the starting weights
+    counts, out = counting_optimised(monkeypatch), str(tmp_path / script)
+    prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "q.jsonl", 4)
+    (tmp_path / "length.py").write_text("def length(completions, **kwargs):\n"
+                                        "    return [float(len(c)) for c in completions]\n")
+    # a reward that tells the random model's responses apart: GRPO's group advantages are not all 0
+    rl = dict(model_name_or_path=lora_sft, prompts=prompts, reward_fn=(f"{tmp_path / 'length.py'}:length",),
+              reward_model_path="none", rollout_batch_size=2, num_iterations=1, max_new_tokens=5, max_prompt_length=32,
+              num_minibatches=1, update_epochs=1, learning_rate=1e-3, output_dir=out)
+    if script == "ppo":
+        ppo.main(make(ppo.Config, **rl))
+    elif script == "grpo":
+        import grpo
+
+        grpo.main(make(grpo.Config, **rl, num_samples_per_prompt=2))
+    else:
+        dpo.main(make(dpo.Config, model_name_or_path=lora_sft, per_device_batch_size=8, max_steps=1, max_length=64,
+                      dataset=head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 8),
+                      learning_rate=1e-3, output_dir=out))
+    assert counts[0] == sum(p.numel() for p in start.parameters())  # the policy's optimiser: every weight
+    assert "adapter_config.json" not in os.listdir(out)
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    moved = changed(start.state_dict(), saved)
+    assert {"model.embed_tokens.weight", "model.norm.weight"} & moved  # beyond LoRA's linear layers of the blocks
+
+
+@pytest.mark.parametrize("script", ["ppo", "grpo"])
+def test_a_lora_reward_model_is_accepted_as_reward_model_path(script, lora_reward_model, toy_sft_checkpoint, tmp_path):
+    import grpo
+
+    module = {"ppo": ppo, "grpo": grpo}[script]
+    prompts = head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2)
+    result = module.main(make(module.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=lora_reward_model,
+                              rollout_batch_size=2, num_iterations=1, max_new_tokens=5, num_minibatches=1,
+                              update_epochs=1, eval_prompts=prompts, eval_samples_per_prompt=1, eval_every=100,
+                              output_dir=str(tmp_path / script), **({"num_samples_per_prompt": 2} if script == "grpo"
+                                                                     else {})))
+    train = [json.loads(line) for line in open(tmp_path / script / "metrics.jsonl")]
+    score = "objective/scores" if script == "ppo" else "rewards/reward_model/mean"
+    assert [r for r in train if score in r] and all(math.isfinite(r[score]) for r in train if score in r)
+    assert math.isfinite(result["proxy_reward_mean"]) and math.isfinite(result["sft_proxy_reward_mean"])
+    # the reward model the script loads is the adapter on its base (peft's own, unmerged), with its normalisation
+    import peft
+
+    cfg = make(module.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=lora_reward_model)
+    models = module.load_models(cfg, torch.device("cpu"), *([False] if script == "grpo" else []))
+    rm = models[3 if script == "ppo" else 2]
+    unmerged = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        toy_sft_checkpoint, num_labels=1), lora_reward_model).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(lora_reward_model)("the phone was very good .")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(rm(input_ids=ids).logits, unmerged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    saved = json.load(open(os.path.join(lora_reward_model, "eval.json")))
+    assert (rm.config.reward_mean, rm.config.reward_std) == pytest.approx((saved["reward_mean"], saved["reward_std"]))
+
+
 def test_lora_resume_is_exact(toy_sft_checkpoint, tmp_path):
     """Checkpoints of a LoRA run hold the adapter and its optimiser (the frozen base is reloaded): resuming is exact."""
     options = dict(model_name_or_path=toy_sft_checkpoint, per_device_batch_size=8, max_steps=6, save_every=2,
-                   log_every=1, eval_prompts="none", eval_dataset="none", learning_rate=1e-2,
+                   log_every=1, eval_prompts="none", eval_dataset="none", reward_model_path="none", learning_rate=1e-2,
                    dataset=head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 32), **LORA)
     dpo.main(make(dpo.Config, **options, output_dir=str(tmp_path / "a")))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    ckpt = common.latest_checkpoint(str(tmp_path / "b"))
-    assert ckpt.endswith("step_4")
+    saved = common.checkpoints(str(tmp_path / "b"))
+    assert sorted(saved) == [2, 4]  # every 2 steps before the last, the newest save_total_limit kept
+    ckpt = saved[4]
     shards = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".distcp"))
     base_bytes = os.path.getsize(os.path.join(toy_sft_checkpoint, "model.safetensors"))
     assert shards < base_bytes / 4  # adapter + its AdamW moments, not the base model
@@ -163,33 +260,54 @@ def test_lora_resume_is_exact(toy_sft_checkpoint, tmp_path):
 def test_bfloat16_weights_train_with_finite_losses(arch, tiny_checkpoints, tmp_path):
     out = str(tmp_path / arch)
     final = sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints[arch], from_scratch=False, dtype="bfloat16",
-                                dataset=head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 16),
-                                per_device_batch_size=8, max_steps=2, log_every=1, output_dir=out))
+                          dataset=head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 16), max_length=64,
+                          per_device_batch_size=8, max_steps=2, log_every=1, output_dir=out))
     assert math.isfinite(final["train_loss"])
     weights = load_file(os.path.join(out, "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
-    assert common.weight_dtypes("auto", torch.device("cpu")) == (torch.float32, torch.float32)  # CPU: fp32 unless
-    assert common.weight_dtypes("bfloat16", torch.device("cpu")) == (torch.bfloat16, torch.bfloat16)  # asked
-    assert common.weight_dtypes("auto", torch.device("cpu"), "bfloat16") == (torch.float32, torch.bfloat16)
 
 
-def test_lora_and_dtype_options_are_checked(tmp_path):
+
+def test_precision_follows_the_dtype_options(monkeypatch):
+    """(trained, frozen, autocast) of --dtype / --frozen_dtype: fp32 on CPU unless asked, no autocast on CPU; on a GPU
+    with bf16 auto = fp32 master weights, bf16 frozen models and bf16 autocast; float32 = no autocast anywhere."""
+    cpu, cuda, f32, bf16 = torch.device("cpu"), torch.device("cuda"), torch.float32, torch.bfloat16
+    expected = {  # (dtype, frozen_dtype): (on CPU, on a bf16 GPU)
+        ("auto", "auto"): ((f32, f32, None), (f32, bf16, bf16)),
+        ("bfloat16", "auto"): ((bf16, bf16, None), (bf16, bf16, None)),
+        ("float32", "auto"): ((f32, f32, None), (f32, f32, None)),
+        ("auto", "bfloat16"): ((f32, bf16, None), (f32, bf16, bf16)),
+        ("auto", "float32"): ((f32, f32, None), (f32, f32, bf16)),
+        ("bfloat16", "float32"): ((bf16, f32, None), (bf16, f32, None)),
+    }
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no GPU needed: no tensor is made
+    for (dtype, frozen), (on_cpu, on_gpu) in expected.items():
+        args = common.ModelArgs(dtype=dtype, frozen_dtype=frozen)
+        assert common.precision(args, cpu) == on_cpu and common.precision(args, cuda) == on_gpu, (dtype, frozen)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an old GPU: fp32, no autocast
+    assert common.precision(common.ModelArgs(), cuda) == (f32, f32, None)
+
+
+def test_lora_and_dtype_options_are_checked(tmp_path, tiny_checkpoints):
     with pytest.raises(common.InputError, match="--merge_lora needs --lora_r > 0"):
         make(sft.Config, merge_lora=True)
     with pytest.raises(common.InputError, match="--lora_dropout must be 0"):
         make(dpo.Config, lora_r=4, lora_dropout=0.1)
     with pytest.raises(common.InputError, match="--lora_r with --from_scratch would adapt random weights"):
         sft.main(make(sft.Config, lora_r=4, output_dir=str(tmp_path / "x")))
-    with pytest.raises(common.InputError, match="flash_attention_2 needs the `flash-attn` package"):
-        common.check_attn_implementation("flash_attention_2")
+    if importlib.util.find_spec("flash_attn") is None:  # refused before any model loads or output_dir is claimed
+        with pytest.raises(common.InputError, match="flash_attention_2 needs the `flash-attn` package"):
+            sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["llama"],
+                          attn_implementation="flash_attention_2", output_dir=str(tmp_path / "fa")))
+        assert not os.path.exists(tmp_path / "fa")
 
 
 def test_torchrun_two_processes_with_lora_match_one_process(tiny_checkpoints, tmp_path):
     data = head_jsonl("data/toy/sft_train.jsonl", tmp_path / "t.jsonl", 32)
-    options = dict(model_name_or_path=tiny_checkpoints["llama"], from_scratch=False, dataset=data,
+    options = dict(model_name_or_path=tiny_checkpoints["llama"], from_scratch=False, dataset=data, max_length=64,
                    per_device_batch_size=8, max_steps=3, log_every=1, learning_rate=1e-2, **LORA)
     sft.main(make(sft.Config, **options, output_dir=str(tmp_path / "one"), gradient_accumulation_steps=2))
-    args = [f"--{k}={v}" for k, v in options.items() if k != "from_scratch"] + ["--no-from_scratch"]
+    args = [f"--{k}={v}" for k, v in options.items()]  # --from_scratch=False: bool | None takes a value
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "sft.py", *args, "--per_device_batch_size=8", "--output_dir", str(tmp_path / "two")],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -208,12 +326,13 @@ def test_grpo_with_lora_uses_the_policy_without_its_adapter_as_reference(toy_sft
                                                                           tmp_path):
     import grpo
 
-    cfg = make(grpo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model, rollout_batch_size=2,
-                      num_samples_per_prompt=2, num_minibatches=1, max_steps=2, max_new_tokens=5, log_every=1,
-                      eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2),
-                      eval_samples_per_prompt=1, output_dir=str(tmp_path / "grpo"), **LORA)
-    policy, ref, _, _, _ = grpo.load_models(cfg, torch.device("cpu"))
-    assert isinstance(ref, common.WithoutAdapter) and ref.model is policy
+    cfg = make(grpo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
+               rollout_batch_size=2, num_samples_per_prompt=2, num_minibatches=1, num_iterations=2, max_new_tokens=5,
+               log_every=1, eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2),
+               eval_samples_per_prompt=1, output_dir=str(tmp_path / "grpo"), **LORA)
+    for with_ref in (False, True):  # with LoRA the reference is always there, and never a copy
+        policy, ref, _, _, _ = grpo.load_models(cfg, torch.device("cpu"), with_ref)
+        assert isinstance(ref, common.WithoutAdapter) and ref.model is policy
     result = grpo.main(cfg)
     rows = [json.loads(line) for line in open(os.path.join(tmp_path / "grpo", "metrics.jsonl"))]
     assert [r["kl"] for r in rows if "kl" in r][0] == 0 and result["sft_kl_to_ref"] == 0  # the adapter starts at 0

@@ -4,17 +4,19 @@ Monte-Carlo KL, numpy statistics, unpadded single-sequence forwards, and a 1-pro
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import make, ROOT, with_pad_token
+from conftest import head_jsonl, make, ROOT, with_pad_token
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
 import ppo
+import toy_task
 
 PPO_KEYS = ["objective/scores", "objective/kl", "objective/non_score_reward", "objective/entropy", "policy/approxkl",
             "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance", "time/generate",
@@ -313,12 +315,27 @@ def eval_prompts(tmp_path_factory):
     return str(path)
 
 
-def small_config(out, **overrides) -> ppo.Config:
+def small_options(out, **overrides) -> dict:
     kw = dict(output_dir=str(out), num_iterations=2, rollout_batch_size=4, max_new_tokens=8, update_epochs=1,
               num_minibatches=1, eval_samples_per_prompt=2, eval_every=100, sample_every=100, log_every=100,
               eval_reward_fn=("toy_task:gold_reward",))
     kw.update(overrides)
-    return make(ppo.Config, **kw)
+    return kw
+
+
+def small_config(out, **overrides) -> ppo.Config:
+    return make(ppo.Config, **small_options(out, **overrides))
+
+
+def command_line(options: dict) -> list[str]:
+    """Flat options as on the command line: --k=v, a tuple's items repeated (append options), bools --k / --no_k."""
+    args = []
+    for k, v in options.items():
+        if isinstance(v, bool):
+            args.append(f"--{k}" if v else f"--no_{k}")
+        else:
+            args += [f"--{k}={item}" for item in (v if isinstance(v, tuple) else [v])]
+    return args
 
 
 def read_outputs(out):
@@ -520,10 +537,8 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, toy_reward_model, e
     one = tmp_path / "one"
     ppo.main(small_config(one, **settings))
     two = tmp_path / "two"
-    cfg = small_config(two, **settings)
-    args = [f"--{k}={item}" for k, v in vars(cfg).items()
-            if v is not None and not isinstance(v, bool) and v != getattr(ppo.Config, k)
-            for item in (v if isinstance(v, tuple) else [v])]  # --eval_reward_fn is repeated per function
+    args = command_line(small_options(two, **settings))
+    assert common.parse(ppo.Config, args) == small_config(two, **settings)  # the command line says the same
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "ppo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -544,3 +559,59 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, toy_reward_model, e
     w0, w1, w2 = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (toy_sft_checkpoint, one, two))
     update = max((w1[n] - w0[n]).abs().max().item() for n in w0)
     assert update > 0 and max((w2[n] - w1[n]).abs().max().item() for n in w0) < 0.01 * update
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the reward and the defaults follow the model: the toy's on the toy model, ppo.PRETRAINED on any other
+# ---------------------------------------------------------------------------------------------------------------------
+def test_no_reward_off_the_toy_is_refused_naming_both_options(tiny_checkpoints, toy_sft_checkpoint, toy_reward_model,
+                                                             tmp_path, monkeypatch):
+    # a reward model at runs/reward_model in the current directory: the toy's default, never another model's
+    shutil.copytree(toy_reward_model, tmp_path / "runs" / "reward_model")
+    prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "prompts.jsonl", 4)
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(tmp_path / "out", model_name_or_path=tiny_checkpoints["llama"], prompts=prompts,
+                       max_prompt_length=48)
+    with pytest.raises(common.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
+        ppo.main(cfg)
+    assert cfg.reward_model_path is None and set(os.listdir(tmp_path / "out")) <= {".lock"}  # not picked up
+    # the toy model takes it (setup fills the defaults that follow the model)
+    toy = small_config(tmp_path / "toy", model_name_or_path=toy_sft_checkpoint, prompts=prompts)
+    common.setup(toy, "ppo", ppo.PRETRAINED)
+    assert toy.reward_model_path == toy_task.DEFAULTS["ppo"]["reward_model_path"] == "runs/reward_model"
+
+
+def test_defaults_follow_the_model(toy_sft_checkpoint, tiny_checkpoints, tmp_path, capsys):
+    keys = ("learning_rate", "critic_learning_rate", "max_new_tokens", "max_prompt_length")
+    toy, pretrained = toy_task.DEFAULTS["ppo"], ppo.PRETRAINED
+    assert all(toy[k] != pretrained[k] for k in keys)  # else this test could not tell them apart
+    value = lambda cfg, k: getattr(cfg.optim if k == "learning_rate" else cfg, k)  # noqa: E731
+    common_options = dict(reward_fn=("toy_task:gold_reward",), reward_model_path="none", num_iterations=1,
+                          rollout_batch_size=2, update_epochs=1, num_minibatches=1, eval_prompts="none")
+    # the toy model (its config.json says "toy_task": true): toy_task.DEFAULTS, printed
+    cfg = make(ppo.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "toy"), **common_options)
+    ppo.main(cfg)
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("defaults for the toy model: "))
+    for k in keys:
+        assert value(cfg, k) == toy[k] and f"--{k} {toy[k]}" in line, k
+    assert cfg.prompts == toy["prompts"]
+    # a tiny random checkpoint: the script's PRETRAINED values (whose lengths do not fit its 128 positions)
+    prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "prompts.jsonl", 4)
+    tiny = tiny_checkpoints["llama"]
+    cfg = make(ppo.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "tiny"),
+               **common_options)
+    length = pretrained["max_prompt_length"] + pretrained["max_new_tokens"]
+    with pytest.raises(common.InputError, match=rf"--max_prompt_length \+ --max_new_tokens = {length} tokens "
+                                                r"exceeds the 128 positions"):
+        ppo.main(cfg)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for a pretrained model: "))
+    for k in keys:
+        assert value(cfg, k) == pretrained[k] and f"--{k} {pretrained[k]}" in line, k
+    # given explicitly: kept, and nothing is filled in
+    given = dict(learning_rate=1e-3, max_new_tokens=5, max_prompt_length=40)
+    if "critic_learning_rate" in keys:
+        given["critic_learning_rate"] = 2e-3
+    cfg = make(ppo.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "given"),
+               **given, **common_options)
+    ppo.main(cfg)
+    assert all(value(cfg, k) == v for k, v in given.items()) and "defaults for" not in capsys.readouterr().out

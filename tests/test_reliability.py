@@ -1,19 +1,28 @@
-"""Reliability: exact resume after kill -9, atomic saves, clean teardown, and a clear error for every kind of bad input
-or option. Each script runs for real (in-process for the references, in a subprocess where it must be killed)."""
+"""Reliability: exact resume after kill -9, saves that a kill at any moment cannot break, the output directory (lock,
+refusal of an earlier run's directory), and a clear error for every kind of bad input or option. Each script runs for
+real (in-process for the references, in a subprocess where it must be killed)."""
 
+import builtins
+import errno
+import hashlib
+import io
 import json
 import os
 import random
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import make, ROOT, head_jsonl
+import torch.distributed.checkpoint as dcp
+import transformers.modeling_utils
+from conftest import ROOT, head_jsonl, make
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.api import CheckpointException
 
 import common
 import dpo
@@ -21,6 +30,7 @@ import grpo
 import ppo
 import reward_model
 import sft
+import toy_task
 
 SCRIPTS = {"sft": sft, "reward_model": reward_model, "dpo": dpo, "ppo": ppo, "grpo": grpo}
 TIMING = ("_per_s", "time/", "wall_time_s")
@@ -58,12 +68,13 @@ def short_run(script: str, tmp_path, sft_ckpt: str, rm_ckpt: str) -> dict:
                     eval_samples_per_prompt=2, max_new_tokens=6, save_every=2)
     if script == "grpo":  # dynamic sampling draws extra rounds from the prompt order: resumed too
         return dict(model_name_or_path=sft_ckpt, reward_model_path=rm_ckpt, rollout_batch_size=4,
-                    num_samples_per_prompt=4, max_new_tokens=6, max_steps=8, eval_every=5, eval_samples_per_prompt=1,
+                    num_samples_per_prompt=4, max_new_tokens=6, num_iterations=8, eval_every=5,
+                    eval_samples_per_prompt=1,
                     eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "prompts.jsonl", 2),
                     save_every=2, dynamic_sampling=True, max_sampling_rounds=2)
     return dict(model_name_or_path=sft_ckpt, reward_model_path=rm_ckpt,
                 eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "prompts.jsonl", 2),
-                rollout_batch_size=8, num_samples_per_prompt=2, max_new_tokens=6, max_steps=8, eval_every=5,
+                rollout_batch_size=8, num_samples_per_prompt=2, max_new_tokens=6, num_iterations=8, eval_every=5,
                 eval_samples_per_prompt=1, save_every=2, adaptive_kl=True, kl_horizon=100, score_norm="running")
 
 
@@ -71,7 +82,7 @@ def cli_args(options: dict) -> list[str]:
     args = []
     for k, v in options.items():
         if isinstance(v, bool):
-            args.append(f"--{k}" if v else f"--no-{k}")
+            args.append(f"--{k}" if v else f"--no_{k}")
         else:
             args += [f"--{k}", str(v)]
     return args
@@ -83,7 +94,7 @@ def kill_after_first_checkpoint(cmd: list[str], out: str, delay: float, timeout:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + timeout
-    while common.latest_checkpoint(out) is None:
+    while not common.checkpoints(out):
         if proc.poll() is not None:
             raise AssertionError(f"{cmd} ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}")
         assert time.time() < deadline, "no checkpoint in time"
@@ -121,16 +132,22 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(script, tmp_path, toy_sf
     options = short_run(script, tmp_path, toy_sft_checkpoint, toy_reward_model)
     reference = str(tmp_path / "reference")
     t0 = time.time()
-    module.main(module.Config(**options, output_dir=reference))
+    module.main(make(module.Config, **options, output_dir=reference))
     # any moment must do (the message says which one failed); up to the reference's duration, so that most kills land
     # in training, some in an evaluation or a save, and a few after the end
     delay = random.Random().uniform(0.0, time.time() - t0)
     killed = str(tmp_path / "killed")
     running = kill_after_first_checkpoint([sys.executable, f"{script}.py", *cli_args(options), "--output_dir", killed],
                                           killed, delay)
-    module.main(module.Config(**options, output_dir=killed, resume=True))
+    module.main(make(module.Config, **options, output_dir=killed, resume=True))
     assert_same_run(reference, killed, f"{script} killed {delay:.2f}s after its first checkpoint (running: {running})")
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary directories left behind"
+    assert_clean(killed)
+
+
+def assert_clean(out: str) -> None:
+    """A run that ended left no lock and nothing of an interrupted save (.saving, checkpoints/.tmp_*)."""
+    assert not {".lock", ".saving"} & set(os.listdir(out)), os.listdir(out)
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")]
 
 
 def descendants(pid: int) -> list[int]:
@@ -167,9 +184,9 @@ def test_torchrun_two_processes_kill_9_then_resume_is_exact(tmp_path, toy_sft_ch
     proc = subprocess.Popen(torchrun + ["--output_dir", killed], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while common.latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+    while not common.checkpoints(killed) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert common.latest_checkpoint(killed) is not None, "no checkpoint written"
+    assert common.checkpoints(killed), "no checkpoint written"
     time.sleep(delay)
     for pid in descendants(proc.pid) + [proc.pid]:
         try:
@@ -182,8 +199,10 @@ def test_torchrun_two_processes_kill_9_then_resume_is_exact(tmp_path, toy_sft_ch
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert_same_run(reference, killed, f"2-process ppo killed {delay:.2f}s after its first checkpoint")
-    shards = os.listdir(common.latest_checkpoint(killed))
+    found = common.checkpoints(killed)
+    shards = os.listdir(found[max(found)])
     assert {"rank0.json", "rank1.json"} <= set(shards) and sum(n.endswith(".distcp") for n in shards) == 2
+    assert_clean(killed)
 
 
 class Killed(BaseException):
@@ -191,24 +210,26 @@ class Killed(BaseException):
 
 
 def crash_at(monkeypatch, k: int) -> list:
-    """Make the k-th file-system mutation of a save (rename, replace, remove, rmtree, atomic exchange, JSON write,
-    checkpoint shard write) raise Killed instead of happening. Returns the list of the mutations that ran."""
+    """Make the k-th file-system step from now on raise Killed instead of happening: creating, renaming or removing a
+    file or folder (also each one inside shutil.rmtree), opening a file for writing (json files, checkpoint shards),
+    writing a safetensors file. Returns the steps that ran."""
     done = []
 
     def wrap(name, fn):
         def step(*args, **kwargs):
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            if name == "open" and not any(c in mode for c in "wax+"):
+                return fn(*args, **kwargs)  # reading changes nothing
             if len(done) == k:
-                raise Killed(name)
-            done.append(name)
+                raise Killed(f"{name} {args[0]}")
+            done.append(f"{name} {args[0]}")
             return fn(*args, **kwargs)
         return step
 
-    import torch.distributed.checkpoint as dcp
-
-    for mod, name in [(os, "rename"), (os, "replace"), (os, "remove"), (common.shutil, "rmtree"),
-                      (common.shutil, "copyfile"), (common, "_exchange"), (common, "write_json_atomic"),
-                      (dcp, "save")]:
-        monkeypatch.setattr(mod, name, wrap(name, getattr(mod, name)))
+    for module, name in [(os, "rename"), (os, "replace"), (os, "remove"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"),
+                         (shutil, "rmtree"), (builtins, "open"), (io, "open"),
+                         (transformers.modeling_utils, "safe_save_file")]:
+        monkeypatch.setattr(module, name, wrap(name, getattr(module, name)))
     return done
 
 
@@ -219,126 +240,421 @@ def tiny_model(seed: int):
     return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2))
 
 
-def check_model_dir(out: str, models: dict) -> str:
-    """out holds a complete model that loads with plain transformers, and eval.json (if there) describes it."""
+def train_step(model, optimizer) -> None:
+    ids = torch.randint(0, 40, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def snapshot(model, optimizer) -> list[tuple[str, torch.Tensor]]:
+    """Every weight and every tensor of the optimiser's state (AdamW's step and moments), copied."""
+    weights = [(k, v.clone()) for k, v in model.state_dict().items()]
+    moments = [(f"{i}.{k}", v.clone()) for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()]
+    return weights + moments
+
+
+def same(a: list, b: list) -> bool:
+    return [k for k, _ in a] == [k for k, _ in b] and all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+
+
+def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one_to_resume(tmp_path, monkeypatch):
+    """Kill the save of a second checkpoint at each of its file-system steps in turn: the next run (--resume) removes
+    the half-written one and resumes from the newest complete checkpoint, the previous one or, once renamed into
+    place, the new one, with that step's weights, optimiser moments and state."""
+    for k in range(200):
+        out = str(tmp_path / f"run{k}")
+        cfg = make(sft.Config, output_dir=out, save_every=2, save_total_limit=1)
+        common.prepare_output_dir(cfg.run, 0)
+        model = tiny_model(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        saved = {}
+        for step in (2, 4):
+            train_step(model, optimizer)
+            saved[step] = snapshot(model, optimizer)
+            state = {"x": step, "generator": torch.Generator().manual_seed(step)}
+            if step == 2:
+                common.save_checkpoint(cfg, step, 10, {"model": model}, [optimizer], state)
+                continue
+            with monkeypatch.context() as m:
+                done = crash_at(m, k)
+                try:
+                    common.save_checkpoint(cfg, step, 10, {"model": model}, [optimizer], state)
+                    finished = True
+                except (Killed, dcp.CheckpointException):  # DCP wraps what its writer raised
+                    finished = False
+        resumed = make(sft.Config, output_dir=out, save_every=2, save_total_limit=1, resume=True)
+        common.prepare_output_dir(resumed.run, 0)  # the next run
+        assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")], (k, done)
+        fresh = tiny_model(1)
+        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        state = {"x": 0, "generator": torch.Generator()}
+        step = common.resume(resumed, {"model": fresh}, [fresh_optimizer], state)
+        assert step in (2, 4) and state["x"] == step, (k, done)
+        assert same(snapshot(fresh, fresh_optimizer), saved[step]), (k, done)
+        assert torch.equal(state["generator"].get_state(), torch.Generator().manual_seed(step).get_state())
+        common.release_lock(resumed.run)
+        if finished:
+            assert sorted(common.checkpoints(out)) == [4]  # save_total_limit=1
+            break
+    assert finished and k > 5
+
+
+def files_of(folder: str) -> dict:
+    """{path under folder: sha256} of every file below folder."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def check_model_dir(out: str, model) -> None:
+    """out holds the complete model (it loads with plain transformers, the weights are model's) and eval.json."""
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    which = [name for name, m in models.items() if all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())]
-    assert len(which) == 1, "weights are neither the old nor the new model"
-    if os.path.exists(os.path.join(out, "eval.json")):
-        with open(os.path.join(out, "eval.json")) as f:
-            assert json.load(f)["model"] == which[0], "eval.json describes other weights"
-    return which[0]
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items()), "not the saved weights"
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f) == {"model": "final"}
 
 
-@pytest.mark.parametrize("atomic_exchange", [True, False])
-def test_final_save_killed_at_every_step_leaves_a_loadable_model(tmp_path, monkeypatch, atomic_exchange):
-    """Kill the save of a new model over an old one at each of its file-system steps in turn: the directory always
-    holds one complete model that loads with transformers, with the eval.json of those weights beside it, and the run's
-    log and checkpoints; the next run removes what the save left. Without an atomic exchange (not Linux) the
-    directory is briefly missing between two renames, and the next run puts it back."""
-    if not atomic_exchange:
-        monkeypatch.setattr(common, "_exchange", lambda a, b: False)
-    models = {"old": tiny_model(0), "new": tiny_model(1)}
-    seen_new = False
-    for k in range(100):
-        out = str(tmp_path / f"run{k}" / "out")
-        common.save_model(models["old"], None, out, {"model": "old"})
-        os.makedirs(os.path.join(out, "checkpoints", "step_4"))
+def test_final_save_killed_at_every_step_leaves_the_checkpoints_and_no_wrong_eval_json(tmp_path, monkeypatch):
+    """Kill the final save at each of its file-system steps in turn: the checkpoints and the log stay as they were and
+    --resume loads them, the next run removes what the save left (.saving), and an eval.json in output_dir always sits
+    beside the complete model it describes (it is moved in last)."""
+    tok, model = toy_task.build_tokenizer(), tiny_model(1)
+    for k in range(300):
+        out = str(tmp_path / f"run{k}")
+        cfg = make(sft.Config, output_dir=out, save_every=2)
+        common.prepare_output_dir(cfg.run, 0)
+        common.save_checkpoint(cfg, 2, 4, {"model": model}, [torch.optim.AdamW(model.parameters())], {"x": 2})
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-            f.write('{"step": 4}\n')
+            f.write('{"step": 2}\n')
+        kept = lambda: {p: h for p, h in files_of(out).items() if p.startswith("checkpoints") or  # noqa: E731
+                        p == "metrics.jsonl"}
+        before = kept()
         with monkeypatch.context() as m:
             done = crash_at(m, k)
             try:
-                common.save_model(models["new"], None, out, {"model": "new"})
+                common.save_model(cfg, model, tok, {"model": "final"})
                 finished = True
             except Killed:
                 finished = False
-        if atomic_exchange or os.path.isdir(out):
-            check_model_dir(out, models)
-        common.prepare_output_dir(out)  # the next run
-        seen_new |= check_model_dir(out, models) == "new"
-        assert sorted(os.listdir(tmp_path / f"run{k}")) == ["out"], f"left behind after a kill at step {k}: {done}"
-        assert os.path.isdir(os.path.join(out, "checkpoints", "step_4")), f"checkpoints lost at step {k}"
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            assert f.read() == '{"step": 4}\n', f"log lost at step {k}"
+        assert kept() == before, f"checkpoints or log changed by a kill at step {k}: {done}"
+        if os.path.exists(os.path.join(out, "eval.json")):
+            check_model_dir(out, model)
+        resumed = make(sft.Config, output_dir=out, save_every=2, resume=True)
+        common.prepare_output_dir(resumed.run, 0)  # the next run
+        assert ".saving" not in os.listdir(out), (k, done)
+        state = {"x": 0}
+        fresh = tiny_model(2)
+        assert common.resume(resumed, {"model": fresh}, [torch.optim.AdamW(fresh.parameters())], state) == 2, (k, done)
+        assert state["x"] == 2
+        common.release_lock(resumed.run)
         if finished:
+            check_model_dir(out, model)
             break
-    assert finished and seen_new and k > 3
+    assert finished and k > 5
 
 
-def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one(tmp_path, monkeypatch):
-    """Kill a checkpoint save at each of its steps: the newest complete checkpoint is always loadable (the previous
-    one, or the new one once it is renamed into place), and the next run removes the half-written one."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize("moved", [0, 3])
+def test_run_killed_in_its_final_save_resumes_to_the_complete_model(tmp_path, monkeypatch, moved):
+    """sft.py killed in its final save, all of it written to output_dir/.saving and `moved` files moved into
+    output_dir (3: a config and weights there, no tokenizer, no eval.json): the checkpoints are intact, and a rerun
+    with --resume ends with the model, eval.json and log of a run that was never interrupted."""
+    options = dict(max_steps=4, save_every=2, log_every=1, eval_every=3)
+    reference = str(tmp_path / "reference")
+    sft.main(sft_config(tmp_path, output_dir=reference, **options))
+    save_model, replace, replaced = common.save_model, os.replace, []
 
-    model = tiny_model(0)
-    optimizer = torch.optim.AdamW(model.parameters())
-    config = SimpleNamespace(seed=1)
-    for k in range(100):
-        out = str(tmp_path / f"run{k}")
-        logger = common.MetricsLogger(out)
-        common.save_state(out, 2, {"model": model}, [optimizer], {}, {"x": 2}, logger, config, save_total_limit=1)
+    def kill_in_save(*args, **kwargs):
+        def counted(src, dst):
+            if len(replaced) == moved:
+                raise Killed(dst)
+            replaced.append(dst)
+            replace(src, dst)
+
         with monkeypatch.context() as m:
-            done = crash_at(m, k)
-            try:
-                common.save_state(out, 4, {"model": model}, [optimizer], {}, {"x": 4}, logger, config,
-                                  save_total_limit=1)
-                finished = True
-            except (Killed, CheckpointException):  # torch.distributed.checkpoint wraps what its writer raised
-                finished = False
-        logger.close()
-        common.prepare_output_dir(out)
-        latest = common.latest_checkpoint(out)
-        state = common.load_state(latest, {"model": model}, [optimizer], {}, config)
-        assert state["state"]["x"] == state["step"] in (2, 4), (k, done)
-        assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")]
-        if finished:
-            assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_4"]  # save_total_limit=1
-            break
-    assert finished and k > 3
+            m.setattr(os, "replace", counted)
+            save_model(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(common, "save_model", kill_in_save)
+        with pytest.raises(Killed):
+            sft.main(sft_config(tmp_path, **options))
+    out = str(tmp_path / "out")
+    assert len(replaced) == moved and not os.path.exists(os.path.join(out, "eval.json"))
+    assert sorted(common.checkpoints(out)) == [2] and os.path.isdir(os.path.join(out, ".saving"))
+    sft.main(sft_config(tmp_path, **options, resume=True))
+    assert_same_run(reference, out, f"killed in the final save after {moved} files")
+    assert_clean(out)
+
+
+def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_the_previous_checkpoint_resumes(tmp_path,
+                                                                                              monkeypatch):
+    """The disk fills up while the checkpoint of step 4 is written: one InputError naming output_dir and the space
+    the checkpoint needs; the half-written checkpoint is gone, that of step 2 is kept, and --resume from it ends like
+    a run that was never interrupted."""
+    options = dict(max_steps=6, save_every=2, log_every=1, eval_every=3)
+    reference = str(tmp_path / "reference")
+    sft.main(sft_config(tmp_path, output_dir=reference, **options))
+    real_open = io.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if ".tmp_step_4" in str(file) and any(c in mode for c in "wax+"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    out = str(tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", full_disk)
+        m.setattr(io, "open", full_disk)
+        with pytest.raises(common.InputError) as error:
+            sft.main(sft_config(tmp_path, **options))
+    assert re.fullmatch(rf"--output_dir {re.escape(out)}: saving the checkpoint of step 4 failed \(No space left on "
+                        r"device\); it needs about \d+\.\d\d GiB, \d+\.\d\d GiB are free; the earlier checkpoints are "
+                        "intact", str(error.value)), str(error.value)
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step_2"]
+    sft.main(sft_config(tmp_path, **options, resume=True))
+    assert_same_run(reference, out, "resumed after a full disk")
+    assert_clean(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the output directory: a mount point, a lock, an earlier run, the options and checkpoints a resume finds
+# ---------------------------------------------------------------------------------------------------------------------
+def test_output_dir_that_cannot_be_renamed_a_mount_point(tmp_path, monkeypatch):
+    """output_dir is a mount point: renaming it, or anything onto it, fails with EBUSY. A run trains, checkpoints and
+    saves its final model there, and a resumed run too (output_dir itself is never renamed)."""
+    out = str(tmp_path / "out")
+    real = {name: getattr(os, name) for name in ("rename", "replace")}
+
+    def busy(name):
+        def rename(src, dst, *args, **kwargs):
+            if os.path.realpath(out) in (os.path.realpath(src), os.path.realpath(dst)):
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src)
+            return real[name](src, dst, *args, **kwargs)
+        return rename
+
+    for name in real:
+        monkeypatch.setattr(os, name, busy(name))
+    os.makedirs(out)
+    with pytest.raises(OSError, match="busy"):  # the simulation is in place
+        os.rename(out, out + ".old")
+    options = dict(max_steps=4, save_every=2, log_every=1, eval_every=3)
+    final = sft.main(sft_config(tmp_path, **options))
+    weights, rows = load_file(os.path.join(out, "model.safetensors")), read_rows(out)
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f)["train_steps"] == final["train_steps"] == 4
+    assert sorted(common.checkpoints(out)) == [2] and len(rows) > 4
+    sft.main(sft_config(tmp_path, **options, resume=True))  # from step 2: the same run again
+    again = load_file(os.path.join(out, "model.safetensors"))
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    assert read_rows(out) == rows
+    assert_clean(out)
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    """output_dir/.lock holds "host pid" of the run using it: a second run is refused while that process lives (naming
+    it), and takes the lock over once it is gone: ended and reaped, or killed and not yet reaped by its parent (a
+    zombie holds no directory)."""
+    out, host = tmp_path / "out", socket.gethostname()
+    lock = out / ".lock"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(f"{host} {holder.pid}\n")
+        with pytest.raises(common.InputError, match=rf"^--output_dir {out}: in use by another run \(pid {holder.pid}\);"
+                                                    " wait for it to end or choose another directory$"):
+            sft.main(sft_config(tmp_path))
+        assert os.listdir(out) == [".lock"] and lock.read_text() == f"{host} {holder.pid}\n"  # untouched
+        lock.write_text(f"another-host {holder.pid}\n")  # its pid cannot be checked from here
+        with pytest.raises(common.InputError, match=rf"^--output_dir {out}: in use by a run on another-host \(pid "
+                                                    rf"{holder.pid}\); if it has ended, delete {lock}$"):
+            sft.main(sft_config(tmp_path))
+    finally:
+        holder.kill()
+    holder.wait()  # ended and reaped: the lock is stale
+    lock.write_text(f"{host} {holder.pid}\n")
+    sft.main(sft_config(tmp_path))
+    assert "model.safetensors" in os.listdir(out) and ".lock" not in os.listdir(out)  # released at the end
+
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    zombie.kill()  # not waited for: a zombie until its parent (this process) reaps it
+    deadline = time.time() + 30
+    while process_state(zombie.pid) != "Z":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    try:
+        lock.write_text(f"{host} {zombie.pid}\n")
+        sft.main(sft_config(tmp_path, overwrite_output_dir=True))
+        assert ".lock" not in os.listdir(out)
+    finally:
+        zombie.wait()
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_non_empty_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
+    """A run into a directory that holds an earlier run is refused before it touches anything (and releases the lock
+    it took); --overwrite_output_dir empties the directory first, so nothing of the earlier run (checkpoints, log)
+    is left to mix with the new one."""
+    sft.main(sft_config(tmp_path, max_steps=4, save_every=2, log_every=1, eval_every=100))
+    out = str(tmp_path / "out")
+    before = files_of(out)
+    with pytest.raises(common.InputError, match=rf"^--output_dir {out}: holds an earlier run \(checkpoints, config.json"
+                                                r", eval.json, generation_config.json\); --resume continues it, "
+                                                "--overwrite_output_dir starts over, or choose another directory$"):
+        sft.main(sft_config(tmp_path, max_steps=3, seed=2))
+    assert files_of(out) == before and ".lock" not in before  # untouched, and not locked by the refused run
+    sft.main(sft_config(tmp_path, max_steps=3, seed=3, log_every=1, eval_every=100, overwrite_output_dir=True))
+    assert sorted(os.listdir(out)) == ["config.json", "eval.json", "generation_config.json", "metrics.jsonl",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 3]  # the new run's rows only
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f)["train_steps"] == 3
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint_so_it_equals_an_uninterrupted_runs(tmp_path):
+    config = sft_config(tmp_path, max_steps=6, save_every=2, log_every=1, eval_every=3)
+    sft.main(config)
+    out = config.run.output_dir
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        complete = f.read().splitlines(keepends=True)
+    assert [json.loads(line)["step"] for line in complete] == [1, 2, 3, 3, 4, 5, 6, 6]
+    # as if killed after logging step 5 (and a stray row of a later step), with checkpoints at 2 and 4
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write("".join(complete[:6]) + json.dumps({"step": 7, "loss": 0.0}) + "\n")
+    sft.main(sft_config(tmp_path, max_steps=6, save_every=2, log_every=1, eval_every=3, resume=True))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6, 6]  # each step once: rows up to 4 kept from the first run
+    assert [without_timing(r) for r in rows] == [without_timing(json.loads(line)) for line in complete]
+    with open(os.path.join(out, "checkpoints", "step_4", "trainer_state.json")) as f:
+        saved = json.load(f)
+    assert saved["step"] == 4 and saved["config"]["max_steps"] == 6 and saved["config"]["run"]["save_every"] == 2
+
+
+def test_resume_with_another_lora_setup_is_refused(tmp_path, toy_sft_checkpoint):
+    """Adding or removing --lora_r between a run and its resume: the checkpoint holds other weights (the whole model,
+    or an adapter): refused, naming the option and the checkpoint's value."""
+    options = dict(model_name_or_path=toy_sft_checkpoint, from_scratch=False, max_steps=3, save_every=2,
+                   eval_every=100)
+    for trained, resumed in ((0, 4), (4, 0)):
+        out = str(tmp_path / f"lora{trained}")
+        sft.main(sft_config(tmp_path, output_dir=out, lora_r=trained, **options))
+        step_2 = common.checkpoints(out)[2]
+        with pytest.raises(common.InputError, match=rf"^--resume: {step_2} was trained with --lora_r {trained}; "
+                                                    r"resume with the same \(the checkpoint holds other weights\)$"):
+            sft.main(sft_config(tmp_path, output_dir=out, lora_r=resumed, resume=True, **options))
+
+
+def test_truncated_checkpoint_shard_is_one_error_naming_the_checkpoint(tmp_path):
+    """A checkpoint whose shard was cut short (a disk that filled up, a copy that stopped): one InputError naming it,
+    saying to delete it to resume from the older one, which then works (or, with no older one, to start over)."""
+    options = dict(max_steps=6, save_every=2, save_total_limit=2, log_every=1, eval_every=3)
+    sft.main(sft_config(tmp_path, **options))
+    out = str(tmp_path / "out")
+    weights, rows = load_file(os.path.join(out, "model.safetensors")), read_rows(out)
+
+    def truncate(checkpoint: str) -> None:
+        shard = next(os.path.join(checkpoint, n) for n in sorted(os.listdir(checkpoint)) if n.endswith(".distcp"))
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+
+    found = common.checkpoints(out)
+    assert sorted(found) == [2, 4]
+    truncate(found[4])
+    with pytest.raises(common.InputError) as error:
+        sft.main(sft_config(tmp_path, **options, resume=True))
+    assert re.fullmatch(rf"--resume: {re.escape(found[4])} cannot be read \(.+\); delete it to resume from "
+                        rf"{re.escape(found[2])}", str(error.value)), str(error.value)
+    shutil.rmtree(found[4])  # as the message says
+    sft.main(sft_config(tmp_path, **options, resume=True))
+    again = load_file(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(weights[k], again[k]) for k in weights) and read_rows(out) == rows
+    found = common.checkpoints(out)
+    shutil.rmtree(found[2])
+    truncate(found[4])
+    with pytest.raises(common.InputError, match=rf"^--resume: {found[4]} cannot be read \(.+\); run without --resume "
+                                                "to start over$"):
+        sft.main(sft_config(tmp_path, **options, resume=True))
+
+
+def test_threads_option_sets_torchs_thread_count(tmp_path):
+    try:
+        for threads, before in ((1, 2), (2, 1)):
+            torch.set_num_threads(before)
+            cfg = common.parse(sft.Config, ["--threads", str(threads), "--output_dir", str(tmp_path / str(threads))])
+            assert cfg.run.threads == threads
+            common.setup(cfg, "sft", sft.PRETRAINED)
+            assert torch.get_num_threads() == threads
+            common.release_lock(cfg.run)
+    finally:
+        torch.set_num_threads(1)  # conftest's
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # bad options: refused when the config is built (tyro reports them with the option's name before anything loads)
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script,option,value,message", [
-    ("sft", "per_device_batch_size", 0, "--per_device_batch_size must be > 0, got 0"),
-    ("sft", "num_epochs", 0.0, "--num_epochs must be > 0"),
-    ("sft", "max_length", -5, "--max_length must be > 0"),
-    ("sft", "max_new_tokens", 0, "--max_new_tokens must be > 0"),
-    ("sft", "num_eval_generations", -1, "--num_eval_generations must be >= 0"),
-    ("sft", "warmup_ratio", 1.5, "--warmup_ratio must be between 0 and 1"),
-    ("sft", "top_p", 0.0, r"--top_p must be in \(0, 1\]"),
-    ("sft", "learning_rate", float("nan"), "--learning_rate must be > 0, got nan"),
-    ("sft", "max_steps", 0, "--max_steps must be >= 1"),
-    ("sft", "save_total_limit", 0, "--save_total_limit must be > 0"),
-    ("reward_model", "per_device_batch_size", 0, "--per_device_batch_size must be > 0"),
-    ("reward_model", "normalize_samples", -1, "--normalize_samples must be >= 0"),
-    ("reward_model", "save_every", -2, "--save_every must be >= 0"),
-    ("dpo", "beta", 0.0, "--beta must be > 0"),
-    ("dpo", "label_smoothing", 0.5, r"--label_smoothing must be in \[0, 0.5\)"),
-    ("dpo", "temperature", 0.0, "--temperature must be > 0"),
-    ("dpo", "num_epochs", 0.0, "--num_epochs must be > 0"),
-    ("ppo", "rollout_batch_size", 0, "--rollout_batch_size must be > 0"),
-    ("ppo", "num_iterations", 0, "--num_iterations must be > 0"),
-    ("ppo", "temperature", 0.0, "--temperature must be > 0"),  # the log-probs divide by it
-    ("ppo", "num_samples_per_prompt", -1, "--num_samples_per_prompt must be > 0"),
-    ("ppo", "gamma", 1.2, "--gamma must be between 0 and 1"),
-    ("ppo", "kl_coef", -0.1, "--kl_coef must be >= 0"),
-    ("ppo", "update_epochs", 0, "--update_epochs must be > 0"),
-    ("ppo", "top_k", -1, "--top_k must be >= 0"),
-    ("grpo", "num_samples_per_prompt", 1, "--advantage_estimator grpo needs --num_samples_per_prompt >= 2"),
-    ("grpo", "clip_range", 1.0, "--clip_range must be < 1"),
-    ("grpo", "temperature", 0.0, "--temperature must be > 0"),
-    ("grpo", "max_sampling_rounds", 0, "--max_sampling_rounds must be > 0"),
-    ("grpo", "overlong_buffer", 100, "--overlong_buffer 100 exceeds --max_new_tokens 16"),
-    ("grpo", "lora_dropout", 0.1, "--lora_dropout must be 0"),
+@pytest.mark.parametrize("script,options,message", [
+    ("sft", dict(per_device_batch_size=0), "--per_device_batch_size must be > 0, got 0"),
+    ("sft", dict(num_epochs=0.0), "--num_epochs must be > 0"),
+    ("sft", dict(max_length=-5), "--max_length must be > 0"),
+    ("sft", dict(max_new_tokens=0), "--max_new_tokens must be > 0"),
+    ("sft", dict(num_eval_generations=-1), "--num_eval_generations must be >= 0"),
+    ("sft", dict(warmup_ratio=1.5), "--warmup_ratio must be between 0 and 1"),
+    ("sft", dict(top_p=0.0), r"--top_p must be in \(0, 1\]"),
+    ("sft", dict(learning_rate=float("nan")), "--learning_rate must be > 0, got nan"),
+    ("sft", dict(max_steps=0), "--max_steps must be > 0"),
+    ("sft", dict(save_total_limit=0), "--save_total_limit must be > 0"),
+    ("sft", dict(threads=0), "--threads must be > 0"),
+    ("sft", dict(resume=True, overwrite_output_dir=True), "--resume continues the run in output_dir, "
+                                                          "--overwrite_output_dir deletes it: pick one"),
+    ("sft", dict(merge_lora=True), r"--merge_lora needs --lora_r > 0"),
+    ("reward_model", dict(per_device_batch_size=0), "--per_device_batch_size must be > 0"),
+    ("reward_model", dict(normalize_samples=-1), "--normalize_samples must be >= 0"),
+    ("reward_model", dict(save_every=-2), "--save_every must be >= 0"),
+    ("dpo", dict(beta=0.0), "--beta must be > 0"),
+    ("dpo", dict(label_smoothing=0.5), r"--label_smoothing must be in \[0, 0.5\)"),
+    ("dpo", dict(temperature=0.0), "--temperature must be > 0"),
+    ("dpo", dict(num_epochs=0.0), "--num_epochs must be > 0"),
+    ("ppo", dict(rollout_batch_size=0), "--rollout_batch_size must be > 0"),
+    ("ppo", dict(num_iterations=0), "--num_iterations must be > 0"),
+    ("ppo", dict(temperature=0.0), "--temperature must be > 0"),  # the log-probs divide by it
+    ("ppo", dict(num_samples_per_prompt=-1), "--num_samples_per_prompt must be > 0"),
+    ("ppo", dict(gamma=1.2), "--gamma must be between 0 and 1"),
+    ("ppo", dict(kl_coef=-0.1), "--kl_coef must be >= 0"),
+    ("ppo", dict(update_epochs=0), "--update_epochs must be > 0"),
+    ("ppo", dict(top_k=-1), "--top_k must be >= 0"),
+    ("grpo", dict(num_samples_per_prompt=1), "--advantage_estimator grpo needs --num_samples_per_prompt >= 2"),
+    ("grpo", dict(clip_range=1.0), "--clip_range must be < 1"),
+    ("grpo", dict(clip_range=0.2, clip_range_high=0.1), r"--clip_range_high 0.1 < --clip_range 0.2: clip-higher "
+                                                        "widens the upper range"),
+    ("grpo", dict(temperature=0.0), "--temperature must be > 0"),
+    ("grpo", dict(max_sampling_rounds=0), "--max_sampling_rounds must be > 0"),
+    ("grpo", dict(overlong_buffer=100, max_new_tokens=16), "--overlong_buffer 100 exceeds --max_new_tokens 16"),
+    ("grpo", dict(lora_dropout=0.1), "--lora_dropout must be 0"),
 ])
-def test_bad_options_are_refused_with_their_name(script, option, value, message):
-    with pytest.raises(common.InputError, match=message):
-        SCRIPTS[script].Config(**{option: value})
+def test_bad_options_are_refused_with_their_name(script, options, message):
+    with pytest.raises(common.InputError, match=message) as error:
+        make(SCRIPTS[script].Config, **options)
+    assert "\n" not in str(error.value)  # one line
+
+
+def test_bad_option_against_a_default_that_follows_the_model_is_refused_before_anything_runs(tmp_path,
+                                                                                          toy_sft_checkpoint):
+    """--max_new_tokens is filled in by setup (the toy's): the check between the two options runs on it too."""
+    out, n = tmp_path / "g", toy_task.DEFAULTS["grpo"]["max_new_tokens"]
+    refused(f"^--overlong_buffer {n + 1} exceeds --max_new_tokens {n}$", grpo.main,
+            make(grpo.Config, model_name_or_path=toy_sft_checkpoint, overlong_buffer=n + 1, output_dir=str(out)))
+    assert not out.exists()
 
 
 def test_bad_option_on_the_command_line_is_one_clear_message(tmp_path):
@@ -351,6 +667,18 @@ def test_bad_option_on_the_command_line_is_one_clear_message(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # bad inputs: an error naming the file and line, the field or the option, before any training
 # ---------------------------------------------------------------------------------------------------------------------
+def refused(match: str, run, config) -> None:
+    """run(config) ends with one InputError of one line that matches."""
+    with pytest.raises(common.InputError, match=match) as error:
+        run(config)
+    assert "\n" not in str(error.value), str(error.value)
+
+
+def nothing_written(out) -> bool:
+    """output_dir is claimed (its lock) before any input is read; a refused input leaves nothing else there."""
+    return not os.path.exists(out) or set(os.listdir(out)) <= {".lock"}
+
+
 def write(path, text: str | bytes) -> str:
     with open(path, "wb") as f:
         f.write(text if isinstance(text, bytes) else text.encode())
@@ -368,53 +696,55 @@ def sft_config(tmp_path, **kw):
 def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path):
     bad = write(tmp_path / "latin1.jsonl", '{"prompt": "the movie was", "completion": " good ."}\n'.encode()
                 + '{"prompt": "the café was", "completion": " good ."}\n'.encode("latin-1"))
-    with pytest.raises(common.InputError, match=rf"{bad}:2: not UTF-8 text \(byte 0xe9 at column 20\)"):
-        sft.main(sft_config(tmp_path, dataset=bad))
-    assert not os.path.exists(tmp_path / "out")
+    refused(rf"{bad}:2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8", sft.main,
+            sft_config(tmp_path, dataset=bad))
+    assert nothing_written(tmp_path / "out")
 
 
 def test_messages_holding_strings_name_the_field(tmp_path, tiny_checkpoints):
     bad = write(tmp_path / "chat.jsonl", json.dumps({"messages": ["hello", "hi there"]}) + "\n")
-    with pytest.raises(common.InputError, match=rf"{bad}:1: field 'messages' must be a non-empty list of "
-                                                r"\{\"role\": str, \"content\": str\} messages"):
-        sft.main(sft_config(tmp_path, model_name_or_path=tiny_checkpoints["llama"], from_scratch=False, dataset=bad))
+    refused(rf"{bad}:1: field 'messages' must be a non-empty list of \{{\"role\": str, \"content\": str\}} messages",
+            sft.main, sft_config(tmp_path, model_name_or_path=tiny_checkpoints["llama"], from_scratch=False,
+                                 dataset=bad))
+    bad = write(tmp_path / "roles.jsonl", json.dumps({"messages": [{"role": "human", "content": "hello"},
+                                                                   {"role": "bot", "content": "hi"}]}) + "\n")
+    refused(rf"{bad}:1: field 'messages' has the roles \['bot', 'human'\]; expected system / user / assistant / tool",
+            sft.main, sft_config(tmp_path, model_name_or_path=tiny_checkpoints["llama"], from_scratch=False,
+                                 dataset=bad))
 
 
 def test_misspelt_field_is_refused_not_read_as_another_format(tmp_path, toy_sft_checkpoint):
     # without the check, {"promt", "chosen", "rejected"} would be read as an implicit-prompt pair with the prompt lost
     row = {"promt": "the movie was", "chosen": " good .", "rejected": " bad ."}
     bad = write(tmp_path / "typo.jsonl", json.dumps(row) + "\n")
-    with pytest.raises(common.InputError, match=rf"{bad}:1: unknown field 'promt'; did you mean 'prompt'\?"):
-        dpo.main(make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=bad, output_dir=str(tmp_path / "o")))
+    refused(rf"{bad}:1: unknown field 'promt'; did you mean 'prompt'\?", dpo.main,
+            make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=bad, output_dir=str(tmp_path / "o")))
     fine = write(tmp_path / "extra.jsonl", json.dumps({"prompt": "a", "chosen": " b", "rejected": " c",
                                                        "source": "x", "id": 7}) + "\n")
-    assert len(common.load_jsonl(fine, alternatives=(("prompt", "chosen", "rejected"),))) == 1  # extra fields: fine
+    assert len(common.load_rows(fine, "--dataset")) == 1  # extra fields: fine
 
 
 def test_missing_model_directory_names_the_option(tmp_path):
-    with pytest.raises(common.InputError, match=r"--model_name_or_path /nonexistent/model: cannot load \(no such "
-                                                r"local directory"):
-        sft.main(sft_config(tmp_path, model_name_or_path="/nonexistent/model", from_scratch=False))
-    with pytest.raises(common.InputError,
-                       match="--model_name_or_path runs/none_such_sft: not found; run `python sft.py` first"):
-        reward_model.main(make(reward_model.Config, model_name_or_path="runs/none_such_sft", output_dir=str(tmp_path / "r")))
+    refused(r"--model_name_or_path /nonexistent/model: cannot load \(no such local directory", sft.main,
+            sft_config(tmp_path, model_name_or_path="/nonexistent/model", from_scratch=False))
+    refused("--model_name_or_path runs/none_such_sft: not found; run `python sft.py` first", reward_model.main,
+            make(reward_model.Config, model_name_or_path="runs/none_such_sft", output_dir=str(tmp_path / "r")))
 
 
 def test_max_length_beyond_the_models_positions(tmp_path):
-    with pytest.raises(common.InputError, match="--max_length = 100 tokens exceeds the 64 positions of "
-                                                "data/toy/base_model"):
-        sft.main(sft_config(tmp_path, max_length=100))
+    refused("--max_length = 100 tokens exceeds the 64 positions of data/toy/base_model; lower it", sft.main,
+            sft_config(tmp_path, max_length=100))
 
 
 def test_model_of_the_wrong_kind_is_refused(tmp_path, toy_sft_checkpoint, toy_reward_model):
     # a causal LM as reward model: its score head would be random
-    with pytest.raises(common.InputError, match=rf"--reward_model_path {toy_sft_checkpoint}: not a reward model"):
-        ppo.main(make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_sft_checkpoint,
-                            output_dir=str(tmp_path / "p")))
+    refused(rf"--reward_model_path {toy_sft_checkpoint}: not a reward model", ppo.main,
+            make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_sft_checkpoint,
+                 output_dir=str(tmp_path / "p")))
     # a reward model as the policy
-    with pytest.raises(common.InputError, match=rf"--model_name_or_path {toy_reward_model}: a reward / classification"):
-        dpo.main(make(dpo.Config, model_name_or_path=toy_reward_model, output_dir=str(tmp_path / "d")))
-    assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "d")
+    refused(rf"--model_name_or_path {toy_reward_model}: a reward / classification", dpo.main,
+            make(dpo.Config, model_name_or_path=toy_reward_model, output_dir=str(tmp_path / "d")))
+    assert nothing_written(tmp_path / "p") and nothing_written(tmp_path / "d")
 
 
 def bad_reward(prompts, completions):
@@ -432,41 +762,40 @@ def test_reward_function_returning_garbage_is_refused_with_its_name(returned, me
                                                                     toy_sft_checkpoint):
     global BAD_REWARD
     BAD_REWARD = returned
-    with pytest.raises(common.InputError, match="reward function bad_reward " + message):
-        ppo.main(make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_reliability:bad_reward",),
-                            critic_init="sft", rollout_batch_size=4, max_steps=1, max_new_tokens=4,
-                            eval_samples_per_prompt=1, eval_reward_fn=("none",), output_dir=str(tmp_path / "p")))
+    refused("reward function bad_reward " + message, ppo.main,
+            make(ppo.Config, model_name_or_path=toy_sft_checkpoint, reward_fn=("test_reliability:bad_reward",),
+                 reward_model_path="none", critic_init="sft", rollout_batch_size=4, num_iterations=1, max_new_tokens=4,
+                 eval_samples_per_prompt=1, eval_reward_fn=("none",), output_dir=str(tmp_path / "p")))
 
 
 def test_reward_function_spec_errors(tmp_path):
-    with pytest.raises(common.InputError, match="--reward_fn nocolon: expected module:function"):
-        common.load_function("nocolon")
-    with pytest.raises(common.InputError, match="--reward_fn no_such_module_xyz:f: cannot import no_such_module_xyz"):
-        common.load_function("no_such_module_xyz:f")
-    with pytest.raises(common.InputError, match="--reward_fn toy_task:nope: toy_task has no function nope"):
-        common.load_function("toy_task:nope")
-    with pytest.raises(common.InputError, match="no such file /nowhere/rewards.py"):
-        common.load_function("/nowhere/rewards.py:f")
+    for spec, message in [("nocolon", "--reward_fn nocolon: expected module:function"),
+                          ("no_such_module_xyz:f", "--reward_fn no_such_module_xyz:f: cannot import "
+                                                   "no_such_module_xyz"),
+                          ("toy_task:nope", "--reward_fn toy_task:nope: toy_task has no function nope"),
+                          ("/nowhere/rewards.py:f", "--reward_fn /nowhere/rewards.py:f: no such file "
+                                                    "/nowhere/rewards.py")]:
+        refused(message, lambda s: common.load_function(s, "--reward_fn"), spec)
     path = write(tmp_path / "rewards.py",
                  "def length(completions, **kwargs):\n    return [len(c) for c in completions]\n")
-    fn = common.load_function(f"{path}:length")
-    assert common.call_reward_fn(fn, ["a", "b"], [" xy", " z"]) == [3.0, 2.0]
+    fn = common.load_function(f"{path}:length", "--reward_fn")
+    assert common.call_reward_fn("length", fn, ["a", "b"], [" xy", " z"]) == [3.0, 2.0]
 
 
 def test_output_dir_that_cannot_be_written_or_disk_too_full_is_found_before_training(tmp_path, monkeypatch):
     blocker = write(tmp_path / "a_file", "not a directory")
-    with pytest.raises(common.InputError, match=rf"--output_dir {blocker}/out: cannot write there"):
-        sft.main(sft_config(tmp_path, output_dir=f"{blocker}/out"))
+    refused(rf"--output_dir {blocker}/out: cannot write there", sft.main,
+            sft_config(tmp_path, output_dir=f"{blocker}/out"))
     usage = common.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(common.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(common.InputError, match=r"GiB free on its disk, but the final model and a checkpoint need"):
-        sft.main(sft_config(tmp_path, save_every=1))
-    assert not os.path.exists(os.path.join(tmp_path, "out", "metrics.jsonl"))  # nothing trained, nothing logged
+    refused(rf"--output_dir {tmp_path}/out: 0.00 GiB free, but the final model and a checkpoint need about", sft.main,
+            sft_config(tmp_path, save_every=1))
+    assert nothing_written(tmp_path / "out")  # nothing trained, nothing logged
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(common.InputError, match=r"--resume: no complete checkpoint in .*/out/checkpoints"):
-        sft.main(sft_config(tmp_path, resume=True))
+    refused(rf"--resume: no complete checkpoint in {tmp_path}/out/checkpoints", sft.main,
+            sft_config(tmp_path, resume=True))
 
 
 def test_runtime_input_error_on_the_command_line_is_one_line_without_traceback(tmp_path):
@@ -475,65 +804,6 @@ def test_runtime_input_error_on_the_command_line_is_one_line_without_traceback(t
     assert proc.returncode == 2, proc.stderr
     assert f"error: --dataset {tmp_path}/missing.jsonl: no such file or directory" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# a new run into an existing output_dir, and the log on resume
-# ---------------------------------------------------------------------------------------------------------------------
-def failing_reward(prompts, completions):
-    raise RuntimeError("the reward service is down")
-
-
-def test_a_failed_rerun_keeps_the_previous_runs_files_until_it_saves(tmp_path):
-    first = sft_config(tmp_path, max_steps=4, save_every=2, log_every=1, eval_every=100)
-    sft.main(first)
-    out = first.output_dir
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        log = f.read()
-    with open(os.path.join(out, "eval.json")) as f:
-        evaluation = f.read()
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_2"]
-
-    # a re-run that crashes at its first evaluation (step 2), before any save of its own
-    with pytest.raises(RuntimeError, match="the reward service is down"):
-        sft.main(sft_config(tmp_path, max_steps=4, log_every=1, eval_every=2, seed=2,
-                            eval_reward_fn=("test_reliability:failing_reward",)))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        assert f.read() == log
-    with open(os.path.join(out, "eval.json")) as f:
-        assert f.read() == evaluation
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_2"]
-    assert common.latest_checkpoint(out).endswith("step_2")  # --resume would still continue the first run
-
-    # a re-run that saves: its first checkpoint replaces the previous run's checkpoints and log
-    third = sft_config(tmp_path, max_steps=6, save_every=3, log_every=1, eval_every=100, seed=3)
-    sft.main(third)
-    assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "eval.json", "generation_config.json",
-                                              "metrics.jsonl", "model.safetensors", "tokenizer.json",
-                                              "tokenizer_config.json"])
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_3"]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6, 6]
-    with open(os.path.join(out, "eval.json")) as f:
-        assert json.load(f)["train_steps"] == 6
-
-
-def test_resume_appends_to_the_log_and_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
-    config = sft_config(tmp_path, max_steps=6, save_every=2, log_every=1, eval_every=100)
-    sft.main(config)
-    out = config.output_dir
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        complete = f.read()
-    # as if killed after logging step 5, with checkpoints at 2 and 4
-    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        f.write("".join(complete.splitlines(keepends=True)[:5]))
-    sft.main(sft_config(tmp_path, max_steps=6, save_every=2, log_every=1, eval_every=100, resume=True))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]  # each step once; rows 1-4 kept from the first run
-    assert [without_timing(r) for r in rows] == [without_timing(json.loads(line)) for line in complete.splitlines()]
-    with open(os.path.join(out, "checkpoints", "step_4", "trainer_state.json")) as f:
-        assert json.load(f)["config"]["max_steps"] == 6
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import common
 import reward_model as rm
 import toy_task
-from conftest import make, ROOT
+from conftest import ARCHS, ROOT, make
 
 
 def sigmoid(x):
@@ -152,8 +152,11 @@ def test_formats_tokenise_alike(tmp_path):
              "chosen": [{"role": "assistant", "content": "good ."}], "rejected": "bad ."},
             {"chosen": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "good ."}],
              "rejected": [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "bad ."}]}]
-    examples, counts = build(write_rows(tmp_path, rows), tok, make(rm.Config, max_length=64))
-    assert counts == {"skipped_identical": 0, "truncated": 0, "dropped": 0}
+    examples = []
+    for i, row in enumerate(rows):  # one format per file (a file that mixes them is refused)
+        built, counts = build(write_rows(tmp_path, [row], f"{i}.jsonl"), tok, make(rm.Config, max_length=64))
+        assert counts == {"skipped_identical": 0, "truncated": 0, "dropped": 0}
+        examples += built
     eos = tok.eos_token_id
     good = tok("good .", add_special_tokens=False)["input_ids"]
     bad = tok("bad .", add_special_tokens=False)["input_ids"]
@@ -176,26 +179,39 @@ def test_formats_tokenise_alike(tmp_path):
 ])
 def test_bad_rows_name_file_line_field(tmp_path, row, message):
     good = {"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."}
-    path = write_rows(tmp_path, [good, row])
-    with pytest.raises(ValueError) as err:
+    # after a good row of the same format (line 2); a row of another format alone (line 1)
+    rows = [good, row] if {"prompt", "chosen", "rejected"} <= set(row) else [row]
+    path = write_rows(tmp_path, rows)
+    with pytest.raises(common.InputError) as err:
         build(path, toy_task.build_tokenizer(), make(rm.Config, max_length=64))
-    assert f"{path}:2" in str(err.value) and message in str(err.value)
+    assert f"{path}:{len(rows)}: " in str(err.value) and message in str(err.value)
+    if len(rows) == 1:  # after the good row: refused as a second format, naming both lines
+        path = write_rows(tmp_path, [good, row], "mixed.jsonl")
+        with pytest.raises(common.InputError, match=rf"{path}:2: a text \{{.*\}} row, but {path}:1 is a text "
+                                                    r"\{prompt, chosen, rejected\} row; one dataset must hold one"):
+            build(path, toy_task.build_tokenizer(), make(rm.Config, max_length=64))
 
 
 def test_identical_completions_skipped_and_counted(tmp_path):
-    rows = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
-            {"prompt": "the movie was", "chosen": " good .", "rejected": " good ."},
-            {"chosen": "the movie was good .", "rejected": "the movie was good ."}]
-    examples, counts = build(write_rows(tmp_path, rows), toy_task.build_tokenizer(), make(rm.Config, max_length=64))
-    assert len(examples) == 1 and counts["skipped_identical"] == 2
+    explicit = [{"prompt": "the movie was", "chosen": " good .", "rejected": " bad ."},
+                {"prompt": "the movie was", "chosen": " good .", "rejected": " good ."}]
+    implicit = [{"chosen": "the movie was good .", "rejected": "the movie was good ."},
+                {"chosen": "the movie was good .", "rejected": "the movie was bad ."}]
+    for name, rows in (("explicit.jsonl", explicit), ("implicit.jsonl", implicit)):
+        examples, counts = build(write_rows(tmp_path, rows, name), toy_task.build_tokenizer(),
+                                 make(rm.Config, max_length=64))
+        assert len(examples) == 1 and counts["skipped_identical"] == 1, name
+    with pytest.raises(common.InputError, match=r"i\.jsonl: no usable example \(counts: \{'skipped_identical': 1"):
+        cfg = make(rm.Config, max_length=64, dataset=write_rows(tmp_path, implicit[:1], "i.jsonl"))
+        build(cfg.dataset, toy_task.build_tokenizer(), cfg)
     ranking = [{"prompt": "the movie was", "completions": [" good .", " fine .", " good ."]},
                {"prompt": "the movie was", "completions": [" good .", " fine .", " bad ."]}]
     examples, counts = build(write_rows(tmp_path, ranking, "r.jsonl"), toy_task.build_tokenizer(),
-                                        make(rm.Config, loss="ranking", max_length=64))
+                             make(rm.Config, loss="ranking", max_length=64))
     assert len(examples) == 1 and counts["skipped_identical"] == 1 and len(examples[0]["completions"]) == 3
     with pytest.raises(ValueError, match=r"r1\.jsonl:1: field 'completions' must be a list of at least 2"):
         build(write_rows(tmp_path, [{"prompt": "x", "completions": [" good ."]}], "r1.jsonl"),
-                         toy_task.build_tokenizer(), make(rm.Config, loss="ranking", max_length=64))
+              toy_task.build_tokenizer(), make(rm.Config, loss="ranking", max_length=64))
 
 
 def test_over_long_policy(tmp_path):
@@ -267,11 +283,11 @@ def test_ranking_loss_end_to_end(toy_sft_checkpoint, tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
 def test_tiny_architectures_conversational(tiny_checkpoints, tmp_path, arch):
     subjects = ["movie", "phone", "cafe", "book", "laptop", "pizza", "game", "watch"]
-    rows = []
-    for i, s in enumerate(subjects):
+    rows, explicit = [], ARCHS.index(arch) % 2  # every other architecture: the prompt explicit, or implicit
+    for s in subjects:
         user = {"role": "user", "content": f"how was the {s} ?"}
         good, bad = {"role": "assistant", "content": "very good ."}, {"role": "assistant", "content": "bad !"}
-        rows.append({"prompt": [user], "chosen": [good], "rejected": [bad]} if i % 2 else
+        rows.append({"prompt": [user], "chosen": [good], "rejected": [bad]} if explicit else
                     {"chosen": [user, good], "rejected": [user, bad]})
     data = write_rows(tmp_path, rows)
     out = str(tmp_path / "rm")
@@ -341,7 +357,7 @@ def test_few_held_out_pairs_warn_and_deterministic_labels_report_no_ceiling(toy_
             == warned, printed
         with open(os.path.join(out, "eval.json")) as f:
             saved = json.load(f)
-        assert saved["num_eval_examples"] == n
+        assert saved["num_eval_examples"] == n and saved["accuracy"] == final["accuracy"]
         assert saved["accuracy_sem"] == pytest.approx(math.sqrt(saved["accuracy"] * (1 - saved["accuracy"]) / n))
         logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert not [k for k in [*saved, *(k for row in logged for k in row)] if "ceiling" in k or "gold_accuracy" in k]

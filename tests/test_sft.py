@@ -183,7 +183,8 @@ def test_tiny_architectures_with_chat_data(tmp_path, tiny_checkpoints, arch):
     # not a toy model: no toy defaults, so the length (128 positions) and the learning rate are given
     cfg = small_config(tmp_path, arch, model_name_or_path=ckpt, from_scratch=False, per_device_batch_size=8,
                        num_epochs=2.0, max_length=64, learning_rate=2e-3,
-                       dataset=write_jsonl(tmp_path / "chat.jsonl", chat), eval_dataset=write_jsonl(tmp_path / "chat_eval.jsonl", as_chat(TOY_EVAL_ROWS)))
+                       dataset=write_jsonl(tmp_path / "chat.jsonl", chat),
+                       eval_dataset=write_jsonl(tmp_path / "chat_eval.jsonl", as_chat(TOY_EVAL_ROWS)))
     if arch == "gpt2":  # prompt-completion eval data: also samples from the model (left padding, the new pad token)
         cfg.eval_dataset = write_jsonl(tmp_path / "eval.jsonl", TOY_EVAL_ROWS)
     final = sft.main(cfg)
