@@ -954,13 +954,16 @@ def _load_adapter(model_class, path: str, option: str, **kwargs):
     return model
 
 
-def add_lora(model, args: ModelArgs, modules_to_save: list[str] | None = None):
-    """The model with a LoRA adapter (peft) when --lora_r > 0: only the adapter (and modules_to_save, e.g. a score
-    head, trained fully) trains. Default targets: every linear layer of the blocks (peft's "all-linear")."""
+def prepare_trainable(model, args: ModelArgs, modules_to_save: list[str] | None = None):
+    """A model to train: activation checkpointing with --gradient_checkpointing, and a LoRA adapter (peft) when
+    --lora_r > 0, where only the adapter (and modules_to_save, e.g. a score head, trained fully) trains. Default
+    targets: every linear layer of the blocks (peft's "all-linear")."""
+    if args.gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if not args.lora_r:
         return model
     peft = _import_peft("--lora_r")
-    if getattr(model, "is_gradient_checkpointing", False):
+    if args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need inputs with grad
     try:
         return peft.get_peft_model(model, peft.LoraConfig(

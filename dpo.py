@@ -289,9 +289,7 @@ def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool, d
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     common.disable_dropout(model)  # the implicit reward compares two forward passes: they must be deterministic
     if trainable:
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model = common.add_lora(model, cfg.model).train()
+        model = common.prepare_trainable(model, cfg.model).train()
     else:
         model.eval().requires_grad_(False)
     return common.shard_model(model.to(device), common.precision(cfg.model, device)[2])

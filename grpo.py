@@ -88,8 +88,7 @@ class Config:
     """beta; 0 = no KL term and no reference model (TRL's default). GRPO paper 0.04 (in the loss), verl's
     kl_loss_coef 0.001. On the toy 0.2 in the reward (ppo.py's value) ends at PPO's KL to SFT"""
     kl_in_loss: bool = False
-    """add beta KL_t to the per-token loss (GRPO's way) instead of -beta KL_t to the reward (PPO's way; on the toy the
-    same beta in the loss lets the KL grow half as large again)"""
+    """add beta KL_t to the per-token loss (GRPO's way) instead of -beta KL_t to the reward (PPO's way)"""
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
     """k1 = log pi/pi_ref, k2 = (log pi/pi_ref)^2 / 2, k3 = pi_ref/pi - 1 - log pi_ref/pi; auto = k1 in the reward,
     k3 in the loss (k1 as a loss term has zero expected gradient)"""
@@ -547,9 +546,7 @@ def load_models(cfg: Config, device, with_ref: bool):
     for model in (ref, reward_model):
         if model is not None:
             model.eval().requires_grad_(False)
-    if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy = common.add_lora(policy, cfg.model)
+    policy = common.prepare_trainable(policy, cfg.model)
     policy, ref, reward_model = [common.shard_model(m.to(device), compute) if m is not None else None
                                  for m in (policy, ref, reward_model)]
     if cfg.model.lora_r:  # the adapter switched off is the start policy, at no cost

@@ -277,10 +277,8 @@ def load_reward_model(cfg: Config, device, dtype: torch.dtype):
     # the statistics of an earlier training would be stale: the scores are raw until this run normalises them
     model.config.reward_mean, model.config.reward_std = 0.0, 1.0
     common.disable_dropout(model)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     # with LoRA the score head is trained fully (a new head must be learnt, not adapted)
-    return common.add_lora(model, cfg.model, modules_to_save=["score"]).to(device), tokenizer, new_head
+    return common.prepare_trainable(model, cfg.model, modules_to_save=["score"]).to(device), tokenizer, new_head
 
 
 def load_policy(path: str, tokenizer, cfg: Config, device, dtype: torch.dtype):

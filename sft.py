@@ -240,9 +240,7 @@ def load_model(cfg: Config, device):
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return common.add_lora(model, cfg.model).to(device), tokenizer
+    return common.prepare_trainable(model, cfg.model).to(device), tokenizer
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The built-in toy task: a tiny review language with a known gold reward.
 
     python toy_task.py generate            # (re)write data/toy/ deterministically from the seed
-    python toy_task.py report              # compare runs/sft, best-of-N, runs/ppo, runs/dpo on held-out prompts
+    python toy_task.py report              # compare runs/sft, best-of-N, runs/ppo, runs/dpo, runs/grpo* on held-out prompts
 
 No weights or datasets can be downloaded on the first machine of a user (or in CI), and RLHF should be seen working in
 minutes on a laptop. So, in the spirit of the positive-sentiment continuation task of Ziegler et al. 2019 ("this

@@ -651,4 +651,4 @@ def main(bench: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    main(tyro.cli(Config, use_underscores=True))

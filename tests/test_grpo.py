@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import grpo
+import ppo
 import toy_task
 
 TRAIN_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
@@ -800,41 +801,43 @@ def test_no_reward_off_the_toy_is_refused_naming_both_options(tiny_checkpoints, 
     assert toy.reward_model_path == toy_task.DEFAULTS["grpo"]["reward_model_path"] == "runs/reward_model"
 
 
-def test_defaults_follow_the_model(toy_sft_checkpoint, tiny_checkpoints, tmp_path, capsys):
-    keys = ("learning_rate", "max_new_tokens", "max_prompt_length")
-    toy, pretrained = toy_task.DEFAULTS["grpo"], grpo.PRETRAINED
+@pytest.mark.parametrize("script", ["ppo", "grpo"])
+def test_defaults_follow_the_model(script, toy_sft_checkpoint, tiny_checkpoints, tmp_path, capsys):
+    """ppo.py and grpo.py: the toy's defaults on the toy model, the script's PRETRAINED ones on any other, printed;
+    options given explicitly are kept."""
+    module = {"ppo": ppo, "grpo": grpo}[script]
+    keys = ("learning_rate", "max_new_tokens", "max_prompt_length") + (("critic_learning_rate",) if script == "ppo" else ())
+    toy, pretrained = toy_task.DEFAULTS[script], module.PRETRAINED
     assert all(toy[k] != pretrained[k] for k in keys)  # else this test could not tell them apart
     value = lambda cfg, k: getattr(cfg.optim if k == "learning_rate" else cfg, k)  # noqa: E731
     common_options = dict(reward_fn=("toy_task:gold_reward",), reward_model_path="none", num_iterations=1,
                           rollout_batch_size=2, update_epochs=1, num_minibatches=1, eval_prompts="none",
-                          num_samples_per_prompt=2)
+                          **({"num_samples_per_prompt": 2} if script == "grpo" else {}))
     # the toy model (its config.json says "toy_task": true): toy_task.DEFAULTS, printed
-    cfg = make(grpo.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "toy"), **common_options)
-    grpo.main(cfg)
-    printed = capsys.readouterr().out
-    line = next(x for x in printed.splitlines() if x.startswith("defaults for the toy model: "))
+    cfg = make(module.Config, model_name_or_path=toy_sft_checkpoint, output_dir=str(tmp_path / "toy"), **common_options)
+    module.main(cfg)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for the toy model: "))
     for k in keys:
         assert value(cfg, k) == toy[k] and f"--{k} {toy[k]}" in line, k
     assert cfg.prompts == toy["prompts"]
     # a tiny random checkpoint: the script's PRETRAINED values (whose lengths do not fit its 128 positions)
     prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "prompts.jsonl", 4)
     tiny = tiny_checkpoints["llama"]
-    cfg = make(grpo.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "tiny"),
+    cfg = make(module.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "tiny"),
                **common_options)
     length = pretrained["max_prompt_length"] + pretrained["max_new_tokens"]
     with pytest.raises(common.InputError, match=rf"--max_prompt_length \+ --max_new_tokens = {length} tokens "
                                                 r"exceeds the 128 positions"):
-        grpo.main(cfg)
+        module.main(cfg)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for a pretrained model: "))
     for k in keys:
         assert value(cfg, k) == pretrained[k] and f"--{k} {pretrained[k]}" in line, k
     # given explicitly: kept, and nothing is filled in
-    given = dict(learning_rate=1e-3, max_new_tokens=5, max_prompt_length=40)
-    if "critic_learning_rate" in keys:
-        given["critic_learning_rate"] = 2e-3
-    cfg = make(grpo.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "given"),
+    given = dict(learning_rate=1e-3, max_new_tokens=5, max_prompt_length=40,
+                 **({"critic_learning_rate": 2e-3} if script == "ppo" else {}))
+    cfg = make(module.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "given"),
                **given, **common_options)
-    grpo.main(cfg)
+    module.main(cfg)
     assert all(value(cfg, k) == v for k, v in given.items()) and "defaults for" not in capsys.readouterr().out
 
 

@@ -37,11 +37,28 @@ def batch_of(tok, texts=("the phone was very good .", "honestly the movie was ba
     return input_ids, mask
 
 
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_activation_checkpointing_gives_the_same_gradients(lora_r, tiny_checkpoints):
+    """--gradient_checkpointing recomputes the blocks in the backward: the same gradients, through a frozen base too."""
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+    input_ids, mask = batch_of(tok)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = common.prepare_trainable(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]),
+                                         lora_config(lora_r=lora_r, gradient_checkpointing=checkpointing)).train()
+        common.sequence_logprobs(model, input_ids, mask, 2).sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(g is not None for g in grads[1]) and len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_starts_as_the_base_and_the_disabled_adapter_is_the_base_exactly(arch, tiny_checkpoints):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch]).eval()
-    lora = common.add_lora(AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch]), lora_config()).eval()
+    lora = common.prepare_trainable(AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch]), lora_config()).eval()
     input_ids, mask = batch_of(tok)
     labels = torch.where(mask.bool(), input_ids, -100)
     with torch.no_grad():
