@@ -522,8 +522,11 @@ DEFAULTS = {
 TOOLS = "data/toy/tools"
 GOLD_TOOL = ("toy_task:gold_tool_reward",)
 TOOLS_DEFAULTS = {
+    # 16 epochs: after 2 (or 8) the model writes the call but barely reads its result (the review's sentiment given
+    # "good" and "bad" differs by 0.2; 2.6 after 16), and GRPO then has no policy that follows the tool to reinforce
     "sft": dict(dataset=f"{TOOLS}/sft_train.jsonl", eval_dataset=f"{TOOLS}/sft_eval.jsonl", eval_reward_fn=("none",),
-                from_scratch=True, learning_rate=2e-3, max_length=64, per_device_batch_size=64, max_new_tokens=24),
+                from_scratch=True, learning_rate=2e-3, max_length=64, per_device_batch_size=64, max_new_tokens=24,
+                num_epochs=16.0),
     "grpo": dict(prompts=f"{TOOLS}/prompts_train.jsonl", eval_prompts=f"{TOOLS}/prompts_eval.jsonl",
                  reward_fn=GOLD_TOOL, eval_reward_fn=GOLD_TOOL, tools=("toy_task:lookup",), reward_model_path="none",
                  learning_rate=1e-4, max_new_tokens=24, max_prompt_length=40),  # 40 + 24 = the model's 64 positions

@@ -116,6 +116,17 @@ def toy_sft_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def toy_tools_sft_checkpoint(tmp_path_factory):
+    """A tools-toy SFT checkpoint after a few steps of sft.py (seconds): it writes calls, some of them well formed."""
+    import sft
+
+    out = str(tmp_path_factory.mktemp("runs") / "sft_tools")
+    sft.main(make(sft.Config, model_name_or_path="data/toy/tools/base_model", output_dir=out, max_steps=40,
+                  eval_every=10_000, num_eval_generations=4, log_every=10))
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
     """A reward model checkpoint: the toy SFT backbone with a fresh scalar head (no training needed here)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -144,6 +144,25 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(script, tmp_path, toy_sf
     assert_clean(killed)
 
 
+def test_kill_9_then_resume_with_tools_is_exact(tmp_path, toy_tools_sft_checkpoint):
+    """The same bar for grpo.py's multi-turn rollouts on the tools toy (the tool run between turns, its result in the
+    context): killed at a random moment after its first checkpoint, the resumed run ends bit-identical."""
+    options = dict(model_name_or_path=toy_tools_sft_checkpoint, rollout_batch_size=4, num_samples_per_prompt=4,
+                   num_iterations=8, eval_every=5, eval_samples_per_prompt=1, save_every=2,
+                   eval_prompts=head_jsonl("data/toy/tools/prompts_eval.jsonl", tmp_path / "prompts.jsonl", 2))
+    reference = str(tmp_path / "reference")
+    t0 = time.time()
+    grpo.main(make(grpo.Config, **options, output_dir=reference))
+    assert sum(r["tools/calls"] for r in read_rows(reference) if "tools/calls" in r) > 0  # the tool path ran
+    delay = random.Random().uniform(0.0, time.time() - t0)
+    killed = str(tmp_path / "killed")
+    running = kill_after_first_checkpoint([sys.executable, "grpo.py", *cli_args(options), "--output_dir", killed],
+                                          killed, delay)
+    grpo.main(make(grpo.Config, **options, output_dir=killed, resume=True))
+    assert_same_run(reference, killed, f"grpo --tools killed {delay:.2f}s after its first checkpoint ({running=})")
+    assert_clean(killed)
+
+
 def assert_clean(out: str) -> None:
     """A run that ended left no lock and nothing of an interrupted save (.saving, checkpoints/.tmp_*)."""
     assert not {".lock", ".saving"} & set(os.listdir(out)), os.listdir(out)

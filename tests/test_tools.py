@@ -3,10 +3,13 @@ are the ids trained on, across turns, on four architectures), only sampled token
 message as the chat template renders it, a tool's error as the message the model reads, the turn limit."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import ARCHS, chatml_tokenizer, make, tiny_config
+from conftest import ARCHS, ROOT, chatml_tokenizer, head_jsonl, make, tiny_config
 
 import common
 import grpo
@@ -167,3 +170,31 @@ def test_tools_are_checked_at_start(tool_models, tmp_path):
     with pytest.raises(common.InputError, match="--tools f: "):  # no type hints, no docstring: no schema
         grpo.main(grpo_config(tmp_path, tool_models["qwen2"], tools=(f"{tmp_path}/bare.py:f",),
                               output_dir=str(tmp_path / "o2")))
+
+
+def test_two_processes_match_one_process_on_the_tools_toy(toy_tools_sft_checkpoint, tmp_path):
+    """torchrun (FSDP2, gloo) with tools equals one process on the same global batch. top_k=1 samples the argmax, so
+    both roll out the same calls and results although each rank has its own seed; REINFORCE++ (no group baseline:
+    the identical responses of a group do not cancel) whitens over both ranks."""
+    from transformers import AutoModelForCausalLM
+
+    options = dict(model_name_or_path=toy_tools_sft_checkpoint, advantage_estimator="reinforce_pp", top_k=1,
+                   rollout_batch_size=4, num_samples_per_prompt=2, num_iterations=2, num_minibatches=1, kl_coef=0.1,
+                   eval_samples_per_prompt=1, eval_every=100, log_every=1,
+                   eval_prompts=head_jsonl("data/toy/tools/prompts_eval.jsonl", tmp_path / "prompts.jsonl", 4))
+    grpo.main(make(grpo.Config, **options, output_dir=str(tmp_path / "one")))
+    args = [f"--{k}={v}" for k, v in options.items()] + [f"--output_dir={tmp_path / 'two'}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "grpo.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {n: [json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two")}
+    train = {n: [r for r in rs if "reward" in r] for n, rs in rows.items()}
+    assert len(train["one"]) == len(train["two"]) == 2 and train["one"][0]["tools/calls"] > 0  # calls were made
+    for a, b in zip(train["one"], train["two"]):
+        for key in ("reward", "tools/calls", "kl_seq", "loss/policy", "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    w0, w1, w2 = (AutoModelForCausalLM.from_pretrained(d).state_dict()
+                  for d in (toy_tools_sft_checkpoint, tmp_path / "one", tmp_path / "two"))
+    update = max((w1[n] - w0[n]).abs().max().item() for n in w0)
+    assert update > 0 and max((w2[n] - w1[n]).abs().max().item() for n in w0) < 0.01 * update

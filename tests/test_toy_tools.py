@@ -342,7 +342,7 @@ def test_defaults_for_the_tools_marker():
     sft = toy_task.defaults("sft", "tools")
     assert sft == dict(dataset="data/toy/tools/sft_train.jsonl", eval_dataset="data/toy/tools/sft_eval.jsonl",
                        eval_reward_fn=("none",), from_scratch=True, learning_rate=2e-3, max_length=64,
-                       per_device_batch_size=64, max_new_tokens=24)
+                       per_device_batch_size=64, max_new_tokens=24, num_epochs=16.0)
     grpo = toy_task.defaults("grpo", "tools")
     assert grpo == dict(prompts="data/toy/tools/prompts_train.jsonl", eval_prompts="data/toy/tools/prompts_eval.jsonl",
                         reward_fn=("toy_task:gold_tool_reward",), eval_reward_fn=("toy_task:gold_tool_reward",),
