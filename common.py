@@ -915,9 +915,11 @@ def from_pretrained(model_class, path: str, option: str, **kwargs):
         raise InputError(f"{option} {path}: a GGUF file, not a Hugging Face checkpoint; convert it once (pip install "
                          "gguf): AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).save_pretrained(out), the "
                          "same with AutoTokenizer (README, 'A real chat model')")
-    if model and files and not weights:
-        raise InputError(f"{option} {path}: holds {sorted(files)[:5]} but no weights; a Hugging Face checkpoint folder "
-                         "holds config.json, model.safetensors (or pytorch_model*.bin) and the tokenizer files")
+    tokenizer = any(f.startswith(("tokenizer", "vocab", "spiece")) for f in files)
+    if files and not (weights if model else tokenizer):
+        raise InputError(f"{option} {path}: holds {sorted(files)[:5]} but no {'weights' if model else 'tokenizer'}; a "
+                         "Hugging Face checkpoint folder holds config.json, model.safetensors (or pytorch_model*.bin) "
+                         "and the tokenizer files")
     try:
         return model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:

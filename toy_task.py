@@ -522,8 +522,8 @@ DEFAULTS = {
 TOOLS = "data/toy/tools"
 GOLD_TOOL = ("toy_task:gold_tool_reward",)
 TOOLS_DEFAULTS = {
-    # 16 epochs: after 2 (or 8) the model writes the call but barely reads its result (the review's sentiment given
-    # "good" and "bad" differs by 0.2; 2.6 after 16), and GRPO then has no policy that follows the tool to reinforce
+    # 16 epochs: after 2 the model writes the call but barely reads its result (its reviews' mean sentiment after
+    # "good" and after "bad" differs by 0.24; by 2.65 after 16), and GRPO then has no policy that follows the tool
     "sft": dict(dataset=f"{TOOLS}/sft_train.jsonl", eval_dataset=f"{TOOLS}/sft_eval.jsonl", eval_reward_fn=("none",),
                 from_scratch=True, learning_rate=2e-3, max_length=64, per_device_batch_size=64, max_new_tokens=24,
                 num_epochs=16.0),

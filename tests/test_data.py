@@ -433,6 +433,8 @@ def test_bad_sources_say_what_shape_is_expected(tmp_path):
                                                 "weights; a Hugging Face checkpoint folder holds config.json, "
                                                 "model.safetensors"):
         common.from_pretrained(AutoModelForCausalLM, str(config_only), "--model_name_or_path")
+    with pytest.raises(common.InputError, match=r"model: holds \['config.json'\] but no tokenizer; a Hugging Face"):
+        common.from_pretrained(AutoTokenizer, str(config_only), "--model_name_or_path")  # loaded first by every script
     gguf = tmp_path / "gguf"
     gguf.mkdir()
     (gguf / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
