@@ -913,8 +913,7 @@ def from_pretrained(model_class, path: str, option: str, **kwargs):
         return _load_adapter(model_class, path, option, **kwargs)
     if any(f.endswith(".gguf") for f in files) and "config.json" not in files:
         raise InputError(f"{option} {path}: a GGUF file, not a Hugging Face checkpoint; convert it once (pip install "
-                         "gguf): AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).save_pretrained(out), the "
-                         "same with AutoTokenizer (README, 'A real chat model')")
+                         "gguf; the recipe: docs/data.md, 'A real chat model')")
     tokenizer = any(f.startswith(("tokenizer", "vocab", "spiece")) for f in files)
     if files and not (weights if model else tokenizer):
         raise InputError(f"{option} {path}: holds {sorted(files)[:5]} but no {'weights' if model else 'tokenizer'}; a "

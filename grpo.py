@@ -554,6 +554,16 @@ def load_models(cfg: Config, device, with_ref: bool):
     return policy, ref, reward_model, tokenizer, reward_tokenizer
 
 
+def rollout_sums(r: dict, kl, response_mask, ended, scored, raw_scores, G: int) -> dict:
+    """This rank's sums of one rollout for grpo_metrics (common.Sums reduces them over ranks with the update's)."""
+    group_std = torch.where(scored, raw_scores, 0.0).view(-1, G).std(1) if G > 1 else torch.zeros(1)
+    return dict(kl=kl.sum(), response_tokens=response_mask.sum(), ended=ended.sum(), scored=scored.sum(),
+                tool_calls=sum(r["tool_calls"]), reward=raw_scores.nan_to_num().sum(), group_std=group_std.sum(),
+                zero_std=zero_std_groups(raw_scores, G, scored).sum() if G > 1 else 0,
+                **{f"{n}_sum": v.nan_to_num().sum() for n, v in r["parts"].items()},
+                **{f"{n}_n": (~v.isnan()).sum() for n, v in r["parts"].items()})
+
+
 def grpo_metrics(t: dict, n_seq: int, n_groups: int, reward_names, has_ref: bool) -> dict:
     """TRL's GRPO metric names, from the sums over all ranks of one iteration (t)."""
     n_tok = max(1.0, t["trained_tokens"])
@@ -681,6 +691,23 @@ def main(cfg: Config) -> dict:
                     "eval/distinct_completions"))
         return {k: v for k, v in m.items() if k != "per_sample"}
 
+    def log(iteration: int, t: dict, r: dict, counts: dict, grad_norm) -> None:
+        """The iteration's row of metrics.jsonl from the sums over ranks (t), printed every --log_every; three samples
+        every --sample_every."""
+        metrics = grpo_metrics(t, B * world_size, cfg.rollout_batch_size, r["parts"], kl_ref is not None)
+        metrics.update({k: v for k, v in counts.items() if k.startswith("dynamic")}, grad_norm=grad_norm.item(),
+                       lr=scheduler.get_last_lr()[0], episodes=state["episodes"],
+                       episodes_sampled=state["episodes_sampled"],
+                       episodes_per_s=state["episodes"] / (time.time() - t_start),
+                       **{f"time/{k}": v for k, v in times.items()})
+        if counts:
+            metrics["dynamic_sampling/frac_zero_std_sampled"] = t["zero_std_sampled"] / t["groups_sampled"]
+        logger.log(iteration, metrics, ("reward", "reward_std", "frac_reward_zero_std", "kl_seq", "entropy",
+                                        "clip_ratio/high_mean") if iteration % cfg.run.log_every == 0 else ())
+        if iteration % cfg.sample_every == 0 and rank == 0:
+            for p, c, s in list(zip(r["prompts"], r["completions"], r["scores"].tolist()))[:3]:
+                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
+
     next_prompts = lambda: [i for i in batches.next()[rank::world_size] for _ in range(G)]  # noqa: E731  groups of G
     state["initial_eval"] = state["initial_eval"] if start else evaluate(0)
     t_start = time.time() - state["wall_time"]
@@ -747,28 +774,9 @@ def main(cfg: Config) -> dict:
 
         # ---- 5. log, evaluate, checkpoint ---------------------------------------------------------------------------
         state["episodes"] += B * world_size
-        group_std = torch.where(scored, raw_scores, 0.0).view(-1, G).std(1) if G > 1 else torch.zeros(1)
-        sums.add(kl=kl.sum(), response_tokens=response_mask.sum(), ended=ended.sum(), scored=scored.sum(),
-                 tool_calls=sum(r["tool_calls"]),
-                 reward=raw_scores.nan_to_num().sum(), group_std=group_std.sum(),
-                 zero_std=zero_std_groups(raw_scores, G, scored).sum() if G > 1 else 0,
-                 **{f"{n}_sum": v.nan_to_num().sum() for n, v in r["parts"].items()},
-                 **{f"{n}_n": (~v.isnan()).sum() for n, v in r["parts"].items()},
+        sums.add(**rollout_sums(r, kl, response_mask, ended, scored, raw_scores, G),
                  **{k: v for k, v in counts.items() if not k.startswith("dynamic")})
-        t = sums.reduce(device)
-        metrics = grpo_metrics(t, B * world_size, cfg.rollout_batch_size, r["parts"], kl_ref is not None)
-        metrics.update({k: v for k, v in counts.items() if k.startswith("dynamic")}, grad_norm=grad_norm.item(),
-                       lr=scheduler.get_last_lr()[0], episodes=state["episodes"],
-                       episodes_sampled=state["episodes_sampled"],
-                       episodes_per_s=state["episodes"] / (time.time() - t_start),
-                       **{f"time/{k}": v for k, v in times.items()})
-        if counts:
-            metrics["dynamic_sampling/frac_zero_std_sampled"] = t["zero_std_sampled"] / t["groups_sampled"]
-        logger.log(iteration, metrics, ("reward", "reward_std", "frac_reward_zero_std", "kl_seq", "entropy",
-                                        "clip_ratio/high_mean") if iteration % cfg.run.log_every == 0 else ())
-        if iteration % cfg.sample_every == 0 and rank == 0:
-            for p, c, s in list(zip(r["prompts"], r["completions"], raw_scores.tolist()))[:3]:
-                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
+        log(iteration, sums.reduce(device), r, counts, grad_norm)
         if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
             evaluate(iteration)
         state["wall_time"] = time.time() - t_start

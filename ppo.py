@@ -328,6 +328,19 @@ def critic_values(critic, input_ids, attention_mask, context_length: int) -> tor
     return common.head_outputs(critic, input_ids, attention_mask)[:, context_length - 1:-1]
 
 
+def rollout_sums(kl, non_score, response_mask, ended, scored, raw_scores, scores, returns, values, parts) -> dict:
+    """This rank's sums of one rollout for ppo_metrics (common.Sums reduces them over ranks with the update's)."""
+    residual = returns - values
+    return dict(kl=kl.sum(), non_score=non_score.sum(), response_tokens=response_mask.sum(), ended=ended.sum(),
+                scored=scored.sum(), raw=raw_scores.sum(), raw_sq=(raw_scores ** 2).sum(),
+                scores=(scores * scored).sum(), returns=common.masked_sum(returns, response_mask),
+                returns_sq=common.masked_sum(returns ** 2, response_mask),
+                residual=common.masked_sum(residual, response_mask),
+                residual_sq=common.masked_sum(residual ** 2, response_mask),
+                **{f"{n}_sum": v.nan_to_num().sum() for n, v in parts.items()},
+                **{f"{n}_n": (~v.isnan()).sum() for n, v in parts.items()})
+
+
 def ppo_metrics(t: dict, n_seq: int, reward_names) -> dict:
     """TRL's PPO metric names, from the sums over all ranks of one iteration (t)."""
     n_tok, n_scored = max(1.0, t["trained_tokens"]), t["scored"]
@@ -419,6 +432,18 @@ def main(cfg: Config) -> dict:
                    (*[f"eval/{n}_mean" for n in eval_fns], "eval/proxy_reward_mean", "eval/kl_to_ref"))
         return {k: v for k, v in m.items() if k != "per_sample"}
 
+    def log(iteration: int, metrics: dict, times: dict, batch_prompts, completions, raw_scores) -> dict:
+        """The iteration's row of metrics.jsonl, printed every --log_every; three samples every --sample_every."""
+        metrics.update({"beta": kl_ctl.value, "lr": schedulers[0].get_last_lr()[0], "episodes": state["episodes"],
+                        "episodes_per_s": state["episodes"] / (time.time() - t_start),
+                        **{f"time/{k}": v for k, v in times.items()}})
+        logger.log(iteration, metrics, ("objective/scores", "objective/kl", "policy/clipfrac", "val/explained_variance",
+                                        "eos_rate", "beta") if iteration % cfg.run.log_every == 0 else ())
+        if iteration % cfg.sample_every == 0 and rank == 0:
+            for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
+                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
+        return metrics
+
     state["initial_eval"] = state["initial_eval"] if start else evaluate(0)
     t_start = time.time() - state["wall_time"]
     for iteration in range(start + 1, cfg.num_iterations + 1):
@@ -498,25 +523,11 @@ def main(cfg: Config) -> dict:
 
         # ---- 6. log, evaluate, checkpoint ----------------------------------------------------------------------------
         state["episodes"] += B * world_size
-        residual = returns - values
-        sums.add(kl=kl.sum(), non_score=non_score.sum(), response_tokens=response_mask.sum(), ended=ended.sum(),
-                 scored=scored.sum(), raw=raw_scores.sum(), raw_sq=(raw_scores ** 2).sum(),
-                 scores=(scores * scored).sum(), returns=common.masked_sum(returns, response_mask),
-                 returns_sq=common.masked_sum(returns ** 2, response_mask),
-                 residual=common.masked_sum(residual, response_mask),
-                 residual_sq=common.masked_sum(residual ** 2, response_mask),
-                 **{f"{n}_sum": v.nan_to_num().sum() for n, v in parts.items()},
-                 **{f"{n}_n": (~v.isnan()).sum() for n, v in parts.items()})
-        metrics = ppo_metrics(sums.reduce(device), B * world_size, parts)
-        metrics.update({"beta": kl_ctl.value, "lr": schedulers[0].get_last_lr()[0], "episodes": state["episodes"],
-                        "episodes_per_s": state["episodes"] / (time.time() - t_start), "time/generate": t_generate,
-                        "time/score": t_score, "time/train": t_train})
-        logger.log(iteration, metrics, ("objective/scores", "objective/kl", "policy/clipfrac", "val/explained_variance",
-                                        "eos_rate", "beta") if iteration % cfg.run.log_every == 0 else ())
+        sums.add(**rollout_sums(kl, non_score, response_mask, ended, scored, raw_scores, scores, returns, values,
+                                parts))
+        metrics = log(iteration, ppo_metrics(sums.reduce(device), B * world_size, parts), {
+            "generate": t_generate, "score": t_score, "train": t_train}, batch_prompts, completions, raw_scores)
         kl_ctl.update(metrics["objective/kl"], B * world_size)
-        if iteration % cfg.sample_every == 0 and rank == 0:
-            for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
-                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
         if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
             evaluate(iteration)
         state["wall_time"] = time.time() - t_start

@@ -485,7 +485,10 @@ def build_real(stage: str, bench: Config) -> dict:
         directory, name = os.path.split(sorted(glob.glob(f"{package}/**/*.gguf", recursive=True))[0])
         print(f"converting {directory}/{name} to {out}", flush=True)
         t0 = time.perf_counter()
-        AutoModelForCausalLM.from_pretrained(directory, gguf_file=name).save_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)  # de-quantized to fp32 on loading
+        model.hf_quantizer = None  # transformers 5 keeps the GGUF quantizer, which refuses save_pretrained
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(out)
         AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
         result["convert_s"] = time.perf_counter() - t0
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731

@@ -75,7 +75,8 @@ def short_run(script: str, tmp_path, sft_ckpt: str, rm_ckpt: str) -> dict:
     return dict(model_name_or_path=sft_ckpt, reward_model_path=rm_ckpt,
                 eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "prompts.jsonl", 2),
                 rollout_batch_size=8, num_samples_per_prompt=2, max_new_tokens=6, num_iterations=8, eval_every=5,
-                eval_samples_per_prompt=1, save_every=2, adaptive_kl=True, kl_horizon=100, score_norm="running")
+                eval_samples_per_prompt=1, save_every=2, adaptive_kl=True, kl_horizon=100, score_norm="running",
+                update_epochs=2)
 
 
 def cli_args(options: dict) -> list[str]:
@@ -191,7 +192,9 @@ def test_torchrun_two_processes_kill_9_then_resume_is_exact(tmp_path, toy_sft_ch
     """The same bar under torchrun (FSDP2, gloo): every process of a 2-process PPO run (per-rank sampling generators,
     actor and critic with their own optimisers, sharded torch.distributed.checkpoint shards) is SIGKILLed at a random
     moment after the first checkpoint; the resumed 2-process run ends exactly like the uninterrupted one."""
-    options = short_run("ppo", tmp_path, toy_sft_checkpoint, toy_reward_model)
+    # shorter than short_run's (2 processes on gloo are slow): checkpoint at 2, evaluation at 3, the end at 4
+    options = {**short_run("ppo", tmp_path, toy_sft_checkpoint, toy_reward_model), "num_iterations": 4,
+               "update_epochs": 1, "eval_every": 3}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "ppo.py",
                 *cli_args(options)]
     reference = str(tmp_path / "reference")

@@ -310,7 +310,7 @@ def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
     train = write_rows(tmp_path, toy_rows("data/toy/preferences_train.jsonl")[:64], "train.jsonl")
     evals = write_rows(tmp_path, toy_rows("data/toy/preferences_eval.jsonl")[:37], "eval.jsonl")  # odd
     args = dict(model_name_or_path=toy_sft_checkpoint, dataset=train, eval_dataset=evals, num_epochs=1.0,
-                learning_rate=1e-3, normalize_samples=0, log_every=1)
+                learning_rate=1e-3, normalize_samples=0, agreement_samples_per_prompt=1, log_every=1)
     one = rm.main(make(rm.Config, output_dir=str(tmp_path / "one"), per_device_batch_size=16, **args))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "reward_model.py",
            "--output_dir", str(tmp_path / "two"), "--per_device_batch_size", "8"]
