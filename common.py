@@ -14,13 +14,13 @@ import base64
 import contextlib
 import dataclasses
 import difflib
+import fcntl
 import inspect
 import json
 import math
 import os
 import random
 import shutil
-import socket
 import sys
 import time
 import traceback
@@ -464,23 +464,26 @@ def require_checkpoint(path: str | None, option: str) -> None:
 
 
 def prepare_output_dir(run: RunArgs, rank: int) -> None:
-    """Claim output_dir before any work: a lock file (its holder's host and pid) refuses a second run while one runs (a
-    lock whose process is gone is stale and taken over); a directory holding files is refused unless --resume
-    (continue) or --overwrite_output_dir (empty it); what an interrupted save left (.saving, checkpoints/.tmp_*) is
-    removed; output_dir must be writable."""
-    out, lock = run.output_dir, os.path.join(run.output_dir, ".lock")
+    """Claim output_dir before any work: an OS file lock on output_dir/.lock (flock: the kernel releases it when the
+    process ends, kill -9 included, so a lock is never stale) refuses a second run while one runs; a directory holding
+    files is refused unless --resume (continue) or --overwrite_output_dir (empty it); what an interrupted save left
+    (.saving, checkpoints/.tmp_*) is removed; output_dir must be writable."""
+    global _lock
+    out = run.output_dir
     try:
         if rank == 0:
             os.makedirs(out, exist_ok=True)
-            host, pid = (open(lock).read().split() + ["", "0"])[:2] if os.path.exists(lock) else ("", "0")
-            if host and host != socket.gethostname():
-                raise InputError(f"--output_dir {out}: in use by a run on {host} (pid {pid}); if it has ended, delete "
-                                 f"{lock}")
-            if host and int(pid) != os.getpid() and _alive(int(pid)):
-                raise InputError(f"--output_dir {out}: in use by another run (pid {pid}); wait for it to end or choose "
-                                 "another directory")
-            with open(lock, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            release_lock()  # an earlier run of this process (a notebook, the tests) that stopped before its end
+            _lock = open(os.path.join(out, ".lock"), "a")
+            try:
+                fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _lock = _lock.close()
+                raise InputError(f"--output_dir {out}: in use by another run; wait for it to end or choose another "
+                                 "directory") from None
+            except OSError as e:  # a file system without locks (e.g. Lustre mounted without -o flock)
+                print(f"warning: --output_dir {out}: no file lock there ({e.strerror}); nothing stops a second run "
+                      "into it", file=sys.stderr, flush=True)
             ckpts = os.path.join(out, "checkpoints")
             for tmp in [".saving"] + [os.path.join("checkpoints", n) for n in (os.listdir(ckpts) if
                                       os.path.isdir(ckpts) else []) if n.startswith(".tmp_")]:
@@ -490,7 +493,7 @@ def prepare_output_dir(run: RunArgs, rank: int) -> None:
                 for path in (os.path.join(out, n) for n in held):
                     shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
             elif held and not run.resume:
-                release_lock(run)
+                release_lock()
                 raise InputError(f"--output_dir {out}: holds an earlier run ({', '.join(held[:4])}); --resume continues "
                                  "it, --overwrite_output_dir starts over, or choose another directory")
     except OSError as e:
@@ -499,24 +502,16 @@ def prepare_output_dir(run: RunArgs, rank: int) -> None:
     barrier()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    try:  # a zombie (killed, not yet reaped: e.g. no init process in a container) has ended
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+_lock = None  # rank 0's open output_dir/.lock, flock-ed for the whole run
 
 
-def release_lock(run: RunArgs) -> None:
-    lock = os.path.join(run.output_dir, ".lock")
-    if os.path.isfile(lock) and open(lock).read().split()[1:2] == [str(os.getpid())]:
-        os.remove(lock)
+def release_lock() -> None:
+    """The end of a run (or of a refused one): the lock file removed, the lock released."""
+    global _lock
+    if _lock is not None:
+        with contextlib.suppress(OSError):
+            os.remove(_lock.name)
+        _lock = _lock.close()
 
 
 def barrier() -> None:
@@ -1507,7 +1502,7 @@ def save_model(cfg, model, tokenizer, results: dict, logger: MetricsLogger | Non
     if logger is not None:
         logger.close()
     if rank == 0:
-        release_lock(run)
+        release_lock()
     if dist.is_initialized():
         barrier()  # a rank that ends first must not tear the group down while rank 0 still saves
         dist.destroy_process_group()

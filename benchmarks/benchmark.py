@@ -225,7 +225,7 @@ def run_bare(stage: str, bench: Config) -> dict:
     else:
         steps = json.load(open(f"{script_dir}/eval.json"))["train_steps"]
         result = bare_supervised(stage, module, cfg, device, steps, clock(device))
-    common.release_lock(cfg.run)
+    common.release_lock()
     shutil.rmtree(cfg.run.output_dir)
     return result
 

@@ -12,7 +12,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -315,7 +314,7 @@ def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one_to_resume(
         assert step in (2, 4) and state["x"] == step, (k, done)
         assert same(snapshot(fresh, fresh_optimizer), saved[step]), (k, done)
         assert torch.equal(state["generator"].get_state(), torch.Generator().manual_seed(step).get_state())
-        common.release_lock(resumed.run)
+        common.release_lock()
         if finished:
             assert sorted(common.checkpoints(out)) == [4]  # save_total_limit=1
             break
@@ -374,7 +373,7 @@ def test_final_save_killed_at_every_step_leaves_the_checkpoints_and_no_wrong_eva
         fresh = tiny_model(2)
         assert common.resume(resumed, {"model": fresh}, [torch.optim.AdamW(fresh.parameters())], state) == 2, (k, done)
         assert state["x"] == 2
-        common.release_lock(resumed.run)
+        common.release_lock()
         if finished:
             check_model_dir(out, model)
             break
@@ -478,48 +477,25 @@ def test_output_dir_that_cannot_be_renamed_a_mount_point(tmp_path, monkeypatch):
     assert_clean(out)
 
 
-def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
-    """output_dir/.lock holds "host pid" of the run using it: a second run is refused while that process lives (naming
-    it), and takes the lock over once it is gone: ended and reaped, or killed and not yet reaped by its parent (a
-    zombie holds no directory)."""
-    out, host = tmp_path / "out", socket.gethostname()
-    lock = out / ".lock"
+def test_a_second_run_into_a_locked_output_dir_is_refused_and_the_lock_freed_by_a_kill(tmp_path):
+    """output_dir/.lock is flock-ed by the run using it: a second run is refused while that process holds it, and
+    takes it once the holder is gone, killed with -9 (the kernel releases the lock; the file stays behind)."""
+    out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(f"{host} {holder.pid}\n")
-        with pytest.raises(common.InputError, match=rf"^--output_dir {out}: in use by another run \(pid {holder.pid}\);"
-                                                    " wait for it to end or choose another directory$"):
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(common.InputError, match=rf"^--output_dir {out}: in use by another run; wait for it to end "
+                                                    "or choose another directory$"):
             sft.main(sft_config(tmp_path))
-        assert os.listdir(out) == [".lock"] and lock.read_text() == f"{host} {holder.pid}\n"  # untouched
-        lock.write_text(f"another-host {holder.pid}\n")  # its pid cannot be checked from here
-        with pytest.raises(common.InputError, match=rf"^--output_dir {out}: in use by a run on another-host \(pid "
-                                                    rf"{holder.pid}\); if it has ended, delete {lock}$"):
-            sft.main(sft_config(tmp_path))
+        assert os.listdir(out) == [".lock"]  # untouched
     finally:
         holder.kill()
-    holder.wait()  # ended and reaped: the lock is stale
-    lock.write_text(f"{host} {holder.pid}\n")
-    sft.main(sft_config(tmp_path))
+        holder.wait()
+    sft.main(sft_config(tmp_path))  # the killed holder's lock file is still there, its lock is not
     assert "model.safetensors" in os.listdir(out) and ".lock" not in os.listdir(out)  # released at the end
-
-    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    zombie.kill()  # not waited for: a zombie until its parent (this process) reaps it
-    deadline = time.time() + 30
-    while process_state(zombie.pid) != "Z":
-        assert time.time() < deadline
-        time.sleep(0.01)
-    try:
-        lock.write_text(f"{host} {zombie.pid}\n")
-        sft.main(sft_config(tmp_path, overwrite_output_dir=True))
-        assert ".lock" not in os.listdir(out)
-    finally:
-        zombie.wait()
-
-
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_non_empty_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
@@ -617,7 +593,7 @@ def test_threads_option_sets_torchs_thread_count(tmp_path):
             assert cfg.run.threads == threads
             common.setup(cfg, "sft", sft.PRETRAINED)
             assert torch.get_num_threads() == threads
-            common.release_lock(cfg.run)
+            common.release_lock()
     finally:
         torch.set_num_threads(1)  # conftest's
 
