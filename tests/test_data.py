@@ -263,6 +263,22 @@ def test_defaults_follow_the_model(tmp_path, tiny_checkpoints, capsys):
         sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "c")))
 
 
+@pytest.mark.parametrize("script", ["sft", "reward_model", "dpo", "ppo", "grpo"])
+def test_every_pretrained_default_is_filled_in(script, tmp_path, tiny_checkpoints, capsys):
+    """On a model that is not the toy, every option the script's PRETRAINED names (left at its None default) takes
+    exactly that value, and the printed line names each."""
+    import importlib
+
+    module = importlib.import_module(script)
+    cfg = make(module.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "out"))
+    common.setup(cfg, script, module.PRETRAINED)
+    common.release_lock()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for a pretrained model: "))
+    for key, value in module.PRETRAINED.items():
+        got = getattr(cfg.optim if key == "learning_rate" else cfg, key)
+        assert got == value and f"--{key} {value}" in line, (key, got, value)
+
+
 def test_strict_json_everywhere(tmp_path):
     common.write_json(str(tmp_path / "e.json"), {"a": float("nan"), "b": [float("inf"), 1.5],
                                                          "c": {"d": float("-inf")}})
