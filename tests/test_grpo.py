@@ -600,7 +600,7 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
         grpo.main(small_config(tmp_path / "e", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path=toy_reward_model, num_minibatches=3))
     # refused before output_dir is claimed (a missing policy, the options themselves), or after it with at most the
-    # lock left (stale once the process ends, taken over by the next run): no model, log or eval.json
+    # lock file left (its lock released when the process ends): no model, log or eval.json
     assert not any(os.path.exists(tmp_path / d) for d in "acd")
     assert all(set(os.listdir(tmp_path / d)) <= {".lock"} for d in "be")
 

@@ -460,8 +460,8 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
                                          r"\{prompt\} row; one dataset must hold one format"):
         ppo.main(small_config(tmp_path / "e", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path=toy_reward_model, prompts=str(mixed)))
-    # a missing policy is refused before output_dir is claimed; a later error leaves at most the lock (stale once the
-    # process ends, taken over by the next run): no model, log or eval.json
+    # a missing policy is refused before output_dir is claimed; a later error leaves at most the lock file (its lock
+    # released when the process ends): no model, log or eval.json
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
     assert all(set(os.listdir(tmp_path / d)) <= {".lock"} for d in "bde")
 
