@@ -2,7 +2,6 @@
 checkpoint of the toy task. Tests call each script's main(Config(...)) in-process to keep the suite fast."""
 
 import dataclasses
-import fcntl
 import os
 import sys
 
@@ -111,8 +110,9 @@ def toy_sft_checkpoint(tmp_path_factory):
     """A toy SFT checkpoint after a few steps of sft.py (seconds): the starting point of later stages in tests."""
     import sft
 
-    return built_once(tmp_path_factory, "sft", lambda out: sft.main(make(
-        sft.Config, output_dir=out, num_epochs=0.05, eval_every=10_000, num_eval_generations=8, log_every=5)))
+    out = str(tmp_path_factory.mktemp("runs") / "sft")
+    sft.main(make(sft.Config, output_dir=out, num_epochs=0.05, eval_every=10_000, num_eval_generations=8, log_every=5))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -120,9 +120,10 @@ def toy_tools_sft_checkpoint(tmp_path_factory):
     """A tools-toy SFT checkpoint after a few steps of sft.py (seconds): it writes calls, some of them well formed."""
     import sft
 
-    return built_once(tmp_path_factory, "sft_tools", lambda out: sft.main(make(
-        sft.Config, model_name_or_path="data/toy/tools/base_model", output_dir=out, max_steps=40, eval_every=10_000,
-        num_eval_generations=4, log_every=10)))
+    out = str(tmp_path_factory.mktemp("runs") / "sft_tools")
+    sft.main(make(sft.Config, model_name_or_path="data/toy/tools/base_model", output_dir=out, max_steps=40,
+                  eval_every=10_000, num_eval_generations=4, log_every=10))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -130,29 +131,14 @@ def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
     """A reward model checkpoint: the toy SFT backbone with a fresh scalar head (no training needed here)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    def build(out):
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(toy_sft_checkpoint, num_labels=1)
-        with torch.no_grad():
-            model.score.weight.normal_(std=0.5)  # scores that vary between responses
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
-
-    return built_once(tmp_path_factory, "reward_model", build)
-
-
-def built_once(tmp_path_factory, name: str, build) -> str:
-    """The folder of a session fixture, built by build(folder) once for the whole run: under pytest-xdist the first
-    worker builds it (holding a lock), the others wait and take it (the workers share their base folder's parent)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
-    out = root / f"built_{name}"
-    with open(root / f"built_{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / f"built_{name}.done").exists():
-            build(str(out))
-            (root / f"built_{name}.done").touch()
-    return str(out)
+    out = str(tmp_path_factory.mktemp("rm") / "reward_model")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(toy_sft_checkpoint, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(std=0.5)  # scores that vary between responses
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(toy_sft_checkpoint).save_pretrained(out)
+    return out
 
 
 def with_pad_token(path: str, out: str) -> str:
