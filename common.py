@@ -478,7 +478,8 @@ def prepare_output_dir(run: RunArgs, rank: int) -> None:
             try:
                 fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                _lock = _lock.close()
+                _lock.close()
+                _lock = None
                 raise InputError(f"--output_dir {out}: in use by another run; wait for it to end or choose another "
                                  "directory") from None
             except OSError as e:  # a file system without locks (e.g. Lustre mounted without -o flock)
@@ -511,7 +512,8 @@ def release_lock() -> None:
     if _lock is not None:
         with contextlib.suppress(OSError):
             os.remove(_lock.name)
-        _lock = _lock.close()
+        _lock.close()
+        _lock = None
 
 
 def barrier() -> None:
