@@ -38,6 +38,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import harness
 
 # defaults of the options left None for a pretrained model (the toy's: toy_task.DEFAULTS["dpo"]); TRL's DPO values
 PRETRAINED = dict(learning_rate=1e-6, max_length=1024, per_device_batch_size=8, max_new_tokens=128)
@@ -104,22 +105,22 @@ class Config:
     reward_model_path: str | None = None
     """a reward model that also scores the eval samples (the proxy reward; the toy's on the toy; "none" = none); DPO
     never trains on it"""
-    model: common.ModelArgs = common.group(common.ModelArgs)
-    optim: common.OptimArgs = common.group(common.OptimArgs, warmup_ratio=0.1)
-    run: common.RunArgs = common.group(common.RunArgs, output_dir="runs/dpo")
+    model: harness.ModelArgs = harness.group(harness.ModelArgs)
+    optim: harness.OptimArgs = harness.group(harness.OptimArgs, warmup_ratio=0.1)
+    run: harness.RunArgs = harness.group(harness.RunArgs, output_dir="runs/dpo")
 
     def __post_init__(self):
-        common.check_options(self, positive=("beta", "max_length", "num_epochs", "max_steps", "per_device_batch_size",
-                                             "gradient_accumulation_steps", "eval_every", "eval_samples_per_prompt",
-                                             "max_new_tokens", "temperature"), nonnegative=("rpo_alpha",),
-                             fractions=("eval_split",))
-        common.check_deterministic(self.model)
+        harness.check_options(self, positive=("beta", "max_length", "num_epochs", "max_steps", "per_device_batch_size",
+                                              "gradient_accumulation_steps", "eval_every", "eval_samples_per_prompt",
+                                              "max_new_tokens", "temperature"), nonnegative=("rpo_alpha",),
+                              fractions=("eval_split",))
+        harness.check_deterministic(self.model)
         if not 0 <= self.label_smoothing < 0.5:
-            raise common.InputError(f"--label_smoothing must be in [0, 0.5) (the assumed rate of flipped labels), got "
-                                    f"{self.label_smoothing}")
+            raise harness.InputError(f"--label_smoothing must be in [0, 0.5) (the assumed rate of flipped labels), got "
+                                     f"{self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise common.InputError(f"--label_smoothing applies to --loss_type sigmoid and robust, not "
-                                    f"{self.loss_type}")
+            raise harness.InputError(f"--label_smoothing applies to --loss_type sigmoid and robust, not "
+                                     f"{self.loss_type}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,11 +195,11 @@ def build_dataset(parsed: list, tokenizer, cfg: Config) -> tuple[list, dict]:
     so the response mask is exact where the tokenizer would merge tokens across the boundary."""
     examples, counts = [], {"truncated": 0, "dropped": 0, "identical": 0}
     for where, (prompt, chosen, rejected) in parsed:
-        prompt_ids = common.render_prompt(prompt, tokenizer, where)
+        prompt_ids = harness.render_prompt(prompt, tokenizer, where)
         if not prompt_ids:  # the first response token must be conditioned on something
-            raise common.InputError(f"{where}: empty prompt (and the tokenizer adds no BOS token)")
-        chosen_ids = common.render_completion(prompt, chosen, tokenizer, where)
-        rejected_ids = common.render_completion(prompt, rejected, tokenizer, where)
+            raise harness.InputError(f"{where}: empty prompt (and the tokenizer adds no BOS token)")
+        chosen_ids = harness.render_completion(prompt, chosen, tokenizer, where)
+        rejected_ids = harness.render_completion(prompt, rejected, tokenizer, where)
         if chosen_ids == rejected_ids:  # no preference to learn (zero gradient); counted, not an error
             counts["identical"] += 1
             continue
@@ -211,7 +212,7 @@ def build_dataset(parsed: list, tokenizer, cfg: Config) -> tuple[list, dict]:
             counts["truncated"] += 1
         examples.append((prompt_ids, chosen_ids, rejected_ids))
     if not examples:
-        raise common.InputError(f"{cfg.dataset}: no usable pair (--max_length {cfg.max_length}, counts {counts})")
+        raise harness.InputError(f"{cfg.dataset}: no usable pair (--max_length {cfg.max_length}, counts {counts})")
     return examples, counts
 
 
@@ -241,12 +242,12 @@ def all_pair_logps(model, examples, batch_size: int, pad_token_id: int, device, 
     """(N, 2) [chosen, rejected] sequence log-probs of every pair, on every rank; each rank scores a strided share in
     the same number of forward passes (FSDP needs every rank in each)."""
     local = []
-    for idx in common.rank_batches(len(examples), batch_size):
-        with common.autocast(device, amp):
+    for idx in harness.rank_batches(len(examples), batch_size):
+        with harness.autocast(device, amp):
             c, r = concatenated_logps(model, *collate_pairs([examples[i] for i in idx or [0]], pad_token_id, device))
         local += list(zip(idx, c.float().tolist(), r.float().tolist()))
     out = torch.empty(len(examples), 2)
-    for i, c, r in common.gather_lists(local):
+    for i, c, r in harness.gather_lists(local):
         out[i, 0], out[i, 1] = c, r
     return out.to(device)
 
@@ -278,78 +279,78 @@ def evaluate_preferences(policy, examples, ref_logps, cfg: Config, pad_token_id,
 # ---------------------------------------------------------------------------------------------------------------------
 def load_causal_lm(path: str, cfg: Config, tokenizer, device, trainable: bool, dtype: torch.dtype):
     option = "--model_name_or_path" if trainable else "--ref_model_name_or_path"
-    model = common.from_pretrained(AutoModelForCausalLM, path, option, trust_remote_code=cfg.model.trust_remote_code,
-                                   dtype=dtype, attn_implementation=cfg.model.attn_implementation)
-    common.check_model_kind(model, path, option, "policy")
-    common.check_length(model.config, cfg.max_length, "--max_length", path)
+    model = harness.from_pretrained(AutoModelForCausalLM, path, option, trust_remote_code=cfg.model.trust_remote_code,
+                                    dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    harness.check_model_kind(model, path, option, "policy")
+    harness.check_length(model.config, cfg.max_length, "--max_length", path)
     if model.get_input_embeddings().weight.size(0) < len(tokenizer):
-        raise common.InputError(f"{path}: {model.get_input_embeddings().weight.size(0)} token embeddings but the "
-                                f"tokenizer of {cfg.model_name_or_path} has {len(tokenizer)} tokens; policy and "
-                                "reference must share it")
+        raise harness.InputError(f"{path}: {model.get_input_embeddings().weight.size(0)} token embeddings but the "
+                                 f"tokenizer of {cfg.model_name_or_path} has {len(tokenizer)} tokens; policy and "
+                                 "reference must share it")
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    common.disable_dropout(model)  # the implicit reward compares two forward passes: they must be deterministic
+    harness.disable_dropout(model)  # the implicit reward compares two forward passes: they must be deterministic
     if trainable:
-        model = common.prepare_trainable(model, cfg.model).train()
+        model = harness.prepare_trainable(model, cfg.model).train()
     else:
         model.eval().requires_grad_(False)
-    return common.shard_model(model.to(device), common.precision(cfg.model, device)[2])
+    return harness.shard_model(model.to(device), harness.precision(cfg.model, device)[2])
 
 
 def load_reference(ref_path: str, policy, cfg: Config, tokenizer, device, dtype: torch.dtype):
     """The frozen reference: with LoRA and the policy's own starting point the policy with its adapter off (no second
     copy of the backbone); otherwise a frozen copy loaded from ref_path."""
     if cfg.model.lora_r and ref_path == cfg.model_name_or_path:
-        return common.WithoutAdapter(policy)
+        return harness.WithoutAdapter(policy)
     return load_causal_lm(ref_path, cfg, tokenizer, device, trainable=False, dtype=dtype)
 
 
 def main(cfg: Config) -> dict:
-    rank, world_size, device = common.setup(cfg, "dpo", PRETRAINED)
-    amp = common.precision(cfg.model, device)[2]
+    rank, world_size, device = harness.setup(cfg, "dpo", PRETRAINED)
+    amp = harness.precision(cfg.model, device)[2]
     ref_path = cfg.ref_model_name_or_path or cfg.model_name_or_path
     # 1. data: training and held-out pairs (parsed before any model loads), held-out prompts, the eval rewards
-    rows, eval_rows = common.train_eval_rows(cfg.dataset, "--dataset", cfg.dataset_split, cfg.eval_dataset,
-                                             "--eval_dataset", cfg.eval_split, cfg.run.seed, cfg.eval_dataset_split)
-    parsed = [(where, common.parse_preference_row(row, where)) for where, row in rows]
-    eval_parsed = [(where, common.parse_preference_row(row, where)) for where, row in eval_rows]
+    rows, eval_rows = harness.train_eval_rows(cfg.dataset, "--dataset", cfg.dataset_split, cfg.eval_dataset,
+                                              "--eval_dataset", cfg.eval_split, cfg.run.seed, cfg.eval_dataset_split)
+    parsed = [(where, harness.parse_preference_row(row, where)) for where, row in rows]
+    eval_parsed = [(where, harness.parse_preference_row(row, where)) for where, row in eval_rows]
     if cfg.eval_prompts not in (None, "none"):
-        eval_prompts = common.prompts_and_columns(common.load_rows(cfg.eval_prompts, "--eval_prompts"))[0]
+        eval_prompts = harness.prompts_and_columns(harness.load_rows(cfg.eval_prompts, "--eval_prompts"))[0]
     else:  # the prompts of the held-out pairs
         eval_prompts = [] if cfg.eval_prompts == "none" else list({repr(p): p for _, (p, _, _) in eval_parsed}.values())
-    eval_fns = common.load_reward_fns(cfg.eval_reward_fn, option="--eval_reward_fn") \
+    eval_fns = harness.load_reward_fns(cfg.eval_reward_fn, option="--eval_reward_fn") \
         if cfg.eval_reward_fn != ("none",) else {}
-    common.require_checkpoint(ref_path, "--ref_model_name_or_path")
+    harness.require_checkpoint(ref_path, "--ref_model_name_or_path")
 
     # 2. models: the policy (trained), the frozen reference pi_ref (both usually the SFT model), the proxy reward model
-    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
-                                       trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = harness.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
+                                        trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise common.InputError(f"{cfg.model_name_or_path}: the tokenizer has no EOS token")
+        raise harness.InputError(f"{cfg.model_name_or_path}: the tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:  # padding is always masked (by lengths, never by token id): EOS can serve
         tokenizer.pad_token = tokenizer.eos_token
-    trained_dtype, frozen_dtype, _ = common.precision(cfg.model, device)
+    trained_dtype, frozen_dtype, _ = harness.precision(cfg.model, device)
     policy = load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, True, trained_dtype)
     ref_model = load_reference(ref_path, policy, cfg, tokenizer, device, frozen_dtype)
     reward_model = reward_tokenizer = None
     if cfg.reward_model_path not in (None, "none"):
         kw = dict(trust_remote_code=cfg.model.trust_remote_code)
-        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path,
-                                              "--reward_model_path", dtype=frozen_dtype, **kw)
-        common.check_model_kind(reward_model, cfg.reward_model_path, "--reward_model_path", "reward")
-        common.disable_dropout(reward_model)
-        reward_model = common.shard_model(reward_model.eval().requires_grad_(False).to(device))
-        reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, "--reward_model_path", **kw)
+        reward_model = harness.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path,
+                                               "--reward_model_path", dtype=frozen_dtype, **kw)
+        harness.check_model_kind(reward_model, cfg.reward_model_path, "--reward_model_path", "reward")
+        harness.disable_dropout(reward_model)
+        reward_model = harness.shard_model(reward_model.eval().requires_grad_(False).to(device))
+        reward_tokenizer = harness.from_pretrained(AutoTokenizer, cfg.reward_model_path, "--reward_model_path", **kw)
     n_params = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the full size under FSDP
     examples, counts = build_dataset(parsed, tokenizer, cfg)
     eval_examples = build_dataset(eval_parsed, tokenizer, cfg)[0] if eval_parsed else None
-    eval_prompt_ids = [common.render_prompt(p, tokenizer) for p in eval_prompts]
+    eval_prompt_ids = [harness.render_prompt(p, tokenizer) for p in eval_prompts]
     if eval_prompts:
-        common.check_length(policy.config, max(map(len, eval_prompt_ids)) + cfg.max_new_tokens,
-                            "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
+        harness.check_length(policy.config, max(map(len, eval_prompt_ids)) + cfg.max_new_tokens,
+                             "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
 
     def evaluate_samples(ref) -> dict:
         """Samples from the policy on held-out prompts: rewards, proxy reward and KL to the reference (as ppo.py)."""
-        return common.evaluate_policy(
+        return harness.evaluate_policy(
             policy, tokenizer, eval_prompts, device, prompt_ids=eval_prompt_ids, ref=ref, reward_model=reward_model,
             reward_tokenizer=reward_tokenizer, reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.per_device_batch_size,
@@ -358,8 +359,8 @@ def main(cfg: Config) -> dict:
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise common.InputError(f"{cfg.dataset}: {len(examples)} pairs is fewer than one global batch ({global_batch} "
-                                f"= --per_device_batch_size x --gradient_accumulation_steps x {world_size} processes)")
+        raise harness.InputError(f"{cfg.dataset}: {len(examples)} pairs is fewer than one global batch ({global_batch} "
+                                 f"= --per_device_batch_size x --gradient_accumulation_steps x {world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
         print(f"policy {cfg.model_name_or_path}, reference {ref_path} | {len(examples)} pairs ({counts}), "
@@ -368,13 +369,13 @@ def main(cfg: Config) -> dict:
               f"{cfg.beta} | {total_steps} steps of {global_batch} pairs | world size {world_size}", flush=True)
     # the optimiser must hold FSDP2's sharded parameters: built before any forward pass, since after a forward that
     # no backward follows (the evaluation) the root module's parameters() are its temporary gathered copies
-    optimizer, scheduler = common.optimizer(policy.parameters(), cfg.optim, total_steps)
-    batches = common.BatchOrder(len(examples), global_batch, cfg.run.seed)  # the same on every rank: the global batch
-    sums = common.Sums()
+    optimizer, scheduler = harness.optimizer(policy.parameters(), cfg.optim, total_steps)
+    batches = harness.BatchOrder(len(examples), global_batch, cfg.run.seed)  # the same on every rank: the global batch
+    sums = harness.Sums()
     state = {"batches": batches, "scheduler": scheduler, "sums": sums, "n_summed": 0, "pairs_seen": 0,
              "train_time": 0.0, "wall_time": 0.0, "start": None}
-    start = common.resume(cfg, {"policy": policy}, [optimizer], state)
-    logger = common.MetricsLogger(cfg, start)
+    start = harness.resume(cfg, {"policy": policy}, [optimizer], state)
+    logger = harness.MetricsLogger(cfg, start)
     t_start = time.time() - state["wall_time"]
 
     # the starting policy, measured exactly like the final one (same prompts and sampling seed), so they compare
@@ -386,14 +387,14 @@ def main(cfg: Config) -> dict:
     if cfg.precompute_ref_log_probs:
         train_ref_logps = all_pair_logps(ref_model, examples, cfg.per_device_batch_size, tokenizer.pad_token_id,
                                          device, amp)
-        ref_model = ref_model if isinstance(ref_model, common.WithoutAdapter) else None
+        ref_model = ref_model if isinstance(ref_model, harness.WithoutAdapter) else None
 
     # 3. training loop
     for step in range(start + 1, total_steps + 1):
         t0 = time.time()
-        for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size):
+        for mb in harness.micro_batches(batches.next(), cfg.per_device_batch_size):
             batch = collate_pairs([examples[j] for j in mb], tokenizer.pad_token_id, device)
-            with common.autocast(device, amp):
+            with harness.autocast(device, amp):
                 chosen_logps, rejected_logps = concatenated_logps(policy, *batch)
                 if train_ref_logps is not None:
                     ref_chosen_logps, ref_rejected_logps = train_ref_logps[mb, 0], train_ref_logps[mb, 1]
@@ -428,7 +429,7 @@ def main(cfg: Config) -> dict:
                                                 device, amp)
             logger.log(step, eval_metrics, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
         state["wall_time"] = time.time() - t_start
-        common.save_checkpoint(cfg, step, total_steps, {"policy": policy}, [optimizer], state)
+        harness.save_checkpoint(cfg, step, total_steps, {"policy": policy}, [optimizer], state)
 
     # 4. evaluate the trained policy like the starting one, save
     final, initial = {}, state["start"]
@@ -439,23 +440,23 @@ def main(cfg: Config) -> dict:
             ref_model = load_reference(ref_path, policy, cfg, tokenizer, device, frozen_dtype)
         end = evaluate_samples(ref_model)
         final.update({k: v for k, v in end.items() if k != "per_sample"})
-        final.update({f"sft_{k}": v for k, v in initial.items() if k not in ("samples", "per_sample")})
+        final.update({f"start_{k}": v for k, v in initial.items() if k not in ("samples", "per_sample")})
         for name in eval_fns:  # the gain in standard deviations of the starting policy's reward
             std = initial.get(f"{name}_std")
             final[f"{name}_gain_in_sft_std"] = (end[f"{name}_mean"] - initial[f"{name}_mean"]) / std if std else None
     final.update(train_loss=metrics["loss"], train_steps=total_steps,
                  pairs_per_s=state["pairs_seen"] / max(1e-9, state["train_time"]), wall_time_s=time.time() - t_start,
                  num_parameters=n_params, **counts)
-    common.save_model(cfg, policy, tokenizer, final, logger)
+    harness.save_model(cfg, policy, tokenizer, final, logger)
     if rank == 0:
         if eval_examples is not None:
             print(f"held-out preference accuracy {final['accuracy']:.3f} +- "
                   f"{final['eval_rewards/accuracies_sem']:.3f} ({len(eval_examples)} pairs)", flush=True)
         if eval_prompts:
-            print(common.summary("DPO", initial, end, eval_fns), flush=True)
+            print(harness.summary("DPO", cfg.model_name_or_path, initial, end, eval_fns), flush=True)
         print(f"saved {cfg.run.output_dir}", flush=True)
     return final
 
 
 if __name__ == "__main__":
-    common.cli(main, Config)
+    harness.cli(main, Config)

@@ -55,14 +55,17 @@ from typing import Annotated, Literal
 import torch
 import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import get_json_schema
 
 import common
+import harness
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 AUTO_LOSS_AGG = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm",
                  "rloo": "seq_mean_token_sum_norm", "reinforce_pp": "token_mean", "reinforce_pp_baseline": "token_mean"}
 # defaults of the options left None for a pretrained model (the toy's: toy_task.DEFAULTS["grpo"]); TRL's GRPO values
-PRETRAINED = dict(learning_rate=1e-6, max_new_tokens=256, max_prompt_length=512)
+# (no missing-EOS penalty: on a short run from an instruct model it teaches stopping early more than the reward)
+PRETRAINED = dict(learning_rate=1e-6, max_new_tokens=256, max_prompt_length=512, missing_eos_penalty=0.0)
 
 
 @dataclass
@@ -122,8 +125,9 @@ class Config:
     float per completion, or None where it cannot score (left out of the loss and of its group's statistics)"""
     reward_weights: tuple[float, ...] = ()
     """weight of each --reward_fn (default 1 each)"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the reward of responses that never emit EOS (cut off at max_new_tokens)"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the reward of responses that never emit EOS (cut off at max_new_tokens); default: 0 (TRL's),
+    the toy's 1"""
     overlong_filter: bool = False
     """DAPO's overlong filtering (TRL's mask_truncated_completions): responses without EOS take no part in the loss"""
     overlong_buffer: int = 0
@@ -172,34 +176,35 @@ class Config:
     it is free and always measured)"""
     sample_every: int = 20
     """print a few rollout completions every this many iterations"""
-    model: common.ModelArgs = common.group(common.ModelArgs)
-    optim: common.OptimArgs = common.group(common.OptimArgs, lr_scheduler="linear")
-    run: common.RunArgs = common.group(common.RunArgs, output_dir="runs/grpo", log_every=5)
+    model: harness.ModelArgs = harness.group(harness.ModelArgs)
+    optim: harness.OptimArgs = harness.group(harness.OptimArgs, lr_scheduler="linear")
+    run: harness.RunArgs = harness.group(harness.RunArgs, output_dir="runs/grpo", log_every=5)
 
     def __post_init__(self):
-        common.check_options(self, positive=(
+        harness.check_options(self, positive=(
             "num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_new_tokens", "temperature",
             "max_sampling_rounds", "max_tool_calls", "update_epochs", "num_minibatches", "gradient_accumulation_steps",
             "max_prompt_length", "eval_every", "eval_samples_per_prompt", "sample_every"), nonnegative=(
             "top_k", "missing_eos_penalty", "overlong_buffer", "overlong_penalty_factor", "kl_coef", "clip_range",
             "clip_range_high", "entropy_coef"), fractions=("gamma", "eval_split"), probabilities=("top_p",))
-        common.check_deterministic(self.model)
+        harness.check_deterministic(self.model)
         if self.clip_range >= 1:
-            raise common.InputError(f"--clip_range must be < 1 (the ratio is clipped below at 1 - clip_range), got "
-                                    f"{self.clip_range}")
+            raise harness.InputError(f"--clip_range must be < 1 (the ratio is clipped below at 1 - clip_range), got "
+                                     f"{self.clip_range}")
         if self.clip_range_high is not None and self.clip_range_high < self.clip_range:
-            raise common.InputError(f"--clip_range_high {self.clip_range_high} < --clip_range {self.clip_range}: "
-                                    "clip-higher widens the upper range (DAPO: --clip_range 0.2 --clip_range_high 0.28)")
+            raise harness.InputError(f"--clip_range_high {self.clip_range_high} < --clip_range {self.clip_range}: "
+                                     "clip-higher widens the upper range (DAPO: --clip_range 0.2 --clip_range_high "
+                                     "0.28)")
         if self.num_samples_per_prompt < 2 and (self.advantage_estimator != "reinforce_pp" or self.dynamic_sampling):
-            raise common.InputError(f"--advantage_estimator {self.advantage_estimator}"
-                                    f"{' with --dynamic_sampling' * self.dynamic_sampling} needs "
-                                    "--num_samples_per_prompt >= 2 (a group)")
+            raise harness.InputError(f"--advantage_estimator {self.advantage_estimator}"
+                                     f"{' with --dynamic_sampling' * self.dynamic_sampling} needs "
+                                     "--num_samples_per_prompt >= 2 (a group)")
         if self.kl_in_loss and self.kl_coef > 0 and self.kl_estimator == "k1":
-            raise common.InputError("--kl_estimator k1 as a loss term has zero expected gradient; use k2 or k3 with "
-                                    "--kl_in_loss")
+            raise harness.InputError("--kl_estimator k1 as a loss term has zero expected gradient; use k2 or k3 with "
+                                     "--kl_in_loss")
         if self.max_new_tokens is not None and self.overlong_buffer > self.max_new_tokens:
-            raise common.InputError(f"--overlong_buffer {self.overlong_buffer} exceeds --max_new_tokens "
-                                    f"{self.max_new_tokens}")
+            raise harness.InputError(f"--overlong_buffer {self.overlong_buffer} exceeds --max_new_tokens "
+                                     f"{self.max_new_tokens}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -410,15 +415,13 @@ def dynamic_sampling(rollout, sample, next_prompts, cfg: Config, device) -> tupl
 # ---------------------------------------------------------------------------------------------------------------------
 def load_tools(specs, columns: set) -> tuple[dict, list]:
     """({name: function}, their JSON schemas for the chat template, without the parameters the prompt rows fill)."""
-    from transformers.utils import get_json_schema
-
-    tools = {fn.__name__: fn for fn in (common.load_function(spec, "--tools") for spec in specs)}
+    tools = {fn.__name__: fn for fn in (harness.load_function(spec, "--tools") for spec in specs)}
     schemas = []
     for name, fn in tools.items():
         try:
             schema = get_json_schema(fn)
         except Exception as e:  # no type hints or no docstring with Args:
-            raise common.InputError(f"--tools {name}: {e}") from None
+            raise harness.InputError(f"--tools {name}: {e}") from None
         params = schema["function"]["parameters"]
         for hidden in set(params.get("properties", {})) & columns:
             del params["properties"][hidden]
@@ -462,11 +465,11 @@ def tool_message_ids(tokenizer, fmt: str, messages: list | None, result: str, sc
     message and the next generation prompt (the two renderings' difference, as for a completion)."""
     if fmt == "simple":
         return tokenizer(f" <result> {result} </result>", add_special_tokens=False)["input_ids"]
-    before = common.chat_text(tokenizer, messages, "--tools", tools=schemas).rstrip()
-    after = common.chat_text(tokenizer, messages + [{"role": "tool", "content": result}], "--tools",
-                             add_generation_prompt=True, tools=schemas)
+    before = harness.chat_text(tokenizer, messages, "--tools", tools=schemas).rstrip()
+    after = harness.chat_text(tokenizer, messages + [{"role": "tool", "content": result}], "--tools",
+                              add_generation_prompt=True, tools=schemas)
     if not after.startswith(before):
-        raise common.InputError("--tools: the chat template does not render a tool message after the assistant's turn")
+        raise harness.InputError("--tools: the chat template does not render a tool message after the assistant's turn")
     return tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
 
 
@@ -487,7 +490,7 @@ def tool_rollout(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], 
         rows = active or [0]  # a rank with nothing left decodes a dummy row
         budget = max(1, max(cfg.max_new_tokens - len(out[i]) for i in rows))
         query, query_mask = common.left_pad([prompt_ids[i] + out[i] for i in rows], pad, device)
-        with common.autocast(device, amp):
+        with harness.autocast(device, amp):
             turns, turn_mask = common.generate(policy, query, query_mask, budget, stop, pad, cfg.temperature,
                                                cfg.top_k, cfg.top_p, generator, sync_ranks=True)
         still = []
@@ -518,44 +521,43 @@ def tool_rollout(policy, tokenizer, prompts: list, prompt_ids: list[list[int]], 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and the log
 # ---------------------------------------------------------------------------------------------------------------------
-def load_models(cfg: Config, device, with_ref: bool):
+def load_models(cfg: Config, device, with_ref: bool, conversational: bool):
     """policy (trained), reference (frozen; with LoRA the policy with its adapter off; None unless with_ref), reward
-    model (frozen: the reward, or with --reward_fn the evaluation's proxy; None with "none"), tokenizers."""
-    trained, frozen, compute = common.precision(cfg.model, device)
+    model (frozen: the reward, or with --reward_fn the evaluation's proxy; None with "none"), tokenizers (the policy's
+    checked for EOS first, padded with it if it has no pad token)."""
+    trained, frozen, compute = harness.precision(cfg.model, device)
     kw = dict(trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     policy_opt, rm_opt = "--model_name_or_path", "--reward_model_path"
-    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
-                                       trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise common.InputError(f"{policy_opt} {cfg.model_name_or_path}: the tokenizer needs a pad token distinct from "
-                                "EOS (sft.py adds one)")
-    policy = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=trained, **kw)
-    common.check_model_kind(policy, cfg.model_name_or_path, policy_opt, "policy")
-    ref = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=frozen, **kw) \
+    tokenizer = harness.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    harness.check_eos(tokenizer, cfg.model_name_or_path, policy_opt, conversational)
+    policy = harness.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=trained, **kw)
+    harness.check_model_kind(policy, cfg.model_name_or_path, policy_opt, "policy")
+    ref = harness.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=frozen, **kw) \
         if with_ref and not cfg.model.lora_r else None
     reward_model = reward_tokenizer = None
     if cfg.reward_model_path != "none":
-        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
-                                              dtype=frozen, **kw)
-        common.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
-        reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        reward_model = harness.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
+                                               dtype=frozen, **kw)
+        harness.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
+        reward_tokenizer = harness.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
+                                                   trust_remote_code=cfg.model.trust_remote_code)
     for model in (policy, ref, reward_model):
         if model is not None:
-            common.disable_dropout(model)
+            harness.disable_dropout(model)
     for model in (ref, reward_model):
         if model is not None:
             model.eval().requires_grad_(False)
-    policy = common.prepare_trainable(policy, cfg.model)
-    policy, ref, reward_model = [common.shard_model(m.to(device), compute) if m is not None else None
+    policy = harness.prepare_trainable(policy, cfg.model)
+    policy, ref, reward_model = [harness.shard_model(m.to(device), compute) if m is not None else None
                                  for m in (policy, ref, reward_model)]
     if cfg.model.lora_r:  # the adapter switched off is the start policy, at no cost
-        ref = common.WithoutAdapter(policy)
+        ref = harness.WithoutAdapter(policy)
     return policy, ref, reward_model, tokenizer, reward_tokenizer
 
 
 def rollout_sums(r: dict, kl, response_mask, ended, scored, raw_scores, G: int) -> dict:
-    """This rank's sums of one rollout for grpo_metrics (common.Sums reduces them over ranks with the update's)."""
+    """This rank's sums of one rollout for grpo_metrics (harness.Sums reduces them over ranks with the update's)."""
     group_std = torch.where(scored, raw_scores, 0.0).view(-1, G).std(1) if G > 1 else torch.zeros(1)
     return dict(kl=kl.sum(), response_tokens=response_mask.sum(), ended=ended.sum(), scored=scored.sum(),
                 tool_calls=sum(r["tool_calls"]), reward=raw_scores.nan_to_num().sum(), group_std=group_std.sum(),
@@ -584,42 +586,43 @@ def grpo_metrics(t: dict, n_seq: int, n_groups: int, reward_names, has_ref: bool
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
 def main(cfg: Config) -> dict:
-    rank, world_size, device = common.setup(cfg, "grpo", PRETRAINED)
-    amp, G, estimator = common.precision(cfg.model, device)[2], cfg.num_samples_per_prompt, cfg.advantage_estimator
+    rank, world_size, device = harness.setup(cfg, "grpo", PRETRAINED)
+    amp, G, estimator = harness.precision(cfg.model, device)[2], cfg.num_samples_per_prompt, cfg.advantage_estimator
     loss_agg = AUTO_LOSS_AGG[estimator] if cfg.loss_agg == "auto" else cfg.loss_agg
     kl_estimator = cfg.kl_estimator if cfg.kl_estimator != "auto" else "k3" if cfg.kl_in_loss else "k1"
     clip_high = cfg.clip_range if cfg.clip_range_high is None else cfg.clip_range_high
     local_prompts = cfg.rollout_batch_size // world_size  # groups per rank: a group never spans ranks
     B = local_prompts * G  # sequences per rank
     if cfg.rollout_batch_size % world_size or B % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
-        raise common.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} must split evenly over {world_size} "
-                                f"processes, and its x {G} responses per rank over --num_minibatches x "
-                                "--gradient_accumulation_steps")
+        raise harness.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} must split evenly over {world_size} "
+                                 f"processes, and its x {G} responses per rank over --num_minibatches x "
+                                 "--gradient_accumulation_steps")
     # 1. data, rewards, models
-    rows, eval_rows = common.train_eval_rows(cfg.prompts, "--prompts", cfg.prompts_split, cfg.eval_prompts,
-                                             "--eval_prompts", cfg.eval_split, cfg.run.seed)
-    prompts, columns = common.prompts_and_columns(rows)
-    eval_prompts, eval_columns = common.prompts_and_columns(eval_rows)
-    reward_fns = common.load_reward_fns(cfg.reward_fn, cfg.reward_weights, common.common_columns(columns))
-    eval_fns = common.load_reward_fns(cfg.eval_reward_fn, columns=common.common_columns(eval_columns),
-                                      option="--eval_reward_fn") if cfg.eval_reward_fn != ("none",) else {}
+    rows, eval_rows = harness.train_eval_rows(cfg.prompts, "--prompts", cfg.prompts_split, cfg.eval_prompts,
+                                              "--eval_prompts", cfg.eval_split, cfg.run.seed)
+    prompts, columns = harness.prompts_and_columns(rows)
+    eval_prompts, eval_columns = harness.prompts_and_columns(eval_rows)
+    reward_fns = harness.load_reward_fns(cfg.reward_fn, cfg.reward_weights, harness.common_columns(columns))
+    eval_fns = harness.load_reward_fns(cfg.eval_reward_fn, columns=harness.common_columns(eval_columns),
+                                       option="--eval_reward_fn") if cfg.eval_reward_fn != ("none",) else {}
     eval_fns = eval_fns or (reward_fns if cfg.eval_reward_fn != ("none",) else {})
-    tools, schemas = load_tools(cfg.tools, common.common_columns(columns)) if cfg.tools != ("none",) else ({}, [])
+    tools, schemas = load_tools(cfg.tools, harness.common_columns(columns)) if cfg.tools != ("none",) else ({}, [])
     cfg.tool_format = cfg.tool_format if cfg.tool_format != "auto" else "chat" if prompts and isinstance(
         prompts[0], list) else "simple"
     if not reward_fns and cfg.reward_model_path in (None, "none"):
-        raise common.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
-                                "--reward_fn module:function (a rule-based or verifiable reward)")
+        raise harness.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
+                                 "--reward_fn module:function (a rule-based or verifiable reward)")
     cfg.reward_model_path = cfg.reward_model_path or "none"
-    policy, ref, reward_model, tokenizer, reward_tokenizer = load_models(cfg, device, cfg.kl_coef > 0 or cfg.eval_kl)
-    common.check_length(policy.config, cfg.max_prompt_length + cfg.max_new_tokens,
-                        "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
+    policy, ref, reward_model, tokenizer, reward_tokenizer = load_models(
+        cfg, device, cfg.kl_coef > 0 or cfg.eval_kl, any(isinstance(p, list) for p in prompts + eval_prompts))
+    harness.check_length(policy.config, cfg.max_prompt_length + cfg.max_new_tokens,
+                         "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
     tools_kw = {"tools": schemas} if tools and cfg.tool_format == "chat" else {}  # the tools described in the prompt
-    prompt_ids, n_cut = common.tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length, **tools_kw)
-    eval_ids = common.tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length, **tools_kw)[0]
-    if tools_kw and prompt_ids[0] == common.render_prompt(prompts[0], tokenizer):
-        raise common.InputError(f"--tools: the chat template of {cfg.model_name_or_path} does not render tools; use a "
-                                "model whose template does (e.g. Qwen2.5-Instruct's), or --tool_format simple")
+    prompt_ids, n_cut = harness.tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length, **tools_kw)
+    eval_ids = harness.tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length, **tools_kw)[0]
+    if tools_kw and prompt_ids[0] == harness.render_prompt(prompts[0], tokenizer):
+        raise harness.InputError(f"--tools: the chat template of {cfg.model_name_or_path} does not render tools; use a "
+                                 "model whose template does (e.g. Qwen2.5-Instruct's), or --tool_format simple")
     if rank == 0:
         print(f"{estimator}: policy {cfg.model_name_or_path} | {len(prompts)} prompts ({n_cut} cut to "
               f"{cfg.max_prompt_length} tokens), {len(eval_prompts)} held out | reward "
@@ -627,17 +630,17 @@ def main(cfg: Config) -> dict:
               f"{cfg.num_iterations} iterations x {cfg.rollout_batch_size} prompts x G={G}, loss {loss_agg}, beta "
               f"{cfg.kl_coef} ({'loss' if cfg.kl_in_loss else 'reward'}) | tools {', '.join(tools) or 'none'} | "
               f"world size {world_size}", flush=True)
-    optimizer, scheduler = common.optimizer(policy.parameters(), cfg.optim,
-                                            cfg.num_iterations * cfg.update_epochs * cfg.num_minibatches, eps=1e-5)
+    optimizer, scheduler = harness.optimizer(policy.parameters(), cfg.optim,
+                                             cfg.num_iterations * cfg.update_epochs * cfg.num_minibatches, eps=1e-5)
     # every random choice in named generators, restored on resume: the prompt and minibatch orders are the same on
     # every rank (they agree on the global batch), sampling differs per rank
-    batches = common.BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.run.seed)
+    batches = harness.BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.run.seed)
     minibatch_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + rank)
     state = {"batches": batches, "scheduler": scheduler, "minibatch_gen": minibatch_gen, "sample_gen": sample_gen,
              "episodes": 0, "episodes_sampled": 0, "wall_time": 0.0, "initial_eval": None}
-    start = common.resume(cfg, {"policy": policy}, [optimizer], state)
-    logger, sums = common.MetricsLogger(cfg, start), common.Sums()
+    start = harness.resume(cfg, {"policy": policy}, [optimizer], state)
+    logger, sums = harness.MetricsLogger(cfg, start), harness.Sums()
     kl_ref = ref if cfg.kl_coef > 0 else None  # the reference of the KL term (the evaluation's may exist without it)
 
     times = {}  # this iteration's seconds by phase
@@ -647,7 +650,7 @@ def main(cfg: Config) -> dict:
             return tool_rollout(policy, tokenizer, batch_prompts, batch_ids, batch_columns, tools, schemas, cfg,
                                 generator, device, amp)
         query, query_mask = common.left_pad(batch_ids, tokenizer.pad_token_id, device)
-        with common.autocast(device, amp):
+        with harness.autocast(device, amp):
             responses, response_mask = common.generate(policy, query, query_mask, cfg.max_new_tokens,
                                                        tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                        cfg.temperature, cfg.top_k, cfg.top_p, generator,
@@ -655,7 +658,8 @@ def main(cfg: Config) -> dict:
         return responses, response_mask, response_mask, [0] * len(batch_ids)
 
     def sample(batch_idx: list[int]) -> dict:
-        """One rollout: the responses to the prompts batch_idx (G copies of each), decoded and scored (NaN: unscored)."""
+        """One rollout: the responses to the prompts batch_idx (G copies of each), decoded and scored (NaN:
+        unscored)."""
         t0 = time.time()
         r = {"prompts": [prompts[i] for i in batch_idx], "pad_token_id": tokenizer.pad_token_id}
         r["query"], r["query_mask"] = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id,
@@ -664,11 +668,11 @@ def main(cfg: Config) -> dict:
             r["prompts"], [prompt_ids[i] for i in batch_idx], [columns[i] for i in batch_idx], sample_gen)
         r["completions"] = tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
         t1 = time.time()
-        with torch.no_grad(), common.autocast(device, amp):
-            scores, r["parts"] = common.compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer,
-                                                       r["query"], r["query_mask"], r["responses"], r["response_mask"],
-                                                       r["prompts"], r["completions"],
-                                                       common.batch_columns(columns, batch_idx))
+        with torch.no_grad(), harness.autocast(device, amp):
+            scores, r["parts"] = harness.compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer,
+                                                        r["query"], r["query_mask"], r["responses"], r["response_mask"],
+                                                        r["prompts"], r["completions"],
+                                                        harness.batch_columns(columns, batch_idx))
         r["ended"] = r["responses"].gather(1, common.last_token_index(r["response_mask"])[:, None])[:, 0] == \
             tokenizer.eos_token_id  # the last token (with tools an EOS may end a turn that a tool message follows)
         r["scores"] = scores - cfg.missing_eos_penalty * ~r["ended"] + overlong_penalty(  # (B,)
@@ -680,12 +684,12 @@ def main(cfg: Config) -> dict:
     def evaluate(iteration: int) -> dict:
         if not eval_prompts:
             return {}
-        m = common.evaluate_policy(policy, tokenizer, eval_prompts, device, prompt_ids=eval_ids, columns=eval_columns,
-                                   ref=ref, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
-                                   reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp,
-                                   rollout=rollout if tools else None)
+        m = harness.evaluate_policy(policy, tokenizer, eval_prompts, device, prompt_ids=eval_ids, columns=eval_columns,
+                                    ref=ref, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                                    reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp,
+                                    rollout=rollout if tools else None)
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items() if k not in ("samples", "per_sample")},
                    (*[f"eval/{n}_mean" for n in eval_fns], "eval/proxy_reward_mean", "eval/kl_to_ref",
                     "eval/distinct_completions"))
@@ -702,17 +706,22 @@ def main(cfg: Config) -> dict:
                        **{f"time/{k}": v for k, v in times.items()})
         if counts:
             metrics["dynamic_sampling/frac_zero_std_sampled"] = t["zero_std_sampled"] / t["groups_sampled"]
-        logger.log(iteration, metrics, ("reward", "reward_std", "frac_reward_zero_std", "kl_seq", "entropy",
-                                        "clip_ratio/high_mean") if iteration % cfg.run.log_every == 0 else ())
+        shown = iteration % cfg.run.log_every == 0
+        logger.log(iteration, metrics, ("reward", *[f"rewards/{n}/mean" for n in r["parts"]], "reward_std",
+                                        "frac_reward_zero_std", "kl_seq", "entropy", "clip_ratio/high_mean",
+                                        *[f"time/{k}" for k in times]) if shown else ())
+        if shown and rank == 0 and metrics["unscored"] > B * world_size / 2:
+            print(f"warning: {metrics['unscored']:.0f} of {B * world_size} responses unscored (the reward functions "
+                  "returned None): they take no part in the loss", flush=True)
         if iteration % cfg.sample_every == 0 and rank == 0:
             for p, c, s in list(zip(r["prompts"], r["completions"], r["scores"].tolist()))[:3]:
-                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
+                print(f"   sample [{s:+.2f}] {harness.prompt_text(p)} |{c}")
 
     next_prompts = lambda: [i for i in batches.next()[rank::world_size] for _ in range(G)]  # noqa: E731  groups of G
     state["initial_eval"] = state["initial_eval"] if start else evaluate(0)
     t_start = time.time() - state["wall_time"]
     for iteration in range(start + 1, cfg.num_iterations + 1):
-        # ---- 1. rollout: G samples of each of this rank's prompts in one batch, scored --------------------------------
+        # ---- 1. rollout: G samples of each of this rank's prompts in one batch, scored -------------------------------
         times.clear()
         r, counts = sample(next_prompts()), {}
         if cfg.dynamic_sampling:
@@ -727,7 +736,7 @@ def main(cfg: Config) -> dict:
 
         # ---- 2. old log-probs (the rollout policy) and reference log-probs, no grad ---------------------------------
         t0 = time.time()
-        with torch.no_grad(), common.autocast(device, amp):
+        with torch.no_grad(), harness.autocast(device, amp):
             old_logprobs = common.sequence_logprobs(policy, seq, seq_mask, P, cfg.temperature)  # (B, R)
             ref_logprobs = None if kl_ref is None else common.sequence_logprobs(kl_ref, seq, seq_mask, P,
                                                                                 cfg.temperature)  # (B, R)
@@ -752,7 +761,7 @@ def main(cfg: Config) -> dict:
                 for micro_start in range(0, mb_size, micro_size):
                     idx = torch.tensor(mb[micro_start:micro_start + micro_size], device=device)
                     mask = loss_mask[idx]  # (b, R)
-                    with common.autocast(device, amp):
+                    with harness.autocast(device, amp):
                         logprobs, entropy = common.sequence_logprobs(policy, seq[idx], seq_mask[idx], P,
                                                                      cfg.temperature, return_entropy=True)
                     per_token, _, is_low, is_high = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx],
@@ -780,20 +789,21 @@ def main(cfg: Config) -> dict:
         if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
             evaluate(iteration)
         state["wall_time"] = time.time() - t_start
-        common.save_checkpoint(cfg, iteration, cfg.num_iterations, {"policy": policy}, [optimizer], state)
+        harness.save_checkpoint(cfg, iteration, cfg.num_iterations, {"policy": policy}, [optimizer], state)
 
     # ---- 6. final evaluation, save ---------------------------------------------------------------------------------
     final, initial = evaluate(cfg.num_iterations), state["initial_eval"]
     # script / advantage_estimator / config: how toy_task.py report recognises and labels a grpo.py run
     result = {**{k: v for k, v in final.items() if k != "samples"},
-              **{"sft_" + k: v for k, v in initial.items() if k != "samples"}, "samples": final.get("samples", []),
+              **{"start_" + k: v for k, v in initial.items() if k != "samples"}, "samples": final.get("samples", []),
               "episodes": state["episodes"], "episodes_sampled": state["episodes_sampled"],
               "wall_time_s": time.time() - t_start, "episodes_per_s": state["episodes"] / (time.time() - t_start),
               "script": "grpo.py", "advantage_estimator": estimator, "loss_agg": loss_agg, "config": asdict(cfg)}
-    common.save_model(cfg, policy, tokenizer, result, logger)
+    harness.save_model(cfg, policy, tokenizer, result, logger)
     if rank == 0:
-        print(f"saved {cfg.run.output_dir} | " + common.summary(estimator, initial, final, eval_fns) if final
-              else f"saved {cfg.run.output_dir}", flush=True)
+        print(f"saved {cfg.run.output_dir} | " + harness.summary(estimator, cfg.model_name_or_path, initial, final,
+                                                                 eval_fns) if final else f"saved {cfg.run.output_dir}",
+              flush=True)
         for s in final.get("samples", []):
             print(f"   [{', '.join(f'{s[k]:+.2f} {k}' for k in (*eval_fns, 'proxy') if s[k] is not None)}] "
                   f"{s['prompt']} |{s['completion']}")
@@ -801,4 +811,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Config)
+    harness.cli(main, Config)

@@ -29,6 +29,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import harness
 
 # defaults of the options left None for a pretrained model (the toy's: toy_task.DEFAULTS["ppo"]); TRL's PPO values
 PRETRAINED = dict(learning_rate=3e-6, critic_learning_rate=3e-6, max_new_tokens=128, max_prompt_length=512)
@@ -129,21 +130,21 @@ class Config:
     training --reward_fn; "none" for none"""
     sample_every: int = 20
     """print a few rollout completions every this many iterations"""
-    model: common.ModelArgs = common.group(common.ModelArgs)
-    optim: common.OptimArgs = common.group(common.OptimArgs, lr_scheduler="linear")
-    run: common.RunArgs = common.group(common.RunArgs, output_dir="runs/ppo", log_every=5)
+    model: harness.ModelArgs = harness.group(harness.ModelArgs)
+    optim: harness.OptimArgs = harness.group(harness.OptimArgs, lr_scheduler="linear")
+    run: harness.RunArgs = harness.group(harness.RunArgs, output_dir="runs/ppo", log_every=5)
 
     def __post_init__(self):
-        common.check_options(self, positive=(
+        harness.check_options(self, positive=(
             "num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_new_tokens", "temperature",
             "target_kl", "kl_horizon", "update_epochs", "num_minibatches", "gradient_accumulation_steps", "clip_range",
             "clip_range_value", "critic_learning_rate", "max_prompt_length", "eval_every", "eval_samples_per_prompt",
             "sample_every"), nonnegative=("top_k", "kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty",
                                           "score_clip"), fractions=("gamma", "lam", "eval_split"),
             probabilities=("top_p",))
-        common.check_deterministic(self.model)
+        harness.check_deterministic(self.model)
         if self.score_norm == "per_prompt" and self.num_samples_per_prompt < 2:
-            raise common.InputError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
+            raise harness.InputError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,49 +279,48 @@ def normalize_scores(scores, scored, cfg: Config, moments: RunningMoments):
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and the log
 # ---------------------------------------------------------------------------------------------------------------------
-def load_models(cfg: Config, device):
+def load_models(cfg: Config, device, conversational: bool):
     """actor (trained), ref (frozen; with LoRA the actor with its adapter off), critic (trained; with LoRA an adapter
     on its own backbone and a fully trained value head), reward model (frozen, or None), tokenizers."""
-    trained, frozen, compute = common.precision(cfg.model, device)
+    trained, frozen, compute = harness.precision(cfg.model, device)
     kw = dict(trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
     policy_opt, rm_opt = "--model_name_or_path", "--reward_model_path"
-    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
-                                       trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise common.InputError(f"{policy_opt} {cfg.model_name_or_path}: the tokenizer needs a pad token distinct from "
-                                "EOS (sft.py adds one)")
-    actor = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=trained, **kw)
-    common.check_model_kind(actor, cfg.model_name_or_path, policy_opt, "policy")
-    ref = None if cfg.model.lora_r else common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path,
-                                                               policy_opt, dtype=frozen, **kw)
+    tokenizer = harness.from_pretrained(AutoTokenizer, cfg.model_name_or_path, policy_opt,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    harness.check_eos(tokenizer, cfg.model_name_or_path, policy_opt, conversational)
+    actor = harness.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, policy_opt, dtype=trained, **kw)
+    harness.check_model_kind(actor, cfg.model_name_or_path, policy_opt, "policy")
+    ref = None if cfg.model.lora_r else harness.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path,
+                                                                policy_opt, dtype=frozen, **kw)
     reward_model = reward_tokenizer = None
     if cfg.reward_model_path != "none":
-        reward_model = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
-                                              dtype=frozen, **kw)
-        common.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
-        reward_tokenizer = common.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        reward_model = harness.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
+                                               dtype=frozen, **kw)
+        harness.check_model_kind(reward_model, cfg.reward_model_path, rm_opt, "reward")
+        reward_tokenizer = harness.from_pretrained(AutoTokenizer, cfg.reward_model_path, rm_opt,
+                                                   trust_remote_code=cfg.model.trust_remote_code)
     if cfg.critic_init == "reward_model":
-        if not common.same_tokenizer(reward_tokenizer, tokenizer):
-            raise common.InputError("--critic_init reward_model needs the reward model to share the policy's "
-                                    "tokenizer; use --critic_init sft")
-        critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
-                                        dtype=trained, **kw)
+        if not harness.same_tokenizer(reward_tokenizer, tokenizer):
+            raise harness.InputError("--critic_init reward_model needs the reward model to share the policy's "
+                                     "tokenizer; use --critic_init sft")
+        critic = harness.from_pretrained(AutoModelForSequenceClassification, cfg.reward_model_path, rm_opt,
+                                         dtype=trained, **kw)
     else:
-        critic = common.from_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path, policy_opt,
-                                        num_labels=1, dtype=trained, **kw)
+        critic = harness.from_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path, policy_opt,
+                                         num_labels=1, dtype=trained, **kw)
         torch.nn.init.normal_(critic.score.weight, std=1 / np.sqrt(critic.score.weight.size(1) + 1))
     critic.config.pad_token_id = tokenizer.pad_token_id
     for model in (actor, ref, reward_model, critic):
         if model is not None:
-            common.disable_dropout(model)
+            harness.disable_dropout(model)
     for model in (ref, reward_model):
         if model is not None:
             model.eval().requires_grad_(False)
-    actor, critic = common.prepare_trainable(actor, cfg.model), common.prepare_trainable(critic, cfg.model, modules_to_save=["score"])
-    actor, ref, reward_model, critic = [common.shard_model(m.to(device), compute) if m is not None else None
+    actor = harness.prepare_trainable(actor, cfg.model)
+    critic = harness.prepare_trainable(critic, cfg.model, modules_to_save=["score"])
+    actor, ref, reward_model, critic = [harness.shard_model(m.to(device), compute) if m is not None else None
                                         for m in (actor, ref, reward_model, critic)]
-    return actor, ref or common.WithoutAdapter(actor), critic, reward_model, tokenizer, reward_tokenizer
+    return actor, ref or harness.WithoutAdapter(actor), critic, reward_model, tokenizer, reward_tokenizer
 
 
 def critic_values(critic, input_ids, attention_mask, context_length: int) -> torch.Tensor:
@@ -329,7 +329,7 @@ def critic_values(critic, input_ids, attention_mask, context_length: int) -> tor
 
 
 def rollout_sums(kl, non_score, response_mask, ended, scored, raw_scores, scores, returns, values, parts) -> dict:
-    """This rank's sums of one rollout for ppo_metrics (common.Sums reduces them over ranks with the update's)."""
+    """This rank's sums of one rollout for ppo_metrics (harness.Sums reduces them over ranks with the update's)."""
     residual = returns - values
     return dict(kl=kl.sum(), non_score=non_score.sum(), response_tokens=response_mask.sum(), ended=ended.sum(),
                 scored=scored.sum(), raw=raw_scores.sum(), raw_sq=(raw_scores ** 2).sum(),
@@ -358,7 +358,8 @@ def ppo_metrics(t: dict, n_seq: int, reward_names) -> dict:
         "objective/non_score_reward": t["non_score"] / n_seq,
         "objective/rlhf_reward": (mean("scores") or 0.0) + t["non_score"] / n_seq,
         "objective/entropy": t["entropy"] / n_tok, "policy/approxkl": t["approxkl"] / n_tok,
-        "policy/clipfrac": t["clipped"] / n_tok, "loss/policy": t["pg_loss"] / n_tok, "loss/value": t["vf_loss"] / n_tok,
+        "policy/clipfrac": t["clipped"] / n_tok, "loss/policy": t["pg_loss"] / n_tok,
+        "loss/value": t["vf_loss"] / n_tok,
         "val/clipfrac": t["vf_clipped"] / n_tok,
         "val/explained_variance": 1 - token_var("residual") / max(1e-8, token_var("returns")),
         "response_length": t["response_tokens"] / n_seq, "eos_rate": t["ended"] / n_seq}
@@ -368,32 +369,33 @@ def ppo_metrics(t: dict, n_seq: int, reward_names) -> dict:
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
 def main(cfg: Config) -> dict:
-    rank, world_size, device = common.setup(cfg, "ppo", PRETRAINED)
-    amp = common.precision(cfg.model, device)[2]
+    rank, world_size, device = harness.setup(cfg, "ppo", PRETRAINED)
+    amp = harness.precision(cfg.model, device)[2]
     local_batch = cfg.rollout_batch_size // world_size * cfg.num_samples_per_prompt  # sequences per rank
     if cfg.rollout_batch_size % world_size or local_batch % (cfg.num_minibatches * cfg.gradient_accumulation_steps):
-        raise common.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} x --num_samples_per_prompt must split "
-                                f"evenly over {world_size} processes x --num_minibatches x "
-                                "--gradient_accumulation_steps")
+        raise harness.InputError(f"--rollout_batch_size {cfg.rollout_batch_size} x --num_samples_per_prompt must split "
+                                 f"evenly over {world_size} processes x --num_minibatches x "
+                                 "--gradient_accumulation_steps")
     # 1. data, rewards, models
-    rows, eval_rows = common.train_eval_rows(cfg.prompts, "--prompts", cfg.prompts_split, cfg.eval_prompts,
-                                             "--eval_prompts", cfg.eval_split, cfg.run.seed)
-    prompts, columns = common.prompts_and_columns(rows)
-    eval_prompts, eval_columns = common.prompts_and_columns(eval_rows)
-    reward_fns = common.load_reward_fns(cfg.reward_fn, cfg.reward_weights, common.common_columns(columns))
-    eval_fns = common.load_reward_fns(cfg.eval_reward_fn, columns=common.common_columns(eval_columns),
-                                      option="--eval_reward_fn") if cfg.eval_reward_fn != ("none",) else {}
+    rows, eval_rows = harness.train_eval_rows(cfg.prompts, "--prompts", cfg.prompts_split, cfg.eval_prompts,
+                                              "--eval_prompts", cfg.eval_split, cfg.run.seed)
+    prompts, columns = harness.prompts_and_columns(rows)
+    eval_prompts, eval_columns = harness.prompts_and_columns(eval_rows)
+    reward_fns = harness.load_reward_fns(cfg.reward_fn, cfg.reward_weights, harness.common_columns(columns))
+    eval_fns = harness.load_reward_fns(cfg.eval_reward_fn, columns=harness.common_columns(eval_columns),
+                                       option="--eval_reward_fn") if cfg.eval_reward_fn != ("none",) else {}
     eval_fns = eval_fns or (reward_fns if cfg.eval_reward_fn != ("none",) else {})
     if not reward_fns and cfg.reward_model_path in (None, "none"):
-        raise common.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
-                                "--reward_fn module:function (a rule-based reward)")
+        raise harness.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
+                                 "--reward_fn module:function (a rule-based reward)")
     cfg.reward_model_path = cfg.reward_model_path or "none"
     cfg.critic_init = cfg.critic_init or ("sft" if reward_fns else "reward_model")
-    actor, ref, critic, reward_model, tokenizer, reward_tokenizer = load_models(cfg, device)
-    common.check_length(actor.config, cfg.max_prompt_length + cfg.max_new_tokens,
-                        "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
-    prompt_ids, n_cut = common.tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
-    eval_ids = common.tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length)[0]
+    actor, ref, critic, reward_model, tokenizer, reward_tokenizer = load_models(
+        cfg, device, any(isinstance(p, list) for p in prompts + eval_prompts))
+    harness.check_length(actor.config, cfg.max_prompt_length + cfg.max_new_tokens,
+                         "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
+    prompt_ids, n_cut = harness.tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    eval_ids = harness.tokenize_prompts(eval_prompts, tokenizer, cfg.max_prompt_length)[0]
     if rank == 0:
         print(f"PPO: policy {cfg.model_name_or_path} | {len(prompts)} prompts ({n_cut} cut to {cfg.max_prompt_length} "
               f"tokens), {len(eval_prompts)} held out | reward {', '.join(reward_fns) or cfg.reward_model_path} | "
@@ -401,15 +403,15 @@ def main(cfg: Config) -> dict:
               f"{cfg.rollout_batch_size * cfg.num_samples_per_prompt} episodes | world size {world_size}", flush=True)
     total_updates = cfg.num_iterations * cfg.update_epochs * cfg.num_minibatches
     if cfg.shared_optimizer:
-        optimizers, schedulers = zip(common.optimizer([*actor.parameters(), *critic.parameters()], cfg.optim,
-                                                      total_updates, eps=1e-5))
+        optimizers, schedulers = zip(harness.optimizer([*actor.parameters(), *critic.parameters()], cfg.optim,
+                                                       total_updates, eps=1e-5))
     else:
-        optimizers, schedulers = zip(common.optimizer(actor.parameters(), cfg.optim, total_updates, eps=1e-5),
-                                     common.optimizer(critic.parameters(), cfg.optim, total_updates,
-                                                      lr=cfg.critic_learning_rate, eps=1e-5))
+        optimizers, schedulers = zip(harness.optimizer(actor.parameters(), cfg.optim, total_updates, eps=1e-5),
+                                     harness.optimizer(critic.parameters(), cfg.optim, total_updates,
+                                                       lr=cfg.critic_learning_rate, eps=1e-5))
     # every random choice in named generators, restored on resume: the prompt and minibatch orders are the same on
     # every rank (they agree on the global batch), sampling differs per rank
-    batches = common.BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.run.seed)
+    batches = harness.BatchOrder(len(prompts), cfg.rollout_batch_size, cfg.run.seed)
     minibatch_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + rank)
     kl_ctl, score_moments = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon), RunningMoments()
@@ -417,17 +419,17 @@ def main(cfg: Config) -> dict:
     state = {"batches": batches, "schedulers": list(schedulers), "kl_ctl": kl_ctl, "score_moments": score_moments,
              "minibatch_gen": minibatch_gen, "sample_gen": sample_gen, "episodes": 0, "wall_time": 0.0,
              "initial_eval": None}
-    start = common.resume(cfg, models, list(optimizers), state)
-    logger, sums = common.MetricsLogger(cfg, start), common.Sums()
+    start = harness.resume(cfg, models, list(optimizers), state)
+    logger, sums = harness.MetricsLogger(cfg, start), harness.Sums()
 
     def evaluate(iteration: int) -> dict:
         if not eval_prompts:
             return {}
-        m = common.evaluate_policy(actor, tokenizer, eval_prompts, device, prompt_ids=eval_ids, columns=eval_columns,
-                                   ref=ref, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
-                                   reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp)
+        m = harness.evaluate_policy(actor, tokenizer, eval_prompts, device, prompt_ids=eval_ids, columns=eval_columns,
+                                    ref=ref, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                                    reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp)
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items() if k not in ("samples", "per_sample")},
                    (*[f"eval/{n}_mean" for n in eval_fns], "eval/proxy_reward_mean", "eval/kl_to_ref"))
         return {k: v for k, v in m.items() if k != "per_sample"}
@@ -437,11 +439,16 @@ def main(cfg: Config) -> dict:
         metrics.update({"beta": kl_ctl.value, "lr": schedulers[0].get_last_lr()[0], "episodes": state["episodes"],
                         "episodes_per_s": state["episodes"] / (time.time() - t_start),
                         **{f"time/{k}": v for k, v in times.items()}})
-        logger.log(iteration, metrics, ("objective/scores", "objective/kl", "policy/clipfrac", "val/explained_variance",
-                                        "eos_rate", "beta") if iteration % cfg.run.log_every == 0 else ())
+        shown = iteration % cfg.run.log_every == 0
+        logger.log(iteration, metrics, ("objective/scores", *[k for k in metrics if k.startswith("rewards/")],
+                                        "objective/kl", "policy/clipfrac", "val/explained_variance", "eos_rate",
+                                        "beta", *[f"time/{k}" for k in times]) if shown else ())
+        if shown and rank == 0 and metrics["objective/unscored"] > len(completions) * world_size / 2:
+            print(f"warning: {metrics['objective/unscored']:.0f} of {len(completions) * world_size} responses unscored "
+                  "(the reward functions returned None): they take no part in the loss", flush=True)
         if iteration % cfg.sample_every == 0 and rank == 0:
             for p, c, s in list(zip(batch_prompts, completions, raw_scores.tolist()))[:3]:
-                print(f"   sample [{s:+.2f}] {common.prompt_text(p)} |{c}")
+                print(f"   sample [{s:+.2f}] {harness.prompt_text(p)} |{c}")
         return metrics
 
     state["initial_eval"] = state["initial_eval"] if start else evaluate(0)
@@ -452,7 +459,7 @@ def main(cfg: Config) -> dict:
         batch_idx = [i for i in batches.next()[rank::world_size] for _ in range(cfg.num_samples_per_prompt)]
         batch_prompts = [prompts[i] for i in batch_idx]
         query, query_mask = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id, device)
-        with common.autocast(device, amp):
+        with harness.autocast(device, amp):
             responses, response_mask = common.generate(actor, query, query_mask, cfg.max_new_tokens,  # (B, R)
                                                        tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.temperature,
                                                        cfg.top_k, cfg.top_p, sample_gen, sync_ranks=True)
@@ -462,15 +469,15 @@ def main(cfg: Config) -> dict:
         response_mask = response_mask.float()
         t_generate = time.time() - t0
 
-        # ---- 2. score; pi_old's and the reference's log-probs, the values (no grad) -----------------------------------
+        # ---- 2. score; pi_old's and the reference's log-probs, the values (no grad) ----------------------------------
         t0 = time.time()
-        with torch.no_grad(), common.autocast(device, amp):
+        with torch.no_grad(), harness.autocast(device, amp):
             old_logprobs = common.sequence_logprobs(actor, seq, seq_mask, P, cfg.temperature)  # (B, R)
             ref_logprobs = common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)  # (B, R)
             values = critic_values(critic, seq, seq_mask, P) * response_mask  # (B, R)
-            raw_scores, parts = common.compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer, query,
-                                                      query_mask, responses, seq_mask[:, P:], batch_prompts, completions,
-                                                      common.batch_columns(columns, batch_idx))  # (B,), NaN: unscored
+            raw_scores, parts = harness.compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer, query,
+                                                       query_mask, responses, seq_mask[:, P:], batch_prompts,
+                                                       completions, harness.batch_columns(columns, batch_idx))  # (B,)
         scored = ~raw_scores.isnan()  # an unscored sample is left out of the loss: its tokens are masked
         response_mask = response_mask * scored[:, None]
         ended = (responses == tokenizer.eos_token_id).any(1)  # (B,)
@@ -500,7 +507,7 @@ def main(cfg: Config) -> dict:
                 for micro_start in range(0, mb_size, micro_size):
                     idx = torch.tensor(mb[micro_start:micro_start + micro_size], device=device)
                     mask = response_mask[idx]  # (b, R)
-                    with common.autocast(device, amp):
+                    with harness.autocast(device, amp):
                         logprobs, entropy = common.sequence_logprobs(actor, seq[idx], seq_mask[idx], P,
                                                                      cfg.temperature, return_entropy=True)
                         new_values = critic_values(critic, seq[idx], seq_mask[idx], P)
@@ -531,18 +538,19 @@ def main(cfg: Config) -> dict:
         if iteration % cfg.eval_every == 0 and iteration != cfg.num_iterations:
             evaluate(iteration)
         state["wall_time"] = time.time() - t_start
-        common.save_checkpoint(cfg, iteration, cfg.num_iterations, models, list(optimizers), state)
+        harness.save_checkpoint(cfg, iteration, cfg.num_iterations, models, list(optimizers), state)
 
     # ---- 7. final evaluation, save ---------------------------------------------------------------------------------
     final, initial = evaluate(cfg.num_iterations), state["initial_eval"]
     result = {**{k: v for k, v in final.items() if k != "samples"},
-              **{"sft_" + k: v for k, v in initial.items() if k != "samples"}, "samples": final.get("samples", []),
+              **{"start_" + k: v for k, v in initial.items() if k != "samples"}, "samples": final.get("samples", []),
               "episodes": state["episodes"], "wall_time_s": time.time() - t_start,
               "episodes_per_s": state["episodes"] / (time.time() - t_start)}
-    common.save_model(cfg, actor, tokenizer, result, logger)
+    harness.save_model(cfg, actor, tokenizer, result, logger)
     if rank == 0:
-        print(f"saved {cfg.run.output_dir} | " + common.summary("PPO", initial, final, eval_fns) if final
-              else f"saved {cfg.run.output_dir}", flush=True)
+        print(f"saved {cfg.run.output_dir} | " + harness.summary("PPO", cfg.model_name_or_path, initial, final,
+                                                                 eval_fns) if final else f"saved {cfg.run.output_dir}",
+              flush=True)
         for s in final.get("samples", []):
             print(f"   [{', '.join(f'{s[k]:+.2f} {k}' for k in (*eval_fns, 'proxy') if s[k] is not None)}] "
                   f"{s['prompt']} |{s['completion']}")
@@ -550,4 +558,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Config)
+    harness.cli(main, Config)

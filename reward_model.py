@@ -44,6 +44,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import harness
 
 # defaults of the options left None for a pretrained model (the toy's: toy_task.DEFAULTS["reward_model"])
 PRETRAINED = dict(learning_rate=1e-5, max_length=1024, per_device_batch_size=8, normalize_samples=128,
@@ -107,14 +108,14 @@ class Config:
     eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """module:function, a known reward (TRL's signature; repeatable): how often the reward model orders policy
     samples like it; default: the toy's gold reward on the toy, else none; "none" for none"""
-    model: common.ModelArgs = common.group(common.ModelArgs)
-    optim: common.OptimArgs = common.group(common.OptimArgs, weight_decay=0.01, warmup_ratio=0.05)
-    run: common.RunArgs = common.group(common.RunArgs, output_dir="runs/reward_model", log_every=20)
+    model: harness.ModelArgs = harness.group(harness.ModelArgs)
+    optim: harness.OptimArgs = harness.group(harness.OptimArgs, weight_decay=0.01, warmup_ratio=0.05)
+    run: harness.RunArgs = harness.group(harness.RunArgs, output_dir="runs/reward_model", log_every=20)
 
     def __post_init__(self):
-        common.check_options(self, positive=("max_length", "num_epochs", "max_steps", "per_device_batch_size",
-                                             "gradient_accumulation_steps", "eval_every", "max_new_tokens"),
-                             nonnegative=("center_rewards_coef", "normalize_samples", "agreement_samples_per_prompt",
+        harness.check_options(self, positive=("max_length", "num_epochs", "max_steps", "per_device_batch_size",
+                                              "gradient_accumulation_steps", "eval_every", "max_new_tokens"),
+                              nonnegative=("center_rewards_coef", "normalize_samples", "agreement_samples_per_prompt",
                                           "temperature"), fractions=("eval_split",))
 
 
@@ -183,19 +184,19 @@ def parse_row(row: dict, where: str, loss: str):
     preference; the caller counts it). Prompt and completions are strings or conversations."""
     if loss == "ranking":
         if "prompt" not in row or "completions" not in row:
-            raise common.InputError(f"{where}: expected {{prompt, completions: [best, ..., worst]}}, got keys "
-                                    f"{sorted(row)}")
-        prompt, completions = common.prompt_field(row["prompt"], where), row["completions"]
+            raise harness.InputError(f"{where}: expected {{prompt, completions: [best, ..., worst]}}, got keys "
+                                     f"{sorted(row)}")
+        prompt, completions = harness.prompt_field(row["prompt"], where), row["completions"]
         if not isinstance(completions, list) or len(completions) < 2:
-            raise common.InputError(f"{where}: field 'completions' must be a list of at least 2 completions, best "
-                                    "first")
-        field = common.assistant_field if isinstance(prompt, list) else common.text_field
+            raise harness.InputError(f"{where}: field 'completions' must be a list of at least 2 completions, best "
+                                     "first")
+        field = harness.assistant_field if isinstance(prompt, list) else harness.text_field
         completions, margin = [field(c, where, f"completions[{k}]") for k, c in enumerate(completions)], 0.0
     else:
-        prompt, chosen, rejected = common.parse_preference_row(row, where)
+        prompt, chosen, rejected = harness.parse_preference_row(row, where)
         completions, margin = [chosen, rejected], row.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise common.InputError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
+            raise harness.InputError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
     return None if len({repr(c) for c in completions}) < len(completions) else (prompt, completions, float(margin))
 
 
@@ -208,8 +209,8 @@ def build_dataset(parsed: list, tokenizer, cfg: Config) -> tuple[list[dict], dic
             counts["skipped_identical"] += 1
             continue
         prompt, texts, margin = row
-        prompt_ids = common.render_prompt(prompt, tokenizer, where)
-        completions = [common.render_completion(prompt, t, tokenizer, where) for t in texts]
+        prompt_ids = harness.render_prompt(prompt, tokenizer, where)
+        completions = [harness.render_completion(prompt, t, tokenizer, where) for t in texts]
         longest = max(len(c) for c in completions)
         if len(prompt_ids) + longest > cfg.max_length:
             if cfg.truncation == "drop" or longest >= cfg.max_length:
@@ -219,7 +220,7 @@ def build_dataset(parsed: list, tokenizer, cfg: Config) -> tuple[list[dict], dic
             counts["truncated"] += 1
         examples.append({"prompt_ids": prompt_ids, "completions": completions, "margin": margin, "prompt": prompt})
     if not examples:
-        raise common.InputError(f"{cfg.dataset}: no usable example (counts: {counts}, --max_length {cfg.max_length})")
+        raise harness.InputError(f"{cfg.dataset}: no usable example (counts: {counts}, --max_length {cfg.max_length})")
     return examples, counts
 
 
@@ -239,7 +240,7 @@ def collate(batch: list[dict], pad_token_id: int, device):
 def example_scores_and_losses(model, batch: list[dict], cfg: Config, device, amp, pad_token_id: int):
     """(scores (B, K) best first, list_mask (B, K), per-example losses (B,)) of a batch, in one forward pass."""
     input_ids, attention_mask, index, list_mask, margins = collate(batch, pad_token_id, device)
-    with common.autocast(device, amp):
+    with harness.autocast(device, amp):
         scores = common.get_scores(model, input_ids, attention_mask, normalize=False)[index]  # (B, K)
     losses = pairwise_loss(scores[:, 0], scores[:, 1], margins) if cfg.loss == "pairwise" else \
         ranking_loss(scores, list_mask)
@@ -253,18 +254,18 @@ def example_scores_and_losses(model, batch: list[dict], cfg: Config, device, amp
 # ---------------------------------------------------------------------------------------------------------------------
 def load_reward_model(cfg: Config, device, dtype: torch.dtype):
     trust, option = cfg.model.trust_remote_code, "--model_name_or_path"
-    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, option, trust_remote_code=trust)
+    tokenizer = harness.from_pretrained(AutoTokenizer, cfg.model_name_or_path, option, trust_remote_code=trust)
     if tokenizer.eos_token_id is None:
-        raise common.InputError(f"{cfg.model_name_or_path}: the tokenizer has no EOS token; the score is read at the "
-                                "EOS")
+        raise harness.InputError(f"{cfg.model_name_or_path}: the tokenizer has no EOS token; the score is read at the "
+                                 "EOS")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # our scores use the attention mask, but plain transformers reads the score at the last token that is not
         # pad: with pad == eos it would read the token before the EOS. A pad token of its own keeps both equal
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    model = common.from_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path, option, num_labels=1,
-                                   trust_remote_code=trust, dtype=dtype,
-                                   attn_implementation=cfg.model.attn_implementation)
-    common.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
+    model = harness.from_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path, option, num_labels=1,
+                                    trust_remote_code=trust, dtype=dtype,
+                                    attn_implementation=cfg.model.attn_implementation)
+    harness.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -276,26 +277,26 @@ def load_reward_model(cfg: Config, device, dtype: torch.dtype):
             torch.nn.init.zeros_(model.score.bias)
     # the statistics of an earlier training would be stale: the scores are raw until this run normalises them
     model.config.reward_mean, model.config.reward_std = 0.0, 1.0
-    common.disable_dropout(model)
+    harness.disable_dropout(model)
     # with LoRA the score head is trained fully (a new head must be learnt, not adapted)
-    return common.prepare_trainable(model, cfg.model, modules_to_save=["score"]).to(device), tokenizer, new_head
+    return harness.prepare_trainable(model, cfg.model, modules_to_save=["score"]).to(device), tokenizer, new_head
 
 
 def load_policy(path: str, tokenizer, cfg: Config, device, dtype: torch.dtype):
     """The SFT policy as a causal LM, for its own samples. It must share the reward model's tokenizer (up to the pad
     token added above, only ever attended to as padding)."""
     option, trust = "--policy_name_or_path", cfg.model.trust_remote_code
-    policy_tokenizer = common.from_pretrained(AutoTokenizer, path, option, trust_remote_code=trust)
+    policy_tokenizer = harness.from_pretrained(AutoTokenizer, path, option, trust_remote_code=trust)
     if not policy_tokenizer.get_vocab().items() <= tokenizer.get_vocab().items() or \
             policy_tokenizer.eos_token_id != tokenizer.eos_token_id:
-        raise common.InputError(f"policy {path} and reward model {cfg.model_name_or_path} have different tokenizers")
-    policy = common.from_pretrained(AutoModelForCausalLM, path, option, trust_remote_code=trust, dtype=dtype,
-                                    attn_implementation=cfg.model.attn_implementation)
-    common.check_model_kind(policy, path, option, "policy")
+        raise harness.InputError(f"policy {path} and reward model {cfg.model_name_or_path} have different tokenizers")
+    policy = harness.from_pretrained(AutoModelForCausalLM, path, option, trust_remote_code=trust, dtype=dtype,
+                                     attn_implementation=cfg.model.attn_implementation)
+    harness.check_model_kind(policy, path, option, "policy")
     if len(tokenizer) > policy.get_input_embeddings().weight.size(0):
         policy.resize_token_embeddings(len(tokenizer))
-    common.disable_dropout(policy)
-    return common.shard_model(policy.to(device).eval().requires_grad_(False))
+    harness.disable_dropout(policy)
+    return harness.shard_model(policy.to(device).eval().requires_grad_(False))
 
 
 @torch.no_grad()
@@ -304,7 +305,7 @@ def evaluate(model, examples: list[dict], cfg: Config, device, amp, pad_token_id
     users see; the raw ones before normalisation) on held-out examples; each rank scores a strided share."""
     model.eval()
     losses, diffs, scores = [], [], []
-    for idx in common.rank_batches(len(examples), cfg.per_device_batch_size):
+    for idx in harness.rank_batches(len(examples), cfg.per_device_batch_size):
         s, mask, loss = example_scores_and_losses(model, [examples[i] for i in idx or [0]], cfg, device, amp,
                                                   pad_token_id)
         if idx:  # an empty share still runs the forward: FSDP needs every rank in it
@@ -312,7 +313,7 @@ def evaluate(model, examples: list[dict], cfg: Config, device, amp, pad_token_id
             losses, diffs, scores = losses + loss.tolist(), diffs + pair_differences(s, mask).tolist(), \
                 scores + s[mask].tolist()
     model.train()
-    losses, diffs, scores = common.gather_lists(losses), common.gather_lists(diffs), common.gather_lists(scores)
+    losses, diffs, scores = harness.gather_lists(losses), harness.gather_lists(diffs), harness.gather_lists(scores)
     return {"loss": float(np.mean(losses)), **preference_metrics(diffs, scores)}
 
 
@@ -324,30 +325,30 @@ def policy_sample_scores(policy, model, tokenizer, prompts: list[list[int]], num
     random.Random(cfg.run.seed).shuffle(prompts)
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 2000 + rank)
     scores = []
-    for idx in common.rank_batches(num_samples, cfg.per_device_batch_size):
+    for idx in harness.rank_batches(num_samples, cfg.per_device_batch_size):
         query, query_mask = common.left_pad([prompts[i % len(prompts)] for i in idx or [0]], tokenizer.pad_token_id,
                                             device)
-        with common.autocast(device, amp):
+        with harness.autocast(device, amp):
             responses, response_mask = common.generate(policy, query, query_mask, cfg.max_new_tokens,
                                                        tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                        cfg.temperature, 0, 1.0, gen, sync_ranks=True)
             s = common.get_scores(model, torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1),
                                   normalize=False)
         scores += s.float().tolist() if idx else []
-    return common.gather_lists(scores)
+    return harness.gather_lists(scores)
 
 
 def main(cfg: Config) -> dict:
-    rank, world_size, device = common.setup(cfg, "reward_model", PRETRAINED)
-    amp = common.precision(cfg.model, device)[2]
+    rank, world_size, device = harness.setup(cfg, "reward_model", PRETRAINED)
+    amp = harness.precision(cfg.model, device)[2]
     # 1. data (parsed before any model loads), model
-    rows, eval_rows = common.train_eval_rows(cfg.dataset, "--dataset", cfg.dataset_split, cfg.eval_dataset,
-                                             "--eval_dataset", cfg.eval_split, cfg.run.seed, cfg.eval_dataset_split)
+    rows, eval_rows = harness.train_eval_rows(cfg.dataset, "--dataset", cfg.dataset_split, cfg.eval_dataset,
+                                              "--eval_dataset", cfg.eval_split, cfg.run.seed, cfg.eval_dataset_split)
     parsed = [(where, parse_row(row, where, cfg.loss)) for where, row in rows]
     eval_parsed = [(where, parse_row(row, where, cfg.loss)) for where, row in eval_rows]
-    eval_fns = common.load_reward_fns(cfg.eval_reward_fn, option="--eval_reward_fn") \
+    eval_fns = harness.load_reward_fns(cfg.eval_reward_fn, option="--eval_reward_fn") \
         if cfg.eval_reward_fn != ("none",) else {}
-    trained_dtype, frozen_dtype, _ = common.precision(cfg.model, device)
+    trained_dtype, frozen_dtype, _ = harness.precision(cfg.model, device)
     model, tokenizer, new_head = load_reward_model(cfg, device, trained_dtype)
     n_params = sum(p.numel() for p in model.parameters())
     examples, counts = build_dataset(parsed, tokenizer, cfg)
@@ -355,9 +356,9 @@ def main(cfg: Config) -> dict:
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise common.InputError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch "
-                                f"({global_batch} = --per_device_batch_size x --gradient_accumulation_steps x "
-                                f"{world_size} processes)")
+        raise harness.InputError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch "
+                                 f"({global_batch} = --per_device_batch_size x --gradient_accumulation_steps x "
+                                 f"{world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
         print(f"reward model from {cfg.model_name_or_path}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, "
@@ -367,21 +368,21 @@ def main(cfg: Config) -> dict:
         if 0 < len(eval_examples) < 200:
             print(f"warning: {len(eval_examples)} held-out examples measure the accuracy to about +-"
                   f"{1 / math.sqrt(len(eval_examples)):.2f}: too few to tell a reward model from chance", flush=True)
-    model = common.shard_model(model, amp)
-    optimizer, scheduler = common.optimizer(model.parameters(), cfg.optim, total_steps, betas=(0.9, 0.95))
-    batches = common.BatchOrder(len(examples), global_batch, cfg.run.seed)  # the same on every rank: the global batch
-    sums = common.Sums()  # this rank's sums since the last log
+    model = harness.shard_model(model, amp)
+    optimizer, scheduler = harness.optimizer(model.parameters(), cfg.optim, total_steps, betas=(0.9, 0.95))
+    batches = harness.BatchOrder(len(examples), global_batch, cfg.run.seed)  # the same on every rank: the global batch
+    sums = harness.Sums()  # this rank's sums since the last log
     state = {"batches": batches, "scheduler": scheduler, "sums": sums, "pairs_seen": 0, "sequences_seen": 0,
              "train_time": 0.0}
-    start = common.resume(cfg, {"model": model}, [optimizer], state)
-    logger = common.MetricsLogger(cfg, start)
+    start = harness.resume(cfg, {"model": model}, [optimizer], state)
+    logger = harness.MetricsLogger(cfg, start)
 
     # 2. training loop
     model.train()
     t_start = time.time()
     for step in range(start + 1, total_steps + 1):
         t0 = time.time()
-        for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size):
+        for mb in harness.micro_batches(batches.next(), cfg.per_device_batch_size):
             batch = [examples[j] for j in mb]
             scores, list_mask, losses = example_scores_and_losses(model, batch, cfg, device, amp,
                                                                   tokenizer.pad_token_id)
@@ -410,7 +411,7 @@ def main(cfg: Config) -> dict:
         if eval_examples and step % cfg.eval_every == 0 and step < total_steps:  # the last: after normalisation
             metrics = evaluate(model, eval_examples, cfg, device, amp, tokenizer.pad_token_id)
             logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, EVAL_CONSOLE_KEYS)
-        common.save_checkpoint(cfg, step, total_steps, {"model": model}, [optimizer], state)
+        harness.save_checkpoint(cfg, step, total_steps, {"model": model}, [optimizer], state)
 
     # 3. normalise: the policy's own samples on training prompts score mean 0 (std 1)
     policy = None
@@ -433,20 +434,21 @@ def main(cfg: Config) -> dict:
     eval_prompts = list({repr(ex["prompt"]): ex["prompt"] for ex in eval_examples}.values())
     if eval_fns and cfg.agreement_samples_per_prompt > 0 and eval_prompts:
         # fresh policy samples of held-out prompts: does the RM order them like the known reward? (Gao et al. 2022)
-        agreement = common.evaluate_policy(policy, tokenizer, eval_prompts, device, reward_model=model,
-                                           reward_fns=eval_fns, samples_per_prompt=cfg.agreement_samples_per_prompt,
-                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                           batch_size=cfg.per_device_batch_size, seed=cfg.run.seed, amp=amp)
+        agreement = harness.evaluate_policy(policy, tokenizer, eval_prompts, device, reward_model=model,
+                                            reward_fns=eval_fns, samples_per_prompt=cfg.agreement_samples_per_prompt,
+                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            batch_size=cfg.per_device_batch_size, seed=cfg.run.seed, amp=amp)
         # proxy_reward_mean / std: the normalised scores of these held-out samples, ~0 when the normalisation transfers
         final.update({k: agreement[k] for k in (*[f"{n}_proxy_agreement" for n in eval_fns], "proxy_reward_mean",
                                                  "proxy_reward_std")}, agreement_num_samples=agreement["num_samples"])
     final.update({"reward_mean": reward_mean, "reward_std": reward_std, "policy_sample_score_std": sample_std,
                   "train_loss": train["loss"], "train_accuracy": train["accuracy"], "train_steps": total_steps,
                   "pairs_per_s": state["pairs_seen"] / state["train_time"],
-                  "sequences_per_s": state["sequences_seen"] / state["train_time"], "wall_time_s": time.time() - t_start,
-                  "num_parameters": n_params, "num_train_examples": len(examples),
-                  "num_eval_examples": len(eval_examples), **counts, **{f"eval_{k}": v for k, v in eval_counts.items()}})
-    common.save_model(cfg, model, tokenizer, final, logger,
+                  "sequences_per_s": state["sequences_seen"] / state["train_time"],
+                  "wall_time_s": time.time() - t_start, "num_parameters": n_params, "num_train_examples": len(examples),
+                  "num_eval_examples": len(eval_examples), **counts,
+                  **{f"eval_{k}": v for k, v in eval_counts.items()}})
+    harness.save_model(cfg, model, tokenizer, final, logger,
                       extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     if rank == 0:
         line = f"saved {cfg.run.output_dir}"
@@ -460,4 +462,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Config)
+    harness.cli(main, Config)

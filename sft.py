@@ -29,6 +29,7 @@ import tyro
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
+import harness
 
 # defaults of the options left None for a pretrained model (the toy's: toy_task.DEFAULTS["sft"]); TRL's SFT values
 PRETRAINED = dict(learning_rate=2e-5, max_length=1024, per_device_batch_size=8, max_new_tokens=128, from_scratch=False)
@@ -84,15 +85,15 @@ class Config:
     eval_reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """module:function scoring the eval samples (TRL's reward-function signature; repeatable); default: the toy's gold
     reward on the toy, else none; "none" for none"""
-    model: common.ModelArgs = common.group(common.ModelArgs)
-    optim: common.OptimArgs = common.group(common.OptimArgs, weight_decay=0.01, warmup_ratio=0.05)
-    run: common.RunArgs = common.group(common.RunArgs, output_dir="runs/sft", log_every=20)
+    model: harness.ModelArgs = harness.group(harness.ModelArgs)
+    optim: harness.OptimArgs = harness.group(harness.OptimArgs, weight_decay=0.01, warmup_ratio=0.05)
+    run: harness.RunArgs = harness.group(harness.RunArgs, output_dir="runs/sft", log_every=20)
 
     def __post_init__(self):
-        common.check_options(self, positive=("max_length", "num_epochs", "max_steps", "per_device_batch_size",
-                                             "gradient_accumulation_steps", "eval_every", "max_new_tokens"),
-                             nonnegative=("num_eval_generations", "temperature"), fractions=("eval_split",),
-                             probabilities=("top_p",))
+        harness.check_options(self, positive=("max_length", "num_epochs", "max_steps", "per_device_batch_size",
+                                              "gradient_accumulation_steps", "eval_every", "max_new_tokens"),
+                              nonnegative=("num_eval_generations", "temperature"), fractions=("eval_split",),
+                              probabilities=("top_p",))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -103,21 +104,21 @@ def parse_row(row: dict, where: str):
     conversation (prompt messages, completion ending with an assistant message), {"messages"} (prompt None, the
     completion the whole conversation)."""
     if "messages" in row:
-        messages = common.check_messages(row["messages"], where, "messages")
+        messages = harness.check_messages(row["messages"], where, "messages")
         if not any(m["role"] == "assistant" for m in messages):
-            raise common.InputError(f"{where}: field 'messages' holds no assistant message to train on (roles: "
-                                    f"{', '.join(m['role'] for m in messages)})")
+            raise harness.InputError(f"{where}: field 'messages' holds no assistant message to train on (roles: "
+                                     f"{', '.join(m['role'] for m in messages)})")
         return None, messages
     if "text" in row:
-        return None, common.text_field(row["text"], where, "text")
+        return None, harness.text_field(row["text"], where, "text")
     if "prompt" in row and "completion" in row:
         if isinstance(row["prompt"], list):
-            return common.prompt_field(row["prompt"], where), common.assistant_field(row["completion"], where,
-                                                                                     "completion")
-        return row["prompt"] and common.text_field(row["prompt"], where, "prompt"), common.text_field(
+            return harness.prompt_field(row["prompt"], where), harness.assistant_field(row["completion"], where,
+                                                                                       "completion")
+        return row["prompt"] and harness.text_field(row["prompt"], where, "prompt"), harness.text_field(
             row["completion"], where, "completion")
-    raise common.InputError(f"{where}: expected {{prompt, completion}} (strings or messages), {{messages}} or {{text}}, "
-                            f"got keys {sorted(row)}")
+    raise harness.InputError(f"{where}: expected {{prompt, completion}} (strings or messages), {{messages}} or "
+                             f"{{text}}, got keys {sorted(row)}")
 
 
 def render_conversation(messages: list, tokenizer, where: str = "") -> tuple[list[int], list[int]]:
@@ -130,10 +131,10 @@ def render_conversation(messages: list, tokenizer, where: str = "") -> tuple[lis
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = common.chat_text(tokenizer, messages[:i], where, add_generation_prompt=True)
-        upto = common.chat_text(tokenizer, messages[:i + 1], where)
+        before = harness.chat_text(tokenizer, messages[:i], where, add_generation_prompt=True)
+        upto = harness.chat_text(tokenizer, messages[:i + 1], where)
         if not (before.startswith(done) and upto.startswith(before)):
-            raise common.InputError(f"{where}: the chat template does not render the conversation turn by turn")
+            raise harness.InputError(f"{where}: the chat template does not render the conversation turn by turn")
         prefix = tokenizer(before[len(done):], add_special_tokens=False)["input_ids"]
         turn = tokenizer(upto[len(before):].rstrip(), add_special_tokens=False)["input_ids"]
         if i == last and (not turn or turn[-1] != tokenizer.eos_token_id):
@@ -154,8 +155,8 @@ def tokenize(parsed, tokenizer, cfg: Config, where: str) -> tuple[list[int], lis
     if prompt is None:  # language modelling: every token
         ids = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
         return ids, list(ids)
-    prompt_ids = common.render_prompt(prompt, tokenizer, where)
-    completion_ids = common.render_completion(prompt, completion, tokenizer, where)
+    prompt_ids = harness.render_prompt(prompt, tokenizer, where)
+    completion_ids = harness.render_completion(prompt, completion, tokenizer, where)
     return prompt_ids + completion_ids, ([-100] * len(prompt_ids) if cfg.completion_only_loss else prompt_ids) + \
         completion_ids
 
@@ -173,7 +174,7 @@ def build_dataset(parsed: list, tokenizer, cfg: Config) -> tuple[list, dict]:
             counts["truncated"] += 1
         examples.append((ids, labels))
     if not examples:
-        raise common.InputError(f"{cfg.dataset}: every example was dropped (--max_length {cfg.max_length})")
+        raise harness.InputError(f"{cfg.dataset}: every example was dropped (--max_length {cfg.max_length})")
     return examples, counts
 
 
@@ -207,24 +208,24 @@ def sampling_diagnostics(logits: torch.Tensor, tokens: torch.Tensor, temperature
 # ---------------------------------------------------------------------------------------------------------------------
 def load_model(cfg: Config, device):
     trust = cfg.model.trust_remote_code
-    tokenizer = common.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
-                                       trust_remote_code=trust)
+    tokenizer = harness.from_pretrained(AutoTokenizer, cfg.model_name_or_path, "--model_name_or_path",
+                                        trust_remote_code=trust)
     if tokenizer.eos_token_id is None:
-        raise common.InputError(f"{cfg.model_name_or_path}: the tokenizer has no EOS token; the model could never "
-                                "learn to stop")
+        raise harness.InputError(f"{cfg.model_name_or_path}: the tokenizer has no EOS token; the model could never "
+                                 "learn to stop")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # pad == eos would mask the EOS labels out with the padding, and the model would never learn to stop; a pad
         # token of its own keeps them apart (its embedding is never trained, it is always masked)
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    dtype = common.precision(cfg.model, device)[0]
+    dtype = harness.precision(cfg.model, device)[0]
     if cfg.from_scratch:
         if not os.path.isdir(cfg.model_name_or_path) or any(f.endswith((".safetensors", ".bin"))
                                                             for f in os.listdir(cfg.model_name_or_path)):
-            raise common.InputError(f"--from_scratch would discard the weights of {cfg.model_name_or_path}; pass "
-                                    "--from_scratch False to fine-tune them")
+            raise harness.InputError(f"--from_scratch would discard the weights of {cfg.model_name_or_path}; pass "
+                                     "--from_scratch False to fine-tune them")
         if cfg.model.lora_r:
-            raise common.InputError("--lora_r with --from_scratch would adapt random weights; LoRA fine-tunes a "
-                                    "pretrained model")
+            raise harness.InputError("--lora_r with --from_scratch would adapt random weights; LoRA fine-tunes a "
+                                     "pretrained model")
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_name_or_path,
                                                                             trust_remote_code=trust),
                                                  trust_remote_code=trust,
@@ -232,15 +233,15 @@ def load_model(cfg: Config, device):
         print(f"initialising {type(model).__name__} from random weights (--from_scratch) with the config of "
               f"{cfg.model_name_or_path}", flush=True)
     else:
-        model = common.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, "--model_name_or_path",
-                                       trust_remote_code=trust, dtype=dtype,
-                                       attn_implementation=cfg.model.attn_implementation)
-        common.check_model_kind(model, cfg.model_name_or_path, "--model_name_or_path", "policy")
-    common.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
+        model = harness.from_pretrained(AutoModelForCausalLM, cfg.model_name_or_path, "--model_name_or_path",
+                                        trust_remote_code=trust, dtype=dtype,
+                                        attn_implementation=cfg.model.attn_implementation)
+        harness.check_model_kind(model, cfg.model_name_or_path, "--model_name_or_path", "policy")
+    harness.check_length(model.config, cfg.max_length, "--max_length", cfg.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return common.prepare_trainable(model, cfg.model).to(device), tokenizer
+    return harness.prepare_trainable(model, cfg.model).to(device), tokenizer
 
 
 @torch.no_grad()
@@ -248,9 +249,9 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
     """Eval loss / perplexity on the held-out examples, and the sampling space of completions of held-out prompts."""
     rank, world_size = common.rank_info()
     model.eval()
-    sums = common.Sums()
-    for idx in common.rank_batches(len(eval_examples), cfg.per_device_batch_size):
-        with common.autocast(device, amp):  # an empty share runs on a dummy example, counted as nothing
+    sums = harness.Sums()
+    for idx in harness.rank_batches(len(eval_examples), cfg.per_device_batch_size):
+        with harness.autocast(device, amp):  # an empty share runs on a dummy example, counted as nothing
             nll, n = token_nll_sum(model, *collate([eval_examples[i] for i in idx or [0]], tokenizer.pad_token_id,
                                                    device))
         sums.add(nll=nll * bool(idx), tokens=n * bool(idx))
@@ -258,7 +259,7 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
     if prompts and n > 0:
         picked = [(rank * n + i) % len(prompts) for i in range(n)]
         query, query_mask = common.left_pad([prompt_ids[j] for j in picked], tokenizer.pad_token_id, device)
-        with common.autocast(device, amp):
+        with harness.autocast(device, amp):
             responses, response_mask = common.generate(
                 model, query, query_mask, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                 cfg.temperature, 0, cfg.top_p, torch.Generator(device=device).manual_seed(cfg.run.seed + 1000 + rank),
@@ -270,7 +271,7 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
         for name, values in zip(("entropy", "max_prob", "sampled_token_prob", "nucleus_size"), diagnostics):
             sums.add(**{name: common.masked_mean(values, response_mask) * n})  # this rank's token mean, per sample
         sums.add(eos=(responses == tokenizer.eos_token_id).any(1).sum(), length=response_mask.sum(), samples=n)
-        for name, values in common.score_with_fns(reward_fns, [prompts[j] for j in picked], completions)[1].items():
+        for name, values in harness.score_with_fns(reward_fns, [prompts[j] for j in picked], completions)[1].items():
             scored = [v for v in values if v is not None]
             sums.add(**{f"{name}_sum": sum(scored), f"{name}_sq": sum(v * v for v in scored), f"{name}_n": len(scored)})
     t = sums.reduce(device)
@@ -282,7 +283,8 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
         metrics.update({"eos_rate": t["eos"] / t["samples"], "eval/response_length": t["length"] / t["samples"],
                         "num_samples": t["samples"], "distinct_completions":  # of rank 0's samples
                         len(set(completions)) / len(completions),
-                        "samples": [common.prompt_text(prompts[j]) + " |" + c for j, c in zip(picked[:4], completions)]})
+                        "samples": [harness.prompt_text(prompts[j]) + " |" + c
+                                    for j, c in zip(picked[:4], completions)]})
         for name in reward_fns:
             k = t[f"{name}_n"]
             mean = t[f"{name}_sum"] / k if k else None
@@ -292,33 +294,33 @@ def evaluate(model, tokenizer, eval_examples, prompts, prompt_ids, cfg: Config, 
 
 
 def main(cfg: Config) -> dict:
-    rank, world_size, device = common.setup(cfg, "sft", PRETRAINED)
-    amp = common.precision(cfg.model, device)[2]
+    rank, world_size, device = harness.setup(cfg, "sft", PRETRAINED)
+    amp = harness.precision(cfg.model, device)[2]
     # 1. data (parsed before the model loads: a bad row costs no loading time), model
-    rows, eval_rows = common.train_eval_rows(cfg.dataset, "--dataset", cfg.dataset_split, cfg.eval_dataset,
-                                             "--eval_dataset", cfg.eval_split, cfg.run.seed, cfg.eval_dataset_split)
+    rows, eval_rows = harness.train_eval_rows(cfg.dataset, "--dataset", cfg.dataset_split, cfg.eval_dataset,
+                                              "--eval_dataset", cfg.eval_split, cfg.run.seed, cfg.eval_dataset_split)
     parsed = [(where, parse_row(row, where)) for where, row in rows]
     eval_parsed = [(where, parse_row(row, where)) for where, row in eval_rows]
-    prompts = {repr(p): p for p in (common.parse_prompt(row, where) for where, row in eval_rows
+    prompts = {repr(p): p for p in (harness.parse_prompt(row, where) for where, row in eval_rows
                                     if "prompt" in row or "messages" in row)}  # the prompts of sample generations
     prompts = [prompts[k] for k in sorted(prompts)]
-    eval_fns = common.load_reward_fns(cfg.eval_reward_fn, option="--eval_reward_fn") \
+    eval_fns = harness.load_reward_fns(cfg.eval_reward_fn, option="--eval_reward_fn") \
         if cfg.eval_reward_fn != ("none",) else {}
     model, tokenizer = load_model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     examples, counts = build_dataset(parsed, tokenizer, cfg)
     eval_examples = build_dataset(eval_parsed, tokenizer, cfg)[0] if eval_parsed else []
-    prompt_ids = [common.render_prompt(p, tokenizer) for p in prompts]
+    prompt_ids = [harness.render_prompt(p, tokenizer) for p in prompts]
     if prompts:
-        common.check_length(model.config, max(map(len, prompt_ids)) + cfg.max_new_tokens,
-                            "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
+        harness.check_length(model.config, max(map(len, prompt_ids)) + cfg.max_new_tokens,
+                             "the longest eval prompt + --max_new_tokens", cfg.model_name_or_path)
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise common.InputError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch "
-                                f"({global_batch} = --per_device_batch_size x --gradient_accumulation_steps x "
-                                f"{world_size} processes)")
+        raise harness.InputError(f"{cfg.dataset}: {len(examples)} examples is fewer than one global batch "
+                                 f"({global_batch} = --per_device_batch_size x --gradient_accumulation_steps x "
+                                 f"{world_size} processes)")
     total_steps = cfg.max_steps or max(1, int(cfg.num_epochs * steps_per_epoch))
     if rank == 0:
         print(f"model {cfg.model_name_or_path} ({n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained, "
@@ -326,12 +328,12 @@ def main(cfg: Config) -> dict:
               f"{counts['dropped']}), {len(eval_examples)} held out, {len(prompts)} eval prompts | eval reward "
               f"{', '.join(eval_fns) or 'none'} | {total_steps} steps of {global_batch} | world size {world_size}",
               flush=True)
-    model = common.shard_model(model, amp)
-    optimizer, scheduler = common.optimizer(model.parameters(), cfg.optim, total_steps, betas=(0.9, 0.95))
-    batches = common.BatchOrder(len(examples), global_batch, cfg.run.seed)  # the same on every rank: the global batch
+    model = harness.shard_model(model, amp)
+    optimizer, scheduler = harness.optimizer(model.parameters(), cfg.optim, total_steps, betas=(0.9, 0.95))
+    batches = harness.BatchOrder(len(examples), global_batch, cfg.run.seed)  # the same on every rank: the global batch
     state = {"batches": batches, "scheduler": scheduler, "tokens_seen": 0, "train_time": 0.0, "wall_time": 0.0}
-    start = common.resume(cfg, {"model": model}, [optimizer], state)
-    logger, metrics = common.MetricsLogger(cfg, start), {}
+    start = harness.resume(cfg, {"model": model}, [optimizer], state)
+    logger, metrics = harness.MetricsLogger(cfg, start), {}
 
     # 2. training loop
     model.train()
@@ -339,12 +341,12 @@ def main(cfg: Config) -> dict:
     for step in range(start + 1, total_steps + 1):
         # this rank's micro-batches; the loss is normalised by the label tokens of the whole global batch
         micro_batches = [collate([examples[j] for j in mb], tokenizer.pad_token_id, device)
-                         for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size)]
+                         for mb in harness.micro_batches(batches.next(), cfg.per_device_batch_size)]
         global_tokens = common.all_reduce_sum(sum((lab[:, 1:] != -100).sum() for *_, lab in micro_batches).float())
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         for input_ids, attention_mask, labels in micro_batches:
-            with common.autocast(device, amp):
+            with harness.autocast(device, amp):
                 nll, _ = token_nll_sum(model, input_ids, attention_mask, labels)
             (nll / global_tokens * world_size).backward()  # FSDP averages gradients over ranks: * world_size = sum
             loss_sum += nll.detach().float()
@@ -370,13 +372,13 @@ def main(cfg: Config) -> dict:
                 for s in samples:
                     print("   sample:", s)
         state["wall_time"] = time.time() - t_start
-        common.save_checkpoint(cfg, step, total_steps, {"model": model}, [optimizer], state)
+        harness.save_checkpoint(cfg, step, total_steps, {"model": model}, [optimizer], state)
 
     # 3. save the model with its evaluation beside it
     final = {**metrics, "train_loss": loss, "train_steps": total_steps,
              "tokens_per_s": state["tokens_seen"] / state["train_time"], "wall_time_s": time.time() - t_start,
              "num_parameters": n_params, **counts}
-    common.save_model(cfg, model, tokenizer, final, logger)
+    harness.save_model(cfg, model, tokenizer, final, logger)
     if rank == 0:
         shown = [f"{k} {final[k]:.4f}" for k in ("eval/loss", "eos_rate", *[f"{n}_mean" for n in eval_fns])
                  if isinstance(final.get(k), float)]
@@ -385,4 +387,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Config)
+    harness.cli(main, Config)

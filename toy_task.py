@@ -1,7 +1,7 @@
 """The built-in toy task: a tiny review language with a known gold reward.
 
-    python toy_task.py generate            # (re)write data/toy/ deterministically from the seed
-    python toy_task.py report              # compare runs/sft, best-of-N, runs/ppo, runs/dpo, runs/grpo* on held-out prompts
+    python toy_task.py generate        # (re)write data/toy/ deterministically from the seed
+    python toy_task.py report          # compare runs/sft, best-of-N, runs/ppo, runs/dpo, runs/grpo* on held-out prompts
 
 No weights or datasets can be downloaded on the first machine of a user (or in CI), and RLHF should be seen working in
 minutes on a laptop. So, in the spirit of the positive-sentiment continuation task of Ziegler et al. 2019 ("this
@@ -53,6 +53,7 @@ half write a review of random sentiment without a call; RL should learn to alway
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -60,6 +61,16 @@ import random
 import re
 import sys
 import time
+import types
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
+                          PreTrainedTokenizerFast)
+
+import grpo
+import harness
 
 SEED = 1234
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy")
@@ -370,6 +381,7 @@ def generate_data(out_dir: str = DATA_DIR, seed: int = SEED) -> dict:
         json.dump(stats, f, indent=2, sort_keys=True)
         f.write("\n")
     write_base_model(os.path.join(out_dir, "base_model"))
+    write_defaults(os.path.join(out_dir, "defaults.json"), DEFAULTS)
     generate_tool_data(os.path.join(out_dir, "tools"), seed)
     return stats
 
@@ -445,13 +457,12 @@ def generate_tool_data(out_dir: str = TOOLS_DIR, seed: int = SEED) -> dict:
         json.dump(stats, f, indent=2, sort_keys=True)
         f.write("\n")
     write_tool_base_model(os.path.join(out_dir, "base_model"))
+    write_defaults(os.path.join(out_dir, "defaults.json"), TOOLS_DEFAULTS)
     return stats
 
 
 def build_tokenizer():
     """Word-level tokenizer of the toy vocabulary as a standard PreTrainedTokenizerFast (pad != eos != bos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -474,12 +485,11 @@ def build_tool_tokenizer():
 def build_config(tokenizer, marker=True):
     """A small GPT-2 (about 1.3 M parameters) sized for 2 CPU cores; its weights are trained from scratch by sft.py.
     marker: its config.json's "toy_task", true for the review toy, "tools" for the tools toy (see defaults)."""
-    from transformers import GPT2Config
 
     return GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=160, n_layer=4, n_head=5,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      toy_task=marker)  # the marker common.setup reads: models trained from it carry it
+                      toy_task=marker)  # the marker harness.setup reads: models trained from it carry it
 
 
 def write_base_model(out_dir: str) -> None:
@@ -496,24 +506,27 @@ def write_tool_base_model(out_dir: str) -> None:
     build_config(tokenizer, "tools").save_pretrained(out_dir)
 
 
-# What each script takes on the toy model for the options left unset (common.setup fills them and prints them): the
+# What each script takes on the toy model for the options left unset (harness.setup fills them and prints them): the
 # toy's files, its gold reward and reward model, and hyperparameters sized for a tiny model trained from scratch.
-# Other models get the script's PRETRAINED values instead.
+# Other models get the script's PRETRAINED values instead. `generate` writes them to data/toy/defaults.json (and the
+# tools toy's to data/toy/tools/defaults.json), which the harness reads by the marker in the model's config.json; a
+# value {option: {its value: default}} depends on another option.
 GOLD = ("toy_task:gold_reward",)
 TOY_PROMPTS = dict(prompts="data/toy/prompts_train.jsonl", eval_prompts="data/toy/prompts_eval.jsonl",
                    eval_reward_fn=GOLD, reward_model_path="runs/reward_model", max_new_tokens=16, max_prompt_length=48)
+RM_DATA = (("pairwise", "preferences"), ("ranking", "rankings"))  # reward_model.py --loss: its data
 DEFAULTS = {
     "sft": dict(dataset="data/toy/sft_train.jsonl", eval_dataset="data/toy/sft_eval.jsonl", eval_reward_fn=GOLD,
                 from_scratch=True, learning_rate=2e-3, max_length=64, per_device_batch_size=64, max_new_tokens=24),
-    "reward_model": dict(dataset=lambda cfg: f"data/toy/{cfg.loss.replace('pairwise', 'preference')}s_train.jsonl",
-                         eval_dataset=lambda cfg: f"data/toy/{cfg.loss.replace('pairwise', 'preference')}s_eval.jsonl",
+    "reward_model": dict(dataset={"loss": {loss: f"data/toy/{name}_train.jsonl" for loss, name in RM_DATA}},
+                         eval_dataset={"loss": {loss: f"data/toy/{name}_eval.jsonl" for loss, name in RM_DATA}},
                          eval_reward_fn=GOLD, learning_rate=1e-3, max_length=64, per_device_batch_size=64,
                          normalize_samples=512, max_new_tokens=24),
     "ppo": dict(TOY_PROMPTS, learning_rate=1e-4, critic_learning_rate=2e-4),
     "dpo": dict(dataset="data/toy/preferences_train.jsonl", eval_dataset="data/toy/preferences_eval.jsonl",
                 eval_prompts="data/toy/prompts_eval.jsonl", eval_reward_fn=GOLD, reward_model_path="runs/reward_model",
                 learning_rate=3e-4, max_length=64, per_device_batch_size=64, max_new_tokens=24),
-    "grpo": dict(TOY_PROMPTS, learning_rate=1e-4),
+    "grpo": dict(TOY_PROMPTS, learning_rate=1e-4, missing_eos_penalty=1.0),
 }
 
 
@@ -529,26 +542,15 @@ TOOLS_DEFAULTS = {
                 num_epochs=16.0),
     "grpo": dict(prompts=f"{TOOLS}/prompts_train.jsonl", eval_prompts=f"{TOOLS}/prompts_eval.jsonl",
                  reward_fn=GOLD_TOOL, eval_reward_fn=GOLD_TOOL, tools=("toy_task:lookup",), reward_model_path="none",
-                 learning_rate=1e-4, max_new_tokens=24, max_prompt_length=40),  # 40 + 24 = the model's 64 positions
+                 learning_rate=1e-4, max_new_tokens=24, max_prompt_length=40,  # 40 + 24: the model's 64 positions
+                 missing_eos_penalty=1.0),
 }
 
 
-def defaults(script: str, marker) -> dict:
-    """The defaults of a script on a toy model, by the marker its config.json holds: "toy_task": true (the review
-    toy, DEFAULTS) or "tools" (the tools toy, TOOLS_DEFAULTS: sft and grpo only, it has no preference data)."""
-    from common import InputError  # common calls this; imported here so that toy_task.py runs without torch
-
-    if marker is True:
-        return DEFAULTS[script]
-    if marker != "tools":
-        raise InputError(f"config.json has \"toy_task\": {json.dumps(marker)}; toy_task.py knows true (the review "
-                         "toy) and \"tools\" (the tools toy)")
-    if script not in TOOLS_DEFAULTS:
-        scripts = " and ".join(f"{s}.py" for s in TOOLS_DEFAULTS)
-        raise InputError(f"{script}.py has no defaults on the tools toy (config.json \"toy_task\": \"tools\"): it has "
-                         f"data for {scripts} only; give every option, or start from data/toy/base_model (the review "
-                         "toy)")
-    return TOOLS_DEFAULTS[script]
+def write_defaults(path: str, defaults: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(defaults, f, indent=2)
+        f.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -581,11 +583,6 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     best-of-N points). Missing stages are reported as missing; the SFT checkpoint is required (everything is
     measured relative to it). With runs/sft_tools and runs/grpo_tools, also the tools toy's table (tool_report); its
     runs stay out of the main table (another task, other prompts)."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    import common
 
     out_dir = out_dir or runs_dir
     paths = {name: os.path.join(runs_dir, name) for name in ("sft", "reward_model", "ppo", "dpo", "grpo")}
@@ -600,7 +597,7 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     device = torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(paths["sft"])
-    load = lambda cls, path: common.from_pretrained(cls, path, "report").eval()  # noqa: E731 (adapter outputs too)
+    load = lambda cls, path: harness.from_pretrained(cls, path, "report").eval()  # noqa: E731 (adapter outputs too)
     sft = load(AutoModelForCausalLM, paths["sft"])
     reward_model = None
     if "reward_model" not in missing:
@@ -614,7 +611,7 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     # SFT and best-of-N: one pool of max(N) samples per prompt; best-of-N is computed exactly from the pool
     pool_size = max(max(best_of), samples_per_prompt)
     t0 = time.time()
-    pool = common.evaluate_policy(sft, tokenizer, prompts, device, samples_per_prompt=pool_size, **kw)
+    pool = harness.evaluate_policy(sft, tokenizer, prompts, device, samples_per_prompt=pool_size, **kw)
     pool["gold_reward_std"], pool["gold_reward_sem"] = pool["gold_std"], pool["gold_sem"]
     per = pool["per_sample"]
     samples["SFT"] = list(zip(per["prompt"], per["completion"], per["gold"]))[::pool_size][:3]
@@ -650,7 +647,7 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
             paths[name] = os.path.join(runs_dir, name)
     for method, name in methods:
         policy = load(AutoModelForCausalLM, paths[name])
-        m = common.evaluate_policy(policy, tokenizer, prompts, device, samples_per_prompt=samples_per_prompt, **kw)
+        m = harness.evaluate_policy(policy, tokenizer, prompts, device, samples_per_prompt=samples_per_prompt, **kw)
         per = m["per_sample"]
         samples[method] = list(zip(per["prompt"], per["completion"], per["gold"]))[::samples_per_prompt][:3]
         rows.append({"method": method, "gold_reward_mean": m["gold_mean"],
@@ -663,7 +660,8 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
     if os.path.exists(rm_eval):
         e = read_json(rm_eval)
         stats["rm_accuracy"] = e.get("accuracy")
-        stats["rm_ceiling_accuracy"] = read_json(os.path.join(DATA_DIR, "stats.json"))["preferences_eval_ceiling_accuracy"]
+        stats["rm_ceiling_accuracy"] = read_json(
+            os.path.join(DATA_DIR, "stats.json"))["preferences_eval_ceiling_accuracy"]
     sft_row = rows[0]
     for r in rows:
         r["gain_in_sft_std"] = (r["gold_reward_mean"] - sft_row["gold_reward_mean"]) / stats["sft_gold_reward_std"]
@@ -748,7 +746,6 @@ TOOL_RUNS = (("GRPO-tools", "grpo_tools", "python grpo.py --model_name_or_path r
 def load_tool_rollout():
     """grpo.tool_rollout, the multi-turn sampler that runs the tool calls, or None while grpo.py has none. The seam
     of the tools table: the tests stub it."""
-    import grpo
 
     return getattr(grpo, "tool_rollout", None)
 
@@ -759,7 +756,6 @@ def call_tool_rollout(rollout, policy, tokenizer, prompts: list, prompt_ids: lis
     device, amp) -> (responses (B, R), response_mask, sampled_mask, calls): the tokens under response_mask (the
     inserted results among them), special tokens (EOS, padding) dropped. A rollout that also takes the tools' chat
     schemas gets none: the simple format does not render them."""
-    import inspect
 
     extra = {"schemas": []} if "schemas" in inspect.signature(rollout).parameters else {}
     responses, response_mask, _, _ = rollout(policy=policy, tokenizer=tokenizer, prompts=prompts,
@@ -773,11 +769,6 @@ def sample_with_tools(rollout, policy, tokenizer, rows: list[dict], samples_per_
                       batch_size: int = 64) -> dict:
     """samples_per_row responses to each tool prompt row (its samples contiguous), the tool executed with the row's
     hidden rating: {"prompt", "rating", "completion", "gold" (gold tool reward), "calls"}, one entry per sample."""
-    import types
-
-    import torch
-
-    import common
 
     device, cfg = torch.device("cpu"), types.SimpleNamespace(**TOOL_SAMPLING)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -789,7 +780,7 @@ def sample_with_tools(rollout, policy, tokenizer, rows: list[dict], samples_per_
         batch = [rows[j]["prompt"] for j in idx]
         with torch.no_grad():  # sampling only: no graph over the turns
             completions += call_tool_rollout(rollout, policy, tokenizer, batch,
-                                             [common.render_prompt(p, tokenizer) for p in batch],
+                                             [harness.render_prompt(p, tokenizer) for p in batch],
                                              [{k: v for k, v in rows[j].items() if k != "prompt"} for j in idx],
                                              {"lookup": lookup}, cfg, generator, device)
     ratings = [rows[j]["rating"] for j in work]
@@ -800,7 +791,6 @@ def sample_with_tools(rollout, policy, tokenizer, rows: list[dict], samples_per_
 def tool_row(method: str, gold: list[float], called: list[float], per_row: bool = False) -> dict:
     """A line of the tools table: mean and standard error of the gold tool reward (over samples, or over prompt
     rows for best-of-N, whose values are per-row expectations), the tool-call rate, the number of values."""
-    import numpy as np
 
     return {"method": method, "gold_tool_reward_mean": float(np.mean(gold)),
             "gold_tool_reward_sem": float(np.std(gold) / math.sqrt(len(gold))),
@@ -847,9 +837,6 @@ def tool_report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 4, 16), s
     and runs/grpo_no_tools when present, on the held-out tool prompt rows, sampled with the tool executed by
     rollout (default grpo.tool_rollout). Returns {"rows", "lines" (markdown), "samples", "missing"}; without a
     rollout (grpo.py has none yet) only lines saying so."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import common
 
     rollout = rollout or load_tool_rollout()
     if rollout is None:
@@ -859,7 +846,7 @@ def tool_report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 4, 16), s
                 "missing": []}
     rows_in = read_jsonl(os.path.join(TOOLS_DIR, "prompts_eval.jsonl"))
     rows_in = rows_in[:num_prompts] if num_prompts else rows_in
-    load = lambda path: common.from_pretrained(AutoModelForCausalLM, path, "report").eval()  # noqa: E731
+    load = lambda path: harness.from_pretrained(AutoModelForCausalLM, path, "report").eval()  # noqa: E731
     sft_path = os.path.join(runs_dir, "sft_tools")
     tokenizer = AutoTokenizer.from_pretrained(sft_path)
     pool_size = max(max(best_of), samples_per_prompt)

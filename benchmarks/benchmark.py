@@ -2,11 +2,11 @@
 process (spawned: this parent never imports torch, so each peak memory is the run's own); every time is wall-clock
 time, with whatever else the machine is doing in it.
 
-    python benchmarks/benchmark.py --quick        # the toy pipeline, each stage a tenth of its length
-    python benchmarks/benchmark.py                # the toy pipeline at its full default length
+    python benchmarks/benchmark.py --quick    # the toy pipeline, each stage a tenth of its length
+    python benchmarks/benchmark.py            # the toy pipeline at its full default length
     python benchmarks/benchmark.py --fraction 0.3 --stages sft dpo
-    python benchmarks/benchmark.py --memory       # chunked log-probs vs the full logits, 152k vocabulary (+ the part alone)
-    python benchmarks/benchmark.py --real         # SmolLM2-135M-Instruct: step times of every script
+    python benchmarks/benchmark.py --memory   # chunked log-probs vs the full logits, 152k vocabulary (+ the part alone)
+    python benchmarks/benchmark.py --real     # SmolLM2-135M-Instruct: step times of every script
 
 How long on 2 CPU cores (ESTIMATES, scaled from tiny smoke runs on a shared machine): --quick ~8 minutes, the default
 ~70 minutes, --memory ~10 minutes, --real ~15 minutes (the first time also a ~1 minute conversion).
@@ -167,7 +167,7 @@ def clock(device):
 # --- default mode: the script, then the bare loop --------------------------------------------------------------------
 def stage_config(stage: str, bench: Config):
     """(module, Config) of a stage: its toy defaults, its length times the fraction, chained under runs/benchmark."""
-    import common
+    import harness
 
     module, root = importlib.import_module(stage), OUT["default"]
     args = ["--output_dir", f"{root}/{stage}", "--overwrite_output_dir", *threads(bench)]
@@ -175,7 +175,7 @@ def stage_config(stage: str, bench: Config):
         args += ["--model_name_or_path", f"{root}/sft"]
     if stage not in ("sft", "reward_model"):  # dpo: only the proxy reward of its evaluation, optional
         args += ["--reward_model_path", f"{root}/reward_model" if os.path.isdir(f"{root}/reward_model") else "none"]
-    cfg = common.parse(module.Config, args)
+    cfg = harness.parse(module.Config, args)
     fraction = 0.1 if bench.quick else bench.fraction
     if stage in RL:
         cfg.num_iterations = cfg.eval_every = max(1, round(cfg.num_iterations * fraction))
@@ -215,27 +215,27 @@ def run_script(stage: str, bench: Config) -> dict:
 def run_bare(stage: str, bench: Config) -> dict:
     import torch
 
-    import common
+    import harness
 
     module, cfg = stage_config(stage, bench)
     script_dir = cfg.run.output_dir
     cfg.run.output_dir += "_bare"  # claimed by setup (seeds, threads, the toy defaults), then removed
-    device = common.setup(cfg, stage, module.PRETRAINED)[2]
+    device = harness.setup(cfg, stage, module.PRETRAINED)[2]
     if stage in RL:
         result = bare_rl(stage, module, cfg, device, torch.load(f"{OUT['default']}/{stage}_rollouts.pt"),
                          clock(device))
     else:
         steps = json.load(open(f"{script_dir}/eval.json"))["train_steps"]
         result = bare_supervised(stage, module, cfg, device, steps, clock(device))
-    common.release_lock()
+    harness.release_lock()
     shutil.rmtree(cfg.run.output_dir)
     return result
 
 
 def train_rows(cfg) -> list:
-    import common
+    import harness
 
-    return common.load_rows(cfg.dataset, "--dataset", cfg.dataset_split)
+    return harness.load_rows(cfg.dataset, "--dataset", cfg.dataset_split)
 
 
 def sft_parts(sft, cfg, device, amp):
@@ -251,9 +251,9 @@ def sft_parts(sft, cfg, device, amp):
 
 
 def reward_model_parts(rm, cfg, device, amp):
-    import common
+    import harness
 
-    model, tokenizer, _ = rm.load_reward_model(cfg, device, common.precision(cfg.model, device)[0])
+    model, tokenizer, _ = rm.load_reward_model(cfg, device, harness.precision(cfg.model, device)[0])
     examples = rm.build_dataset([(w, rm.parse_row(r, w, cfg.loss)) for w, r in train_rows(cfg)], tokenizer, cfg)[0]
 
     def loss(batch):
@@ -267,14 +267,14 @@ def dpo_parts(dpo, cfg, device, amp):
     import torch
     from transformers import AutoTokenizer
 
-    import common
+    import harness
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)  # the SFT output: it has its pad token
-    trained, frozen, _ = common.precision(cfg.model, device)
+    trained, frozen, _ = harness.precision(cfg.model, device)
     policy = dpo.load_causal_lm(cfg.model_name_or_path, cfg, tokenizer, device, True, trained)
     ref = dpo.load_reference(cfg.model_name_or_path, policy, cfg, tokenizer, device, frozen)
     rows = train_rows(cfg)
-    examples = dpo.build_dataset([(w, common.parse_preference_row(r, w)) for w, r in rows], tokenizer, cfg)[0]
+    examples = dpo.build_dataset([(w, harness.parse_preference_row(r, w)) for w, r in rows], tokenizer, cfg)[0]
 
     def loss(batch):
         inputs = dpo.collate_pairs(batch, tokenizer.pad_token_id, device)
@@ -295,18 +295,18 @@ def bare_supervised(stage: str, module, cfg, device, steps: int, now) -> dict:
     loss, backward, clipping and AdamW."""
     import torch
 
-    import common
+    import harness
 
-    amp = common.precision(cfg.model, device)[2]
+    amp = harness.precision(cfg.model, device)[2]
     model, examples, loss_fn = PARTS[stage](module, cfg, device, amp)
-    optimizer = common.optimizer(model.parameters(), cfg.optim, steps)[0]
-    batches = common.BatchOrder(len(examples), cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
-                                cfg.run.seed)
+    optimizer = harness.optimizer(model.parameters(), cfg.optim, steps)[0]
+    batches = harness.BatchOrder(len(examples), cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+                                 cfg.run.seed)
     model.train()
     work, t0 = 0, now()
     for _ in range(steps):
-        for mb in common.micro_batches(batches.next(), cfg.per_device_batch_size):
-            with common.autocast(device, amp):
+        for mb in harness.micro_batches(batches.next(), cfg.per_device_batch_size):
+            with harness.autocast(device, amp):
                 loss, n = loss_fn([examples[j] for j in mb])
             loss.backward()
             work += n
@@ -332,6 +332,7 @@ def bare_rl(stage: str, module, cfg, device, rollouts: list, now) -> dict:
     import torch
 
     import common
+    import harness
     import ppo
 
     if stage == "ppo":
@@ -341,17 +342,17 @@ def bare_rl(stage: str, module, cfg, device, rollouts: list, now) -> dict:
         (policy, ref, reward_model, tokenizer, _), critic = module.load_models(cfg, device, cfg.kl_coef > 0), None
         loss_agg = module.AUTO_LOSS_AGG[cfg.advantage_estimator] if cfg.loss_agg == "auto" else cfg.loss_agg
     trained = [m for m in (policy, critic) if m is not None]
-    optimizers = [common.optimizer(m.parameters(), cfg.optim, 1, eps=1e-5)[0] for m in trained]
-    amp, generator = common.precision(cfg.model, device)[2], torch.Generator(device=device).manual_seed(cfg.run.seed)
+    optimizers = [harness.optimizer(m.parameters(), cfg.optim, 1, eps=1e-5)[0] for m in trained]
+    amp, generator = harness.precision(cfg.model, device)[2], torch.Generator(device=device).manual_seed(cfg.run.seed)
     phases, episodes = dict.fromkeys(PHASES, 0.0), 0
     for query, query_mask, n_tokens in rollouts:
         t0, query, query_mask = now(), query.to(device), query_mask.to(device)
-        with common.autocast(device, amp):
+        with harness.autocast(device, amp):
             responses, response_mask = common.generate(policy, query, query_mask, n_tokens, -1, tokenizer.pad_token_id,
                                                        cfg.temperature, cfg.top_k, cfg.top_p, generator)
         t1, P, B, mask = now(), query.size(1), query.size(0), response_mask.float()
         seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
-        with torch.no_grad(), common.autocast(device, amp):
+        with torch.no_grad(), harness.autocast(device, amp):
             old = common.sequence_logprobs(policy, seq, seq_mask, P, cfg.temperature)
             ref_logprobs = old if ref is None else common.sequence_logprobs(ref, seq, seq_mask, P, cfg.temperature)
             values = ppo.critic_values(critic, seq, seq_mask, P) * mask if critic is not None else None
@@ -369,7 +370,7 @@ def bare_rl(stage: str, module, cfg, device, rollouts: list, now) -> dict:
         for step in update_steps(B, cfg):
             for i in step:
                 m = mask[i]
-                with common.autocast(device, amp):
+                with harness.autocast(device, amp):
                     logprobs = common.sequence_logprobs(policy, seq[i], seq_mask[i], P, cfg.temperature, True)[0]
                     if critic is not None:
                         new_values = ppo.critic_values(critic, seq[i], seq_mask[i], P)
@@ -413,9 +414,10 @@ def run_main(stage: str, args: list[str], full_logits: bool = False) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import common
+    import harness
 
     module = importlib.import_module(stage)
-    cfg = common.parse(module.Config, args)
+    cfg = harness.parse(module.Config, args)
     if full_logits:
         common.sequence_logprobs = full_logits_logprobs
     now, steps = clock(torch.device("cuda" if torch.cuda.is_available() else "cpu")), []
@@ -557,8 +559,8 @@ def step_args(stage: str, mode: str, bench: Config, name: str) -> list[str]:
     }[stage]
 
 
-JOBS = {"script": run_script, "bare": run_bare, "main": run_main, "logprobs": run_logprobs, "build_memory": build_memory,
-        "build_real": build_real}
+JOBS = {"script": run_script, "bare": run_bare, "main": run_main, "logprobs": run_logprobs,
+        "build_memory": build_memory, "build_real": build_real}
 
 
 # =====================================================================================================================
@@ -645,8 +647,9 @@ def memory_main(bench: Config) -> dict:
     if not any("error" in r for r in parts.values()):
         alone = {v: parts[v]["step_peak_above_mb"] - parts["hidden"]["step_peak_above_mb"] for v in ("full", "chunked")}
         results["log_probs_alone_mb"] = alone
-        print(f"the log-prob part alone (one forward + backward of {n} rows, peak RSS above the loaded model, minus the "
-              f"transformer's own {parts['hidden']['step_peak_above_mb']:.0f} MB): full logits {alone['full']:.0f} MB, "
+        print(f"the log-prob part alone (one forward + backward of {n} rows, peak RSS above the loaded model, minus "
+              f"the transformer's own {parts['hidden']['step_peak_above_mb']:.0f} MB): "
+              f"full logits {alone['full']:.0f} MB, "
               f"chunked {alone['chunked']:.0f} MB, ratio {fmt(ratio(alone['full'], alone['chunked']), '.2f', 0)}")
     else:
         print("the log-prob part alone: failed: " + "; ".join(r["error"] for r in parts.values() if "error" in r))

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 import common  # noqa: E402
+import harness
 import grpo  # noqa: E402
 
 once = "--per_step" not in sys.argv
@@ -50,7 +51,7 @@ def counting(model, *a, **k):
 
 common.generate = counting
 out = sys.argv[sys.argv.index("--output_dir") + 1]
-grpo.main(common.parse(grpo.Config))
+grpo.main(harness.parse(grpo.Config))
 if int(os.environ.get("RANK", 0)) == 0:
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     it = [r for r in rows if "time/train" in r]

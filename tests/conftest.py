@@ -3,6 +3,7 @@ checkpoint of the toy task. Tests call each script's main(Config(...)) in-proces
 
 import dataclasses
 import os
+import shutil
 import sys
 
 import pytest
@@ -20,7 +21,8 @@ def make(config_class, **options):
     """A script's Config from flat options, as on the command line (--lora_r, not model.lora_r): each option goes to
     the Config itself or to the option group (model, optim, run) that holds it; the script's own group defaults stay."""
     cfg = config_class()
-    groups = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    groups = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if dataclasses.is_dataclass(getattr(cfg, f.name))}
     own, nested = {}, {name: {} for name in groups}
     for key, value in options.items():
         holder = next((name for name, g in groups.items() if key in {f.name for f in dataclasses.fields(g)}), None)
@@ -141,17 +143,16 @@ def toy_reward_model(toy_sft_checkpoint, tmp_path_factory):
     return out
 
 
-def with_pad_token(path: str, out: str) -> str:
-    """The gpt2 fixture has a BPE tokenizer without pad token: add one and resize, as sft.py does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def with_pad(path: str, out: str, pad: str) -> str:
+    """The checkpoint at path with its tokenizer's pad token "missing" (None, as Llama's) or "eos" (pad == EOS, as
+    Qwen2's and SmolLM2's chat models); the model and every other token unchanged."""
+    from transformers import AutoTokenizer
 
+    shutil.copytree(path, out)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tok.add_special_tokens({"pad_token": "<|pad|>"})
-    model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    tok.pad_token = tok.eos_token if pad == "eos" else None
     tok.save_pretrained(out)
+    assert (AutoTokenizer.from_pretrained(out).pad_token_id is None) == (pad == "missing")
     return out
 
 

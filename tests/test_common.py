@@ -13,6 +13,7 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
+import harness
 import toy_task
 
 GOLD = {"gold_reward": (toy_task.gold_reward, 1.0)}
@@ -113,8 +114,11 @@ class ScriptedLM(torch.nn.Module):
         return type("Out", (), {"logits": logits, "past_key_values": None})()
 
 
-def test_generate_sampling_stops_at_eos_and_pads_after():
-    P, eos, pad = 3, TOK.eos_token_id, TOK.pad_token_id
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_generate_sampling_stops_at_eos_and_pads_after(pad_is_eos):
+    # pad == EOS (a tokenizer without a pad token pads with EOS): the same masks, found by position
+    P, eos = 3, TOK.eos_token_id
+    pad = eos if pad_is_eos else TOK.pad_token_id
     steps_to_eos = [2, 5, 1, 100]  # EOS is the 2nd, 5th, 1st token; row 3 never ends
     model = ScriptedLM([P + s - 1 for s in steps_to_eos], len(TOK), eos)
     ids, mask = common.left_pad([[5, 6, 7]] * 4, pad)
@@ -228,11 +232,9 @@ def test_chunked_logprobs_equal_the_full_logits_values_and_gradients(arch, chunk
     """sequence_logprobs never holds the (B, T, V) logits: against the plain forward's full logits, log_softmax."""
     if chunk_tokens:
         monkeypatch.setattr(common, "LOGITS_PER_CHUNK", chunk_tokens * len(TOK))
-    import torch.utils.checkpoint
-
     checkpointed = []  # the chunks recomputed in backward (activation checkpointing)
-    real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, hidden, *args, **kw: checkpointed.append(
+    real_checkpoint = common.checkpoint  # torch.utils.checkpoint's
+    monkeypatch.setattr(common, "checkpoint", lambda fn, hidden, *args, **kw: checkpointed.append(
         hidden.size(0)) or real_checkpoint(fn, hidden, *args, **kw))
     model = tiny_lm(arch)
     torch.manual_seed(2)
@@ -378,9 +380,9 @@ def test_ordering_agreement_matches_pair_loop():
                 agree += 0.5
             elif (a[i] > a[j]) == (b[i] > b[j]):
                 agree += 1
-    assert common.ordering_agreement(a, b) == pytest.approx(agree / pairs)
-    assert common.ordering_agreement(b, b) == 1.0 and common.ordering_agreement(-b, b) == 0.0
-    assert math.isnan(common.ordering_agreement([1.0, 2.0], [3.0, 3.0]))
+    assert harness.ordering_agreement(a, b) == pytest.approx(agree / pairs)
+    assert harness.ordering_agreement(b, b) == 1.0 and harness.ordering_agreement(-b, b) == 0.0
+    assert math.isnan(harness.ordering_agreement([1.0, 2.0], [3.0, 3.0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -395,27 +397,27 @@ def write(path, text):
 def test_load_rows_reads_jsonl_and_rejects_interior_blank_lines(tmp_path):
     path = write(tmp_path / "ok.jsonl",
                  '{"prompt": "a", "completion": " b"}\n{"prompt": "c", "completion": " d"}\n\n  \n')
-    assert common.load_rows(path, "--dataset") == [(f"{path}:1", {"prompt": "a", "completion": " b"}),
+    assert harness.load_rows(path, "--dataset") == [(f"{path}:1", {"prompt": "a", "completion": " b"}),
                                                     (f"{path}:2", {"prompt": "c", "completion": " d"})]
     gap = write(tmp_path / "gap.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"}\n')
     with pytest.raises(ValueError, match=rf"{gap}:2: blank line between JSON rows"):
-        common.load_rows(gap, "--dataset")
+        harness.load_rows(gap, "--dataset")
 
 
 def test_load_rows_errors_name_file_and_line(tmp_path):
     bad = write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"prompt": "b", \n')
     with pytest.raises(ValueError, match=rf"{bad}:2: not valid JSON"):
-        common.load_rows(bad, "--prompts")
+        harness.load_rows(bad, "--prompts")
     empty = write(tmp_path / "empty.jsonl", "\n  \n")
     with pytest.raises(ValueError, match=rf"--prompts {empty}: no rows"):
-        common.load_rows(empty, "--prompts")
+        harness.load_rows(empty, "--prompts")
     not_object = write(tmp_path / "list.jsonl", '{"prompt": "a"}\n["prompt", "b"]\n')
     with pytest.raises(ValueError, match=rf"{not_object}:2: expected a JSON object, got list"):
-        common.load_rows(not_object, "--prompts")
-    with pytest.raises(common.InputError, match="nope.jsonl: no such file"):
-        common.load_rows(str(tmp_path / "nope.jsonl"), "--prompts")
-    with pytest.raises(common.InputError, match=rf"{bad}:1: missing field 'chosen'"):
-        common.parse_preference_row({"prompt": "a", "rejected": " b"}, f"{bad}:1")
+        harness.load_rows(not_object, "--prompts")
+    with pytest.raises(harness.InputError, match="nope.jsonl: no such file"):
+        harness.load_rows(str(tmp_path / "nope.jsonl"), "--prompts")
+    with pytest.raises(harness.InputError, match=rf"{bad}:1: missing field 'chosen'"):
+        harness.parse_preference_row({"prompt": "a", "rejected": " b"}, f"{bad}:1")
 
 
 def test_save_model_round_trip_writes_into_output_dir(tmp_path):
@@ -423,8 +425,8 @@ def test_save_model_round_trip_writes_into_output_dir(tmp_path):
     out = str(tmp_path / "ckpt")
     os.makedirs(os.path.join(out, "checkpoints", "step_2"))
     write(os.path.join(out, "metrics.jsonl"), '{"step": 1}\n')  # this run's log, written before the save
-    cfg = types.SimpleNamespace(run=common.RunArgs(output_dir=out), model=common.ModelArgs())
-    common.save_model(cfg, model, TOK, {"loss": 0.5, "nan": float("nan")}, extra_config={"reward_mean": 0.25})
+    cfg = types.SimpleNamespace(run=harness.RunArgs(output_dir=out), model=harness.ModelArgs())
+    harness.save_model(cfg, model, TOK, {"loss": 0.5, "nan": float("nan")}, extra_config={"reward_mean": 0.25})
     files = set(os.listdir(out))
     assert {"model.safetensors", "tokenizer.json", "config.json", "eval.json"} <= files and ".saving" not in files
     assert open(os.path.join(out, "metrics.jsonl")).read() == '{"step": 1}\n'  # the run's files stay
@@ -460,23 +462,23 @@ def test_sampling_diagnostics_on_hand_made_distribution():
 
 def test_lr_multiplier_shape():
     total, warmup = 100, 10
-    lrs = [common.lr_multiplier(s, total, warmup) for s in range(total + 1)]
+    lrs = [harness.lr_multiplier(s, total, warmup) for s in range(total + 1)]
     assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
     assert lrs[warmup] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[total] == pytest.approx(0.0, abs=1e-12)
     assert all(x >= y for x, y in zip(lrs[warmup:], lrs[warmup + 1:]))  # monotone decay
-    assert common.lr_multiplier(55, total, warmup, "linear") == pytest.approx(1 - 45 / 90)
-    assert common.lr_multiplier(99, total, warmup, "constant") == 1.0
+    assert harness.lr_multiplier(55, total, warmup, "linear") == pytest.approx(1 - 45 / 90)
+    assert harness.lr_multiplier(99, total, warmup, "constant") == 1.0
 
 
 def test_evaluate_policy_metrics(tmp_path):
     policy = tiny_lm("gpt2")
     reward_model = tiny_reward_model("gpt2")
     prompts = PROMPTS[:3]
-    m = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), ref=policy,
-                               reward_model=reward_model, reward_fns=GOLD, samples_per_prompt=3,
-                               max_new_tokens=6, batch_size=4, seed=0)
+    m = harness.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), ref=policy,
+                                reward_model=reward_model, reward_fns=GOLD, samples_per_prompt=3,
+                                max_new_tokens=6, batch_size=4, seed=0)
     for key in ["gold_reward_mean", "gold_reward_std", "proxy_reward_mean", "proxy_reward_std", "kl_to_ref",
                 "gold_reward_proxy_agreement", "eos_rate", "response_length", "distinct_completions", "num_samples"]:
         assert key in m and isinstance(m[key], (int, float)), key
@@ -484,23 +486,23 @@ def test_evaluate_policy_metrics(tmp_path):
     assert m["num_samples"] == 9 and sorted(rows["prompt"]) == sorted(p for p in prompts for _ in range(3))
     assert m["kl_to_ref"] == 0.0  # the policy is its own reference
     assert m["gold_reward_mean"] == pytest.approx(np.mean(toy_task.gold_reward(rows["prompt"], rows["completion"])))
-    agreement = common.ordering_agreement(rows["proxy"], rows["gold_reward"])
+    agreement = harness.ordering_agreement(rows["proxy"], rows["gold_reward"])
     assert m["gold_reward_proxy_agreement"] == pytest.approx(agreement)
     assert 1 <= m["response_length"] <= 6 and 0 <= m["eos_rate"] <= 1
     # same seed -> same samples; the training flag of the policy is restored
     policy.train()
-    again = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), reward_fns=GOLD,
-                                   samples_per_prompt=3, max_new_tokens=6, batch_size=4, seed=0)
+    again = harness.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), reward_fns=GOLD,
+                                    samples_per_prompt=3, max_new_tokens=6, batch_size=4, seed=0)
     assert again["per_sample"]["completion"] == rows["completion"] and policy.training
     # prompts given as token ids (e.g. rendered by a chat template) decode the same way
-    given = common.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), samples_per_prompt=3, max_new_tokens=6,
-                                   batch_size=4, seed=0, prompt_ids=[TOK(p)["input_ids"] for p in prompts])
+    given = harness.evaluate_policy(policy, TOK, prompts, torch.device("cpu"), samples_per_prompt=3, max_new_tokens=6,
+                                    batch_size=4, seed=0, prompt_ids=[TOK(p)["input_ids"] for p in prompts])
     assert given["per_sample"]["completion"] == rows["completion"]
     assert again["kl_to_ref"] is None and again["proxy_reward_mean"] is None  # no reference, no reward model
 
 
 def test_metrics_logger_writes_jsonl(tmp_path, capsys):
-    logger = common.MetricsLogger(types.SimpleNamespace(run=common.RunArgs(output_dir=str(tmp_path))))
+    logger = harness.MetricsLogger(types.SimpleNamespace(run=harness.RunArgs(output_dir=str(tmp_path))))
     logger.log(3, {"loss": torch.tensor(1.5), "lr": 0.1})
     logger.log(4, {"loss": 1.25}, console_keys=())  # file only
     logger.close()
@@ -508,3 +510,37 @@ def test_metrics_logger_writes_jsonl(tmp_path, capsys):
     assert lines == [{"step": 3, "loss": 1.5, "lr": 0.1}, {"step": 4, "loss": 1.25}]
     out = capsys.readouterr().out
     assert "step 3 loss=1.5" in out and "step 4" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the layout: the kernel imports nothing of the project, the harness only the kernel, no circle
+# ---------------------------------------------------------------------------------------------------------------------
+OPTIONAL_EXTRAS = {"peft", "datasets", "wandb", "torch.utils.tensorboard", "matplotlib", "matplotlib.pyplot", "vllm"}
+
+
+def test_the_layers_import_downwards_only_at_the_top_of_each_file():
+    """common.py (the kernel) imports no module of the project, harness.py only common.py, neither the toy nor a
+    script; the project's import graph has no circle; imports sit at the top of each file except the optional extras,
+    and no file imports through __import__."""
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    project = {"common", "harness", "sft", "reward_model", "ppo", "dpo", "grpo", "toy_task"}
+    graph = {}
+    for name in project:
+        tree = ast.parse(open(os.path.join(root, f"{name}.py")).read())
+        top = {id(node) for node in tree.body}
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                imported |= {n.split(".")[0] for n in names}
+                assert id(node) in top or set(names) <= OPTIONAL_EXTRAS, f"{name}.py:{node.lineno}: import {names}"
+            assert not (isinstance(node, ast.Name) and node.id == "__import__"), f"{name}.py:{node.lineno}"
+        graph[name] = imported & project
+    assert graph["common"] == set() and graph["harness"] == {"common"}
+
+    def reach(start, seen=()):  # every module imported from start, directly or not
+        return set().union(*[{m} | (reach(m, seen + (m,)) if m not in seen else set()) for m in graph[start]])
+
+    assert all(name not in reach(name) for name in project), graph

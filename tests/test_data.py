@@ -1,5 +1,5 @@
 """Real data: every source (JSON lines, JSON, parquet, CSV, save_to_disk, hub id), every TRL format through the one
-parser per format in common.py, the assistant-turn mask, reward functions as TRL calls them, defaults that follow the
+parser per format in harness.py, the assistant-turn mask, reward functions as TRL calls them, defaults that follow the
 data, strict JSON outputs and the grouped --help."""
 
 import dataclasses
@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import make, chatml_tokenizer, toy_tokenizer_with_chat
 
-import common
+import harness
 import sft
 
 USER = {"role": "user", "content": "What is two plus two?"}
@@ -57,14 +57,15 @@ def test_every_source_gives_the_same_rows(tmp_path):
     data.save_to_disk(paths["save_to_disk"])
     datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(paths["save_to_disk splits"])
     for name, path in paths.items():
-        rows = common.load_rows(path, "--dataset")
+        rows = harness.load_rows(path, "--dataset")
         assert [row for _, row in rows] == expected, name
-    assert [w for w, _ in common.load_rows(paths["jsonl"], "--dataset")] == [f"{paths['jsonl']}:{i}" for i in (1, 2, 3)]
-    assert [w for w, _ in common.load_rows(paths["parquet"], "--dataset")] == \
+    assert [w for w, _ in harness.load_rows(paths["jsonl"], "--dataset")] == \
+        [f"{paths['jsonl']}:{i}" for i in (1, 2, 3)]
+    assert [w for w, _ in harness.load_rows(paths["parquet"], "--dataset")] == \
         [f"{paths['parquet']}[{i}]" for i in (0, 1, 2)]
-    assert [r for _, r in common.load_rows(paths["save_to_disk splits"], "--dataset", "test")] == expected[:1]
-    with pytest.raises(common.InputError, match=r"--dataset .*splits: no split 'dev' \(it has \['test', 'train'\]\)"):
-        common.load_rows(paths["save_to_disk splits"], "--dataset", "dev")
+    assert [r for _, r in harness.load_rows(paths["save_to_disk splits"], "--dataset", "test")] == expected[:1]
+    with pytest.raises(harness.InputError, match=r"--dataset .*splits: no split 'dev' \(it has \['test', 'train'\]\)"):
+        harness.load_rows(paths["save_to_disk splits"], "--dataset", "dev")
 
 
 def test_conversational_rows_survive_parquet_and_save_to_disk(tmp_path):
@@ -74,59 +75,59 @@ def test_conversational_rows_survive_parquet_and_save_to_disk(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "c"))
     for path in (str(tmp_path / "c.parquet"), str(tmp_path / "c")):
-        assert [common.parse_preference_row(r, w) for w, r in common.load_rows(path, "--dataset")] == \
+        assert [harness.parse_preference_row(r, w) for w, r in harness.load_rows(path, "--dataset")] == \
             [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
 
 def test_source_errors_name_the_option(tmp_path, monkeypatch):
-    with pytest.raises(common.InputError, match="--dataset /nowhere/x.parquet: no such file or directory"):
-        common.load_rows("/nowhere/x.parquet", "--dataset")
-    with pytest.raises(common.InputError, match=r"--eval_dataset .*\.txt: unknown file type '.txt'"):
-        common.load_rows(write_jsonl(tmp_path / "d.txt", ROWS), "--eval_dataset")
+    with pytest.raises(harness.InputError, match="--dataset /nowhere/x.parquet: no such file or directory"):
+        harness.load_rows("/nowhere/x.parquet", "--dataset")
+    with pytest.raises(harness.InputError, match=r"--eval_dataset .*\.txt: unknown file type '.txt'"):
+        harness.load_rows(write_jsonl(tmp_path / "d.txt", ROWS), "--eval_dataset")
     os.makedirs(tmp_path / "plain")
-    with pytest.raises(common.InputError, match="--dataset .*plain: cannot be read as a dataset"):
-        common.load_rows(str(tmp_path / "plain"), "--dataset")
+    with pytest.raises(harness.InputError, match="--dataset .*plain: cannot be read as a dataset"):
+        harness.load_rows(str(tmp_path / "plain"), "--dataset")
     import datasets
 
     def offline(*args, **kwargs):  # what the hub answers here: no network
         raise ConnectionError("Couldn't reach 'someone/no-such-dataset' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(common.InputError, match="--dataset someone/no-such-dataset: cannot be read as a dataset "
+    with pytest.raises(harness.InputError, match="--dataset someone/no-such-dataset: cannot be read as a dataset "
                                                 "\\(ConnectionError: Couldn't reach"):
-        common.load_rows("someone/no-such-dataset", "--dataset")
+        harness.load_rows("someone/no-such-dataset", "--dataset")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
-    with pytest.raises(common.InputError, match=r"needs the `datasets` package \(pip install datasets\)"):
-        common.load_rows(str(tmp_path / "plain"), "--dataset")
-    assert len(common.load_rows(write_jsonl(tmp_path / "ok.jsonl", ROWS), "--dataset")) == 3  # JSON lines need nothing
+    with pytest.raises(harness.InputError, match=r"needs the `datasets` package \(pip install datasets\)"):
+        harness.load_rows(str(tmp_path / "plain"), "--dataset")
+    assert len(harness.load_rows(write_jsonl(tmp_path / "ok.jsonl", ROWS), "--dataset")) == 3  # JSON lines need nothing
 
 
 def test_eval_split_is_seeded_and_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": str(i)} for i in range(20)])
-    split = lambda fraction, seed: common.train_eval_rows(path, "--prompts", "train", None, "", fraction, seed)  # noqa
+    split = lambda fraction, seed: harness.train_eval_rows(path, "--prompts", "train", None, "", fraction, seed)  # noqa
     train, held = split(0.25, 3)
     assert len(held) == 5 and len(train) == 15 and not {w for w, _ in train} & {w for w, _ in held}
     assert split(0.25, 3) == (train, held) and split(0.25, 4) != (train, held)
-    with pytest.raises(common.InputError, match="--eval_split 1.0: would leave no training rows"):
+    with pytest.raises(harness.InputError, match="--eval_split 1.0: would leave no training rows"):
         split(1.0, 3)
-    assert common.train_eval_rows(path, "--prompts", "train", path, "--eval_prompts", 0.25, 3)[1] == \
-        common.load_rows(path, "")  # an eval file wins over the split
-    with pytest.raises(common.InputError, match="--prompts is required"):
-        common.train_eval_rows(None, "--prompts", "train", None, "", 0.0, 3)
+    assert harness.train_eval_rows(path, "--prompts", "train", path, "--eval_prompts", 0.25, 3)[1] == \
+        harness.load_rows(path, "")  # an eval file wins over the split
+    with pytest.raises(harness.InputError, match="--prompts is required"):
+        harness.train_eval_rows(None, "--prompts", "train", None, "", 0.0, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # formats: one parser each
 # ---------------------------------------------------------------------------------------------------------------------
 def test_prompt_only_formats():
-    assert common.parse_prompt({"prompt": "Say hello."}, "f:1") == "Say hello."
-    assert common.parse_prompt({"prompt": [USER]}, "f:1") == [USER]
-    assert common.parse_prompt({"messages": [USER]}, "f:1") == [USER]
-    assert common.parse_prompt({"messages": [USER, ANSWER]}, "f:1") == [USER]  # the answer is not part of the prompt
-    with pytest.raises(common.InputError, match="f:2: expected a prompt-only row"):
-        common.parse_prompt({"question": "x"}, "f:2")
-    with pytest.raises(common.InputError, match="f:2: unknown field 'promtp'; did you mean 'prompt'"):
-        common.check_one_format([("f:1", {"messages": [USER]}), ("f:2", {"promtp": "x", "messages": [USER]})])
+    assert harness.parse_prompt({"prompt": "Say hello."}, "f:1") == "Say hello."
+    assert harness.parse_prompt({"prompt": [USER]}, "f:1") == [USER]
+    assert harness.parse_prompt({"messages": [USER]}, "f:1") == [USER]
+    assert harness.parse_prompt({"messages": [USER, ANSWER]}, "f:1") == [USER]  # the answer is not part of the prompt
+    with pytest.raises(harness.InputError, match="f:2: expected a prompt-only row"):
+        harness.parse_prompt({"question": "x"}, "f:2")
+    with pytest.raises(harness.InputError, match="f:2: unknown field 'promtp'; did you mean 'prompt'"):
+        harness.check_one_format([("f:1", {"messages": [USER]}), ("f:2", {"promtp": "x", "messages": [USER]})])
 
 
 def test_completion_formats():
@@ -134,21 +135,21 @@ def test_completion_formats():
     assert sft.parse_row({"prompt": [USER], "completion": [ANSWER]}, "f") == ([USER], [ANSWER])
     assert sft.parse_row({"messages": [USER, ANSWER]}, "f") == (None, [USER, ANSWER])
     assert sft.parse_row({"text": "free text"}, "f") == (None, "free text")
-    with pytest.raises(common.InputError, match="f: field 'completion' must end with a non-empty assistant message"):
+    with pytest.raises(harness.InputError, match="f: field 'completion' must end with a non-empty assistant message"):
         sft.parse_row({"prompt": [USER], "completion": [USER]}, "f")
-    with pytest.raises(common.InputError, match=r"f: field 'messages' holds no assistant message .*\(roles: user\)"):
+    with pytest.raises(harness.InputError, match=r"f: field 'messages' holds no assistant message .*\(roles: user\)"):
         sft.parse_row({"messages": [USER]}, "f")
 
 
 def test_preference_and_ranking_formats():
     five = {"role": "assistant", "content": "Five."}
-    assert common.parse_preference_row({"prompt": "a", "chosen": " b", "rejected": " c"}, "f") == ("a", " b", " c")
-    assert common.parse_preference_row({"chosen": "a b", "rejected": "a c"}, "f") == ("a", " b", " c")
-    assert common.parse_preference_row({"prompt": [USER], "chosen": [ANSWER], "rejected": [five]}, "f") == \
+    assert harness.parse_preference_row({"prompt": "a", "chosen": " b", "rejected": " c"}, "f") == ("a", " b", " c")
+    assert harness.parse_preference_row({"chosen": "a b", "rejected": "a c"}, "f") == ("a", " b", " c")
+    assert harness.parse_preference_row({"prompt": [USER], "chosen": [ANSWER], "rejected": [five]}, "f") == \
         ([USER], [ANSWER], [five])
-    assert common.parse_preference_row({"chosen": [USER, ANSWER], "rejected": [USER, five]}, "f") == \
+    assert harness.parse_preference_row({"chosen": [USER, ANSWER], "rejected": [USER, five]}, "f") == \
         ([USER], [ANSWER], [five])
-    assert common.parse_preference_row({"prompt": [USER], "chosen": "Four.", "rejected": "Five."}, "f") == \
+    assert harness.parse_preference_row({"prompt": [USER], "chosen": "Four.", "rejected": "Five."}, "f") == \
         ([USER], [ANSWER], [five])  # a string response after a conversational prompt is the assistant's message
     import reward_model
 
@@ -158,12 +159,12 @@ def test_preference_and_ranking_formats():
 
 def test_chat_rendering_of_prompt_and_completion():
     tok = chatml_tokenizer("eos")
-    ids = common.render_prompt([USER], tok)
+    ids = harness.render_prompt([USER], tok)
     assert ids == tok("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n",
                       add_special_tokens=False)["input_ids"]
-    completion = common.render_completion([USER], [ANSWER], tok)  # the template's own end of turn is the EOS
+    completion = harness.render_completion([USER], [ANSWER], tok)  # the template's own end of turn is the EOS
     assert tok.decode(completion) == "Four.<|im_end|>" and completion.count(tok.eos_token_id) == 1
-    assert common.render_completion("Say hello.", " Hello there!", tok)[-1] == tok.eos_token_id
+    assert harness.render_completion("Say hello.", " Hello there!", tok)[-1] == tok.eos_token_id
 
 
 @pytest.mark.parametrize("template", ["chatml", "toy"])
@@ -210,19 +211,19 @@ def test_reward_functions_keywords_columns_none_and_weights(tmp_path):
         "    return [float(len(c)) for c in completions]\n"
         "def picky(prompts=None, completions=None, **kwargs):\n"
         "    return [None if kwargs['source'][i] == 'skip' else 2.0 for i in range(len(completions))]\n")
-    fns = common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0, 0.5), columns={"answer", "source"})
+    fns = harness.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0, 0.5), columns={"answer", "source"})
     assert list(fns) == ["exact", "picky"]
     prompts = [[USER], [USER], [USER]]
-    total, per_fn = common.score_with_fns(fns, prompts, ["Four.", "Five.", "Four."],
-                                          {"answer": ["Four.", "Four.", "Four."], "source": ["a", "a", "skip"]})
+    total, per_fn = harness.score_with_fns(fns, prompts, ["Four.", "Five.", "Four."],
+                                           {"answer": ["Four.", "Four.", "Four."], "source": ["a", "a", "skip"]})
     assert per_fn == {"exact": [1.0, 0.0, 1.0], "picky": [2.0, 2.0, None]}
     assert total == [1.0 + 0.5 * 2.0, 0.5 * 2.0, 1.0]  # a function that cannot score is left out of the sum
-    length = common.load_reward_fns([f"{path}:length"])["length"][0]
-    assert common.call_reward_fn("length", length, ["a"], [" bcd"]) == [4.0]
+    length = harness.load_reward_fns([f"{path}:length"])["length"][0]
+    assert harness.call_reward_fn("length", length, ["a"], [" bcd"]) == [4.0]
     nobody = {"picky": fns["picky"]}
-    assert common.score_with_fns(nobody, ["a"], ["b"], {"source": ["skip"]})[0] == [None]
-    with pytest.raises(common.InputError, match="--reward_weights: 1 weights for 2 reward functions"):
-        common.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0,), columns={"answer"})
+    assert harness.score_with_fns(nobody, ["a"], ["b"], {"source": ["skip"]})[0] == [None]
+    with pytest.raises(harness.InputError, match="--reward_weights: 1 weights for 2 reward functions"):
+        harness.load_reward_fns([f"{path}:exact", f"{path}:picky"], (1.0,), columns={"answer"})
 
 
 def test_evaluation_reports_each_function_by_its_name_and_counts_unscored(tiny_checkpoints, tmp_path):
@@ -234,9 +235,9 @@ def test_evaluation_reports_each_function_by_its_name_and_counts_unscored(tiny_c
                     "def unsure(prompts, completions):\n    return [None] * len(completions)\n")
     policy = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
     tok = toy_tokenizer_with_chat()
-    m = common.evaluate_policy(policy, tok, ["the phone was", "this book is"], torch.device("cpu"),
-                               reward_fns=common.load_reward_fns([f"{path}:brevity", f"{path}:unsure"]),
-                               samples_per_prompt=2, max_new_tokens=4)
+    m = harness.evaluate_policy(policy, tok, ["the phone was", "this book is"], torch.device("cpu"),
+                                reward_fns=harness.load_reward_fns([f"{path}:brevity", f"{path}:unsure"]),
+                                samples_per_prompt=2, max_new_tokens=4)
     rows = m["per_sample"]
     assert m["brevity_mean"] == pytest.approx(-sum(len(c.split()) for c in rows["completion"]) / 4)
     assert m["brevity_unscored"] == 0 and m["unsure_unscored"] == 4 and m["unsure_mean"] is None
@@ -249,17 +250,17 @@ def test_evaluation_reports_each_function_by_its_name_and_counts_unscored(tiny_c
 def test_defaults_follow_the_model(tmp_path, tiny_checkpoints, capsys):
     """Options left None take the toy's values on the toy model, the script's PRETRAINED ones on any other."""
     cfg = make(sft.Config, output_dir=str(tmp_path / "a"))
-    common.setup(cfg, "sft", sft.PRETRAINED)
+    harness.setup(cfg, "sft", sft.PRETRAINED)
     assert (cfg.dataset, cfg.optim.learning_rate, cfg.max_length, cfg.from_scratch) == \
         ("data/toy/sft_train.jsonl", 2e-3, 64, True)
     assert "defaults for the toy model: " in capsys.readouterr().out
     cfg = make(sft.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "b"),
                max_length=96)
-    common.setup(cfg, "sft", sft.PRETRAINED)
+    harness.setup(cfg, "sft", sft.PRETRAINED)
     assert (cfg.dataset, cfg.eval_dataset, cfg.eval_reward_fn, cfg.optim.learning_rate, cfg.max_length,
             cfg.from_scratch) == (None, None, (), 2e-5, 96, False)  # nothing of the toy; given values stay
     assert "defaults for a pretrained model: " in capsys.readouterr().out
-    with pytest.raises(common.InputError, match="--dataset is required"):
+    with pytest.raises(harness.InputError, match="--dataset is required"):
         sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "c")))
 
 
@@ -271,8 +272,8 @@ def test_every_pretrained_default_is_filled_in(script, tmp_path, tiny_checkpoint
 
     module = importlib.import_module(script)
     cfg = make(module.Config, model_name_or_path=tiny_checkpoints["llama"], output_dir=str(tmp_path / "out"))
-    common.setup(cfg, script, module.PRETRAINED)
-    common.release_lock()
+    harness.setup(cfg, script, module.PRETRAINED)
+    harness.release_lock()
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for a pretrained model: "))
     for key, value in module.PRETRAINED.items():
         got = getattr(cfg.optim if key == "learning_rate" else cfg, key)
@@ -280,21 +281,21 @@ def test_every_pretrained_default_is_filled_in(script, tmp_path, tiny_checkpoint
 
 
 def test_strict_json_everywhere(tmp_path):
-    common.write_json(str(tmp_path / "e.json"), {"a": float("nan"), "b": [float("inf"), 1.5],
+    harness.write_json(str(tmp_path / "e.json"), {"a": float("nan"), "b": [float("inf"), 1.5],
                                                          "c": {"d": float("-inf")}})
     assert strict_load(str(tmp_path / "e.json")) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
-    logger = common.MetricsLogger(make(sft.Config, output_dir=str(tmp_path)))
+    logger = harness.MetricsLogger(make(sft.Config, output_dir=str(tmp_path)))
     logger.log(1, {"loss": float("nan"), "ok": 2.0}, ())
     logger.close()
     assert strict_load(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "loss": None, "ok": 2.0}]
 
 
 def command_line(module, args: list[str]):
-    """The config that `python script.py args` runs: the scripts' own entry point (common.cli), main swapped."""
+    """The config that `python script.py args` runs: the scripts' own entry point (harness.cli), main swapped."""
     parsed, argv = [], sys.argv
     sys.argv = [module.__name__ + ".py", *args]
     try:
-        common.cli(parsed.append, module.Config)
+        harness.cli(parsed.append, module.Config)
     finally:
         sys.argv = argv
     return parsed[0]
@@ -424,7 +425,7 @@ def test_pipeline_on_chat_models_in_every_source(source, arch, chatml_checkpoint
     if source == "parquet":
         assert "proxy_reward_mean" in ppo_eval and "exact_mean" not in ppo_eval
     else:  # the evaluation uses the training reward functions, under their own names
-        assert {"exact_mean", "brevity_mean", "reward_mean", "sft_exact_mean"} <= set(ppo_eval)
+        assert {"exact_mean", "brevity_mean", "reward_mean", "start_exact_mean"} <= set(ppo_eval)
         ppo_rows = strict_load(str(runs / "ppo" / "metrics.jsonl"))
         assert all("rewards/exact" in r for r in ppo_rows if "objective/scores" in r)
         assert {"exact_mean", "brevity_mean"} <= set(strict_load(str(runs / "grpo" / "eval.json")))
@@ -439,42 +440,42 @@ def test_bad_sources_say_what_shape_is_expected(tmp_path):
 
     one_object = tmp_path / "data.json"
     one_object.write_text(json.dumps({"version": 1, "data": ROWS}))
-    with pytest.raises(common.InputError, match=rf"{one_object}: one JSON object \(keys \['data', 'version'\]\); "
+    with pytest.raises(harness.InputError, match=rf"{one_object}: one JSON object \(keys \['data', 'version'\]\); "
                                                 "expected an array of row objects or JSON lines"):
-        common.load_rows(str(one_object), "--dataset")
+        harness.load_rows(str(one_object), "--dataset")
     config_only = tmp_path / "model"
     config_only.mkdir()
     (config_only / "config.json").write_text("{}")
-    with pytest.raises(common.InputError, match=r"--model_name_or_path .*model: holds \['config.json'\] but no "
+    with pytest.raises(harness.InputError, match=r"--model_name_or_path .*model: holds \['config.json'\] but no "
                                                 "weights; a Hugging Face checkpoint folder holds config.json, "
                                                 "model.safetensors"):
-        common.from_pretrained(AutoModelForCausalLM, str(config_only), "--model_name_or_path")
-    with pytest.raises(common.InputError, match=r"model: holds \['config.json'\] but no tokenizer; a Hugging Face"):
-        common.from_pretrained(AutoTokenizer, str(config_only), "--model_name_or_path")  # loaded first by every script
+        harness.from_pretrained(AutoModelForCausalLM, str(config_only), "--model_name_or_path")
+    with pytest.raises(harness.InputError, match=r"model: holds \['config.json'\] but no tokenizer; a Hugging Face"):
+        harness.from_pretrained(AutoTokenizer, str(config_only), "--model_name_or_path")  # loaded first by every script
     gguf = tmp_path / "gguf"
     gguf.mkdir()
     (gguf / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     for cls in (AutoModelForCausalLM, AutoTokenizer):  # the tokenizer is the first thing a script loads
-        with pytest.raises(common.InputError, match="a GGUF file, not a Hugging Face checkpoint; convert it once"):
-            common.from_pretrained(cls, str(gguf), "--model_name_or_path")
+        with pytest.raises(harness.InputError, match="a GGUF file, not a Hugging Face checkpoint; convert it once"):
+            harness.from_pretrained(cls, str(gguf), "--model_name_or_path")
 
 
 def test_prompts_without_a_user_turn_and_mixed_formats_are_refused(tmp_path):
     system_only = write_jsonl(tmp_path / "p.jsonl", [{"messages": [USER]}, {"messages": [{"role": "system",
                                                                                         "content": "Be brief."}]}])
-    with pytest.raises(common.InputError, match=rf"{system_only}:2: field 'messages' holds no user message \(roles: "
+    with pytest.raises(harness.InputError, match=rf"{system_only}:2: field 'messages' holds no user message \(roles: "
                                                 "system\\); a prompt needs one"):
-        common.prompts_and_columns(common.load_rows(system_only, "--prompts"))
+        harness.prompts_and_columns(harness.load_rows(system_only, "--prompts"))
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROWS[0], ROWS[1], {"prompt": [USER], "completion": [ANSWER]}])
-    with pytest.raises(common.InputError, match=rf"{mixed}:3: a conversational \{{prompt, completion\}} row, but "
+    with pytest.raises(harness.InputError, match=rf"{mixed}:3: a conversational \{{prompt, completion\}} row, but "
                                                 rf"{mixed}:1 is a text \{{prompt, completion\}} row; one dataset must "
                                                 "hold one format"):
-        common.load_rows(mixed, "--dataset")
+        harness.load_rows(mixed, "--dataset")
     explicit_and_implicit = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"},
                                                                    {"chosen": "a b", "rejected": "a c"}])
-    with pytest.raises(common.InputError, match=r"prefs.jsonl:2: a text \{chosen, rejected\} row, but .*prefs.jsonl:1 "
+    with pytest.raises(harness.InputError, match=r"prefs.jsonl:2: a text \{chosen, rejected\} row, but .*prefs.jsonl:1 "
                                                 r"is a text \{prompt, chosen, rejected\} row"):
-        common.load_rows(explicit_and_implicit, "--dataset")
+        harness.load_rows(explicit_and_implicit, "--dataset")
 
 
 def test_wrong_chat_roles_are_named_before_any_model_loads(tmp_path, monkeypatch):
@@ -484,8 +485,8 @@ def test_wrong_chat_roles_are_named_before_any_model_loads(tmp_path, monkeypatch
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(common, "from_pretrained", no_model)
-    with pytest.raises(common.InputError, match=rf"{data}:1: field 'messages' has the roles \['bot', 'human'\]; "
+    monkeypatch.setattr(harness, "from_pretrained", no_model)
+    with pytest.raises(harness.InputError, match=rf"{data}:1: field 'messages' has the roles \['bot', 'human'\]; "
                                                 "expected system / user / assistant / tool"):
         sft.main(make(sft.Config, dataset=data, output_dir=str(tmp_path / "out")))
 
@@ -501,13 +502,38 @@ def test_reward_function_signatures_and_columns_are_checked_at_load(tmp_path):
         "def polished(completions, **kwargs):\n    return [bonus(c) for c in completions]\n")
     path = tmp_path / "rewards.py"
     for name in ("one", "pair"):
-        with pytest.raises(common.InputError, match=rf"--reward_fn {path}:{name}: {name}\(.*\) cannot be called as "
+        with pytest.raises(harness.InputError, match=rf"--reward_fn {path}:{name}: {name}\(.*\) cannot be called as "
                                                     r"f\(prompts, completions, \*\*kwargs\)"):
-            common.load_reward_fns([f"{path}:{name}"], columns={"answer"})
-    with pytest.raises(common.InputError, match=rf"{path}:accuracy: accuracy needs the dataset column\(s\) \['answer'\]"
-                                                r", which the prompt rows lack \(their columns: \['source'\]\)"):
-        common.load_reward_fns([f"{path}:accuracy"], columns={"source"})
-    fns = common.load_reward_fns([f"{path}:accuracy", f"{path}:polished"], columns={"answer"})
-    assert common.score_with_fns(fns, ["q", "q"], ["yes.", "no"], {"answer": ["yes.", "yes."]})[1] == \
+            harness.load_reward_fns([f"{path}:{name}"], columns={"answer"})
+    with pytest.raises(harness.InputError, match=rf"{path}:accuracy: accuracy needs the dataset column\(s\) "
+                                                r"\['answer'\], which the prompt rows lack "
+                                                r"\(their columns: \['source'\]\)"):
+        harness.load_reward_fns([f"{path}:accuracy"], columns={"source"})
+    fns = harness.load_reward_fns([f"{path}:accuracy", f"{path}:polished"], columns={"answer"})
+    assert harness.score_with_fns(fns, ["q", "q"], ["yes.", "no"], {"answer": ["yes.", "yes."]})[1] == \
         {"accuracy": [1.0, 0.0], "polished": [0.5, 0.0]}
     assert str(tmp_path) not in sys.path  # the file's directory is on the path only while it loads
+
+
+def test_check_eos_pads_with_eos_and_refuses_a_tokenizer_that_cannot_end(tmp_path):
+    """A sampling tokenizer: without a pad token it pads with EOS (nothing else changes); with no EOS token, or a chat
+    template whose assistant turn does not end with EOS, one error naming the model and what to set."""
+    tok = chatml_tokenizer("missing")
+    vocab = tok.get_vocab()
+    harness.check_eos(tok, "m", "--model_name_or_path", conversational=True)
+    assert tok.pad_token_id == tok.eos_token_id and tok.get_vocab() == vocab
+    own = toy_tokenizer_with_chat()
+    harness.check_eos(own, "m", "--model_name_or_path", conversational=False)
+    assert own.pad_token_id != own.eos_token_id  # a pad token of its own is kept
+    no_eos = chatml_tokenizer("missing")
+    no_eos.eos_token = None
+    with pytest.raises(harness.InputError, match=r"^--model_name_or_path m: the tokenizer has no EOS token, so no "
+                                                 r"response could end; set eos_token in its tokenizer_config.json"):
+        harness.check_eos(no_eos, "m", "--model_name_or_path", conversational=False)
+    other_end = chatml_tokenizer("missing")
+    other_end.eos_token = "<|endoftext|>"  # the template ends a turn with <|im_end|>
+    harness.check_eos(other_end, "m", "--model_name_or_path", conversational=False)  # string prompts: no template
+    with pytest.raises(harness.InputError, match=r"^--model_name_or_path m: the chat template ends the assistant's "
+                                                 r"turn without the EOS token '<\|endoftext\|>', so sampling would "
+                                                 r"not stop there; set eos_token"):
+        harness.check_eos(other_end, "m", "--model_name_or_path", conversational=True)

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make
-import common
 import dpo
+import harness
 import toy_task
 
 BETAS = [0.1, 0.5, 2.0]
@@ -121,7 +121,7 @@ def test_gradient_signs_and_values():
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
 def test_dpo_and_reward_model_read_pairs_alike(tmp_path):
-    """One parser per format (common.py): dpo.py and reward_model.py split and tokenise the same rows identically,
+    """One parser per format (harness.py): dpo.py and reward_model.py split and tokenise the same rows identically,
     including an implicit prompt with a double space before the responses."""
     import reward_model as rm
 
@@ -130,7 +130,7 @@ def test_dpo_and_reward_model_read_pairs_alike(tmp_path):
                 {"chosen": "honestly the cafe was great !", "rejected": "honestly the cafe was not great ."}]
     explicit = [{"prompt": "the phone was", "chosen": " very good .", "rejected": " bad ."}]
     for name, rows in (("implicit.jsonl", implicit), ("explicit.jsonl", explicit)):  # one format per file
-        loaded = common.load_rows(write_jsonl(tmp_path / name, rows), "--dataset")
+        loaded = harness.load_rows(write_jsonl(tmp_path / name, rows), "--dataset")
         pairs = dpo.build_dataset(parsed_pairs(loaded), tok, make(dpo.Config, max_length=64))[0]
         ranked = rm.build_dataset([(where, rm.parse_row(row, where, "pairwise")) for where, row in loaded], tok,
                                   make(rm.Config, max_length=64))[0]
@@ -143,11 +143,11 @@ def test_dpo_and_reward_model_read_pairs_alike(tmp_path):
 
 def parsed_pairs(loaded):
     """(where, (prompt, chosen, rejected)) of load_rows' rows, as dpo.main passes them to build_dataset."""
-    return [(where, common.parse_preference_row(row, where)) for where, row in loaded]
+    return [(where, harness.parse_preference_row(row, where)) for where, row in loaded]
 
 
 def pairs_of(path, tok, cfg):
-    return dpo.build_dataset(parsed_pairs(common.load_rows(path, "--dataset")), tok, cfg)
+    return dpo.build_dataset(parsed_pairs(harness.load_rows(path, "--dataset")), tok, cfg)
 
 
 def write_jsonl(path, rows):
@@ -195,7 +195,7 @@ def test_formats_tokenise_alike_and_bad_rows_name_file_line_field(tmp_path):
            ([explicit], conv, r"b.jsonl:2: a conversational \{prompt, chosen, rejected\} row, but .*b.jsonl:1 is a "
                               r"text \{prompt, chosen, rejected\} row")]
     for before, row, message in bad:
-        with pytest.raises(common.InputError, match=message):
+        with pytest.raises(harness.InputError, match=message):
             pairs_of(write_jsonl(tmp_path / "b.jsonl", before + [row]), tok, cfg)
 
 
@@ -272,9 +272,9 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
                 "pairs_per_s"]:
         assert math.isfinite(train_logs[-1][key])
     for key in ["gold_reward_mean", "gold_reward_std", "kl_to_ref", "eos_rate", "num_samples", "accuracy",
-                "sft_gold_reward_mean", "sft_gold_reward_std", "sft_kl_to_ref", "eval_loss"]:
+                "start_gold_reward_mean", "start_gold_reward_std", "start_kl_to_ref", "eval_loss"]:
         assert math.isfinite(final[key]), key
-    assert final["num_samples"] == 8 and final["sft_kl_to_ref"] == pytest.approx(0, abs=1e-4)
+    assert final["num_samples"] == 8 and final["start_kl_to_ref"] == pytest.approx(0, abs=1e-4)
     assert final["kl_to_ref"] > 0.01
     assert final["eval_rewards/accuracies_sem"] == pytest.approx(math.sqrt(final["accuracy"] * (1 - final["accuracy"])
                                                                             / 32))  # 32 held-out pairs
@@ -294,7 +294,8 @@ def test_toy_end_to_end_learns_and_precomputed_reference_matches(toy_sft_checkpo
 
 
 def test_missing_sft_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(common.InputError, match="--model_name_or_path runs/nope: not found; run `python sft.py` first"):
+    with pytest.raises(harness.InputError, match="--model_name_or_path runs/nope: not found; "
+                                                 "run `python sft.py` first"):
         dpo.main(make(dpo.Config, model_name_or_path="runs/nope", output_dir=str(tmp_path / "x")))
 
 
@@ -359,7 +360,7 @@ def test_two_processes_match_one(toy_sft_checkpoint, tmp_path):
                     "--per_device_batch_size", "8", "--output_dir", out2], check=True, env=env, timeout=240)
     with open(os.path.join(out2, "eval.json")) as f:
         final2 = json.load(f)
-    assert final2["num_samples"] == 3 and math.isfinite(final2["kl_to_ref"]) and final2["sft_kl_to_ref"] == 0
+    assert final2["num_samples"] == 3 and math.isfinite(final2["kl_to_ref"]) and final2["start_kl_to_ref"] == 0
     # one process, the same global batch of 16 pairs: in one micro-batch, and in two accumulated ones
     outs = {"one": str(tmp_path / "one"), "accumulated": str(tmp_path / "accumulated")}
     for name, (batch_size, accumulation) in {"one": (16, 1), "accumulated": (8, 2)}.items():

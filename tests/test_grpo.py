@@ -13,10 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import head_jsonl, make, ROOT, with_pad_token
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import head_jsonl, make, ROOT, with_pad
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
+import harness
 import grpo
 import ppo
 import toy_task
@@ -306,8 +307,8 @@ def test_end_to_end_reward_model_ratio_one(toy_sft_checkpoint, toy_reward_model,
     assert train[0]["kl"] == 0 and train[0]["kl_seq"] == 0  # the policy that sampled is the reference
     assert train[1]["kl_seq"] > 0  # the update moved the policy
     for key in EVAL_KEYS:
-        assert key in eval_json and "sft_" + key in eval_json, key
-    assert eval_json["sft_kl_to_ref"] == 0 and eval_json["num_samples"] == 4
+        assert key in eval_json and "start_" + key in eval_json, key
+    assert eval_json["start_kl_to_ref"] == 0 and eval_json["num_samples"] == 4
     assert eval_json["script"] == "grpo.py" and eval_json["advantage_estimator"] == "grpo"
     assert eval_json["loss_agg"] == "seq_mean_token_mean"
     assert eval_json["gold_reward_mean"] == result["gold_reward_mean"]
@@ -467,25 +468,33 @@ def every_other(completions, **kwargs):
 """
 
 
-def test_unscored_responses_are_counted_and_left_out_of_the_loss(toy_sft_checkpoint, eval_prompts, tmp_path):
+def test_unscored_responses_are_counted_and_left_out_of_the_loss(toy_sft_checkpoint, eval_prompts, tmp_path,
+                                                                 capsys):
     (tmp_path / "unscoring.py").write_text(UNSCORING)
     fns = str(tmp_path / "unscoring.py")
     # nothing scored: no token is in the loss, so the policy is exactly the SFT model (AdamW without weight decay
-    # moves nothing on zero gradients)
+    # moves nothing on zero gradients); the console says so at every log line
     out = tmp_path / "nothing"
     grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
-                           reward_fn=(f"{fns}:nothing",), eval_prompts="none"))
+                           reward_fn=(f"{fns}:nothing",), eval_prompts="none", log_every=1))
     train, _, _ = read_outputs(out)
     assert [r["unscored"] for r in train] == [2 * 4, 2 * 4] and all(r["reward"] is None for r in train)
+    printed = capsys.readouterr().out
+    assert printed.count("warning: 8 of 8 responses unscored (the reward functions returned None): they take no part "
+                         "in the loss") == 2
+    logged = [line for line in printed.splitlines() if " step " in line]  # each reward function and the time split
+    assert len(logged) == 2 and all(f" {k}=" in line for line in logged for k in (
+        "reward", "rewards/nothing/mean", "time/generate", "time/score", "time/train"))
     saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, p in AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict().items():
         assert torch.equal(saved[name], p), name
     # every other response unscored: counted, and the rest trains the policy
     out = tmp_path / "every_other"
     grpo.main(small_config(out, model_name_or_path=toy_sft_checkpoint, reward_model_path="none",
-                           reward_fn=(f"{fns}:every_other",), eval_prompts="none"))
+                           reward_fn=(f"{fns}:every_other",), eval_prompts="none", log_every=1))
     train, _, _ = read_outputs(out)
     assert [r["unscored"] for r in train] == [4, 4] and all(math.isfinite(r["reward"]) for r in train)
+    assert "warning:" not in capsys.readouterr().out  # half scored: no warning
     saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(saved[n], p)
                for n, p in AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict().items())
@@ -515,11 +524,12 @@ def test_beta_zero_loads_no_reference_unless_the_eval_kl_is_asked_or_free(mode, 
     assert all(r["kl"] is None and r["kl_seq"] is None for r in train)  # no KL term; strict JSON: null, not NaN
     assert math.isfinite(eval_json["gold_reward_mean"])
     if mode == "no_reference":
-        assert eval_json["kl_to_ref"] is None and eval_json["sft_kl_to_ref"] is None
-        assert "KL to SFT n/a (no reference model)" in printed
+        assert eval_json["kl_to_ref"] is None and eval_json["start_kl_to_ref"] is None
+        assert f"KL to {toy_sft_checkpoint} n/a (no reference model)" in printed
     else:
-        assert math.isfinite(eval_json["kl_to_ref"]) and eval_json["sft_kl_to_ref"] == 0  # the start is the reference
-        assert f"KL to SFT {eval_json['kl_to_ref']:.3f}" in printed and "n/a (no reference model)" not in printed
+        assert math.isfinite(eval_json["kl_to_ref"]) and eval_json["start_kl_to_ref"] == 0  # the start is the reference
+        assert f"KL to {toy_sft_checkpoint} {eval_json['kl_to_ref']:.3f}" in printed
+        assert "n/a (no reference model)" not in printed
     assert all(r["reward"] == pytest.approx(r["rewards/gold_reward/mean"] - r["completions/clipped_ratio"], abs=1e-5)
                for r in train)
 
@@ -584,9 +594,9 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_cap(toy_sft_checkpoin
 
 
 def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
-    with pytest.raises(common.InputError, match=r"runs/missing_sft_for_test: not found; run `python sft.py` first"):
+    with pytest.raises(harness.InputError, match=r"runs/missing_sft_for_test: not found; run `python sft.py` first"):
         grpo.main(small_config(tmp_path / "a", model_name_or_path="runs/missing_sft_for_test"))
-    with pytest.raises(common.InputError, match=r"runs/missing_rm_for_test: not found; run `python reward_model.py`"):
+    with pytest.raises(harness.InputError, match=r"runs/missing_rm_for_test: not found; run `python reward_model.py`"):
         grpo.main(small_config(tmp_path / "b", model_name_or_path=toy_sft_checkpoint,
                                reward_model_path="runs/missing_rm_for_test"))
     with pytest.raises(ValueError, match="needs --num_samples_per_prompt >= 2"):
@@ -607,7 +617,7 @@ def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
 
 @pytest.mark.parametrize("low,high", [(0.28, 0.2), (0.2, 0.1999)])
 def test_clip_range_high_below_clip_range_is_refused_naming_both(low, high):
-    with pytest.raises(common.InputError, match=rf"--clip_range_high {high} < --clip_range {low}"):
+    with pytest.raises(harness.InputError, match=rf"--clip_range_high {high} < --clip_range {low}"):
         make(grpo.Config, clip_range=low, clip_range_high=high)
     # equal or above is clip-higher (DAPO's 0.2 / 0.28); None takes clip_range
     assert make(grpo.Config, clip_range=high, clip_range_high=low).clip_range_high == low
@@ -625,12 +635,7 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
                                for p in ["the phone was", "honestly the movie was", "this book is"]))
-    fits = dict(prompts=str(prompts), max_prompt_length=48, max_new_tokens=5)
-    if arch == "gpt2":
-        with pytest.raises(ValueError, match="pad token distinct from EOS"):
-            grpo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model,
-                                   **fits))
-        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
+    fits = dict(prompts=str(prompts), max_prompt_length=48, max_new_tokens=5)  # gpt2's tokenizer: no pad, bos == eos
     out = tmp_path / "grpo"
     cfg = small_config(out, model_name_or_path=policy, reward_model_path=toy_reward_model, eval_prompts=str(prompts),
                        eval_reward_fn=("none",), eval_samples_per_prompt=1,
@@ -638,9 +643,34 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
     grpo.main(cfg)
     train, _, eval_json = read_outputs(out)
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in TRAIN_KEYS)
-    assert train[0]["kl_seq"] == 0 and eval_json["sft_kl_to_ref"] == 0
+    assert train[0]["kl_seq"] == 0 and eval_json["start_kl_to_ref"] == 0
     assert math.isfinite(eval_json["proxy_reward_mean"]) and eval_json["num_samples"] == 3
-    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == arch
+    trained = AutoModelForCausalLM.from_pretrained(out).config
+    assert trained.model_type == arch and trained.vocab_size == AutoConfig.from_pretrained(policy).vocab_size
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "episodes_per_s", "wall_time", "config"))}
+            for r in rows]
+
+
+@pytest.mark.parametrize("pad", ["missing", "eos"])
+def test_a_tokenizer_without_pad_or_with_pad_eos_changes_nothing(pad, toy_sft_checkpoint, eval_prompts, tmp_path):
+    """A response ends at its first EOS and is masked by position, never found by the pad id: with no pad token (as
+    Llama's tokenizers) or pad == EOS (as Qwen2's and SmolLM2's) grpo.py runs as it is, and every metric of the run
+    and of its evaluation equals the run with the toy's own pad token (missing-EOS penalty on, some responses cut off).
+    The model is not changed: no token added."""
+    policy = with_pad(toy_sft_checkpoint, str(tmp_path / f"sft_{pad}"), pad)
+    settings = dict(reward_model_path="none", reward_fn=("toy_task:gold_reward",), eval_prompts=eval_prompts,
+                    max_new_tokens=7, missing_eos_penalty=1.0)
+    for name, path in (("own", toy_sft_checkpoint), (pad, policy)):
+        grpo.main(small_config(tmp_path / name, model_name_or_path=path, **settings))
+    (train, evals, final), (train_pad, evals_pad, final_pad) = read_outputs(tmp_path / "own"), read_outputs(
+        tmp_path / pad)
+    assert 0 < train[0]["completions/clipped_ratio"] < 1  # responses that ended and responses cut off
+    assert without_timing(train_pad) == without_timing(train) and without_timing(evals_pad) == without_timing(evals)
+    assert without_timing([final_pad]) == without_timing([final])
+    assert AutoConfig.from_pretrained(tmp_path / pad).vocab_size == AutoConfig.from_pretrained(policy).vocab_size
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -689,7 +719,7 @@ def run_grpo_counting_gathers(log_dir: str) -> None:
                       "fsdp_modules": sum(isinstance(m, FSDPModule) for m in model.modules())})
         return out
 
-    common.generate = counting_generate  # grpo.py's rollouts and common.evaluate_policy's
+    common.generate = counting_generate  # grpo.py's rollouts and harness.evaluate_policy's
     sys.argv[0] = os.path.join(ROOT, "grpo.py")
     runpy.run_path(sys.argv[0], run_name="__main__")
     with open(os.path.join(log_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
@@ -700,7 +730,9 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_p
     # top_k=1 samples the argmax (log-probs stay those of the full distribution): both runs roll out the same
     # responses although each rank has its own sampling seed. REINFORCE++ (no group baseline) with token_mean: its
     # whitening and token count are over both ranks, and identical responses in a group do not cancel each other.
-    settings = dict(model_name_or_path=toy_sft_checkpoint, reward_fn=("test_grpo:position_reward",),
+    # The tokenizer pads with EOS (pad == EOS, as Qwen2's): masks by position on both ranks.
+    policy = with_pad(toy_sft_checkpoint, str(tmp_path / "sft_pad_eos"), "eos")
+    settings = dict(model_name_or_path=policy, reward_fn=("test_grpo:position_reward",),
                     reward_model_path="none", advantage_estimator="reinforce_pp", num_samples_per_prompt=2,
                     rollout_batch_size=4, eval_prompts=eval_prompts, top_k=1, eval_samples_per_prompt=1,
                     max_new_tokens=6, kl_coef=0.1)
@@ -709,7 +741,7 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_p
     two, gathers = tmp_path / "two", tmp_path / "gathers"
     gathers.mkdir()
     args = command_line(small_options(two, **settings))
-    assert common.parse(grpo.Config, args) == small_config(two, **settings)  # the command line says the same
+    assert harness.parse(grpo.Config, args) == small_config(two, **settings)  # the command line says the same
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "tests"), "GATHER_LOG": str(gathers)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(ROOT, "tests", "test_grpo.py"), *args], cwd=ROOT, env=env,
@@ -717,7 +749,7 @@ def test_two_processes_match_one_process(toy_sft_checkpoint, eval_prompts, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train1, _, eval1 = read_outputs(one)
     train2, _, eval2 = read_outputs(two)
-    assert train2[0]["kl_seq"] == 0 and eval2["sft_kl_to_ref"] == 0
+    assert train2[0]["kl_seq"] == 0 and eval2["start_kl_to_ref"] == 0
     for key in ["reward", "reward_std", "entropy", "loss/policy", "completions/mean_length", "frac_reward_zero_std"]:
         assert train2[0][key] == pytest.approx(train1[0][key], rel=1e-4, abs=1e-6), key
     # iteration 2 rolls out from the updated policy: the same update was made from the gradients of both ranks
@@ -792,12 +824,12 @@ def test_no_reward_off_the_toy_is_refused_naming_both_options(tiny_checkpoints, 
     monkeypatch.chdir(tmp_path)
     cfg = small_config(tmp_path / "out", model_name_or_path=tiny_checkpoints["llama"], prompts=prompts,
                        max_prompt_length=48)
-    with pytest.raises(common.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
+    with pytest.raises(harness.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
         grpo.main(cfg)
     assert cfg.reward_model_path is None and set(os.listdir(tmp_path / "out")) <= {".lock"}  # not picked up
     # the toy model takes it (setup fills the defaults that follow the model)
     toy = small_config(tmp_path / "toy", model_name_or_path=toy_sft_checkpoint, prompts=prompts)
-    common.setup(toy, "grpo", grpo.PRETRAINED)
+    harness.setup(toy, "grpo", grpo.PRETRAINED)
     assert toy.reward_model_path == toy_task.DEFAULTS["grpo"]["reward_model_path"] == "runs/reward_model"
 
 
@@ -806,7 +838,9 @@ def test_defaults_follow_the_model(script, toy_sft_checkpoint, tiny_checkpoints,
     """ppo.py and grpo.py: the toy's defaults on the toy model, the script's PRETRAINED ones on any other, printed;
     options given explicitly are kept."""
     module = {"ppo": ppo, "grpo": grpo}[script]
-    keys = ("learning_rate", "max_new_tokens", "max_prompt_length") + (("critic_learning_rate",) if script == "ppo" else ())
+    keys = ("learning_rate", "max_new_tokens", "max_prompt_length") + (
+        ("critic_learning_rate",) if script == "ppo" else ())
+    keys += ("missing_eos_penalty",) if script == "grpo" else ()  # TRL's 0 on a pretrained model, the toy's 1
     toy, pretrained = toy_task.DEFAULTS[script], module.PRETRAINED
     assert all(toy[k] != pretrained[k] for k in keys)  # else this test could not tell them apart
     value = lambda cfg, k: getattr(cfg.optim if k == "learning_rate" else cfg, k)  # noqa: E731
@@ -826,7 +860,7 @@ def test_defaults_follow_the_model(script, toy_sft_checkpoint, tiny_checkpoints,
     cfg = make(module.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "tiny"),
                **common_options)
     length = pretrained["max_prompt_length"] + pretrained["max_new_tokens"]
-    with pytest.raises(common.InputError, match=rf"--max_prompt_length \+ --max_new_tokens = {length} tokens "
+    with pytest.raises(harness.InputError, match=rf"--max_prompt_length \+ --max_new_tokens = {length} tokens "
                                                 r"exceeds the 128 positions"):
         module.main(cfg)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defaults for a pretrained model: "))
@@ -834,7 +868,7 @@ def test_defaults_follow_the_model(script, toy_sft_checkpoint, tiny_checkpoints,
         assert value(cfg, k) == pretrained[k] and f"--{k} {pretrained[k]}" in line, k
     # given explicitly: kept, and nothing is filled in
     given = dict(learning_rate=1e-3, max_new_tokens=5, max_prompt_length=40,
-                 **({"critic_learning_rate": 2e-3} if script == "ppo" else {}))
+                 **({"critic_learning_rate": 2e-3} if script == "ppo" else {"missing_eos_penalty": 0.5}))
     cfg = make(module.Config, model_name_or_path=tiny, prompts=prompts, output_dir=str(tmp_path / "given"),
                **given, **common_options)
     module.main(cfg)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import common
 import dpo
+import harness
 import ppo
 import reward_model
 import sft
@@ -26,8 +27,8 @@ import sft
 LORA = dict(lora_r=4, lora_alpha=8.0)
 
 
-def lora_config(**kw) -> common.ModelArgs:
-    return common.ModelArgs(**{**LORA, **kw})
+def lora_config(**kw) -> harness.ModelArgs:
+    return harness.ModelArgs(**{**LORA, **kw})
 
 
 def batch_of(tok, texts=("the phone was very good .", "honestly the movie was bad", "this book is")):
@@ -45,8 +46,8 @@ def test_activation_checkpointing_gives_the_same_gradients(lora_r, tiny_checkpoi
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = common.prepare_trainable(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]),
-                                         lora_config(lora_r=lora_r, gradient_checkpointing=checkpointing)).train()
+        model = harness.prepare_trainable(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]),
+                                          lora_config(lora_r=lora_r, gradient_checkpointing=checkpointing)).train()
         common.sequence_logprobs(model, input_ids, mask, 2).sum().backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     assert all(g is not None for g in grads[1]) and len(grads[0]) == len(grads[1])
@@ -58,7 +59,7 @@ def test_activation_checkpointing_gives_the_same_gradients(lora_r, tiny_checkpoi
 def test_lora_starts_as_the_base_and_the_disabled_adapter_is_the_base_exactly(arch, tiny_checkpoints):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoints[arch])
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch]).eval()
-    lora = common.prepare_trainable(AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch]), lora_config()).eval()
+    lora = harness.prepare_trainable(AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch]), lora_config()).eval()
     input_ids, mask = batch_of(tok)
     labels = torch.where(mask.bool(), input_ids, -100)
     with torch.no_grad():
@@ -71,7 +72,7 @@ def test_lora_starts_as_the_base_and_the_disabled_adapter_is_the_base_exactly(ar
                 p.add_(0.1)
         assert not torch.equal(lora(input_ids=input_ids, attention_mask=mask).logits,
                                base(input_ids=input_ids, attention_mask=mask).logits)
-        ref = common.WithoutAdapter(lora)
+        ref = harness.WithoutAdapter(lora)
         P = 2
         assert torch.equal(common.sequence_logprobs(ref, input_ids, mask, P),
                            common.sequence_logprobs(base, input_ids, mask, P))
@@ -95,7 +96,7 @@ def test_sft_lora_trains_only_the_adapter_and_merged_equals_adapter(tiny_checkpo
     assert moved and all(k.endswith(("proj.weight",)) for k in moved)  # only adapted linear layers changed
     assert "model.embed_tokens.weight" not in moved and "lm_head.weight" not in moved
     # the adapter on its base computes what the merged checkpoint computes
-    from_adapter = common.from_pretrained(AutoModelForCausalLM, os.path.join(out, "adapter"), "--x").eval()
+    from_adapter = harness.from_pretrained(AutoModelForCausalLM, os.path.join(out, "adapter"), "--x").eval()
     tok = AutoTokenizer.from_pretrained(out)
     input_ids, mask = batch_of(tok)
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_reward_model_lora_trains_adapter_and_score_head_and_keeps_normalisation
     assert "model.safetensors" not in files
     adapter = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert any("score" in k for k in adapter) and any("lora_A" in k for k in adapter)
-    loaded = common.from_pretrained(AutoModelForSequenceClassification, out, "--reward_model_path")
+    loaded = harness.from_pretrained(AutoModelForSequenceClassification, out, "--reward_model_path")
     saved = json.load(open(os.path.join(out, "eval.json")))
     assert loaded.config.reward_mean == pytest.approx(saved["reward_mean"]) and saved["reward_mean"] != 0
     sft_weights = AutoModelForCausalLM.from_pretrained(toy_sft_checkpoint).state_dict()
@@ -163,13 +164,13 @@ def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(
                critic_init="reward_model", rollout_batch_size=4, num_iterations=2, max_new_tokens=5,
                eval_prompts=prompts, eval_samples_per_prompt=1, output_dir=str(tmp_path / "ppo"), merge_lora=True,
                **LORA)
-    actor, ref, critic, rm, _, _ = ppo.load_models(cfg, torch.device("cpu"))
-    assert isinstance(ref, common.WithoutAdapter) and ref.model is actor  # one backbone fewer
+    actor, ref, critic, rm, _, _ = ppo.load_models(cfg, torch.device("cpu"), False)
+    assert isinstance(ref, harness.WithoutAdapter) and ref.model is actor  # one backbone fewer
     assert [n for n, p in critic.named_parameters() if p.requires_grad and "lora_" not in n] == \
         ["base_model.model.score.modules_to_save.default.weight"]
     assert not any(p.requires_grad for p in rm.parameters())
     result = ppo.main(cfg)
-    assert result["sft_kl_to_ref"] == 0 and math.isfinite(result["kl_to_ref"])
+    assert result["start_kl_to_ref"] == 0 and math.isfinite(result["kl_to_ref"])
     rows = [json.loads(line) for line in open(os.path.join(tmp_path / "ppo", "metrics.jsonl"))]
     assert [r["objective/kl"] for r in rows if "objective/kl" in r][0] == 0  # the adapter starts at zero
     merged = load_file(os.path.join(tmp_path / "ppo", "model.safetensors"))
@@ -178,15 +179,15 @@ def test_dpo_and_ppo_with_lora_hold_no_reference_copy_and_start_from_a_lora_sft(
 
 
 def counting_optimised(monkeypatch) -> list:
-    """The number of weights of every optimiser the scripts create (common.optimizer), in order."""
-    counts, original = [], common.optimizer
+    """The number of weights of every optimiser the scripts create (harness.optimizer), in order."""
+    counts, original = [], harness.optimizer
 
     def recording(params, *args, **kwargs):
         opt, scheduler = original(params, *args, **kwargs)
         counts.append(sum(p.numel() for group in opt.param_groups for p in group["params"]))
         return opt, scheduler
 
-    monkeypatch.setattr(common, "optimizer", recording)
+    monkeypatch.setattr(harness, "optimizer", recording)
     return counts
 
 
@@ -195,7 +196,7 @@ def test_a_lora_sft_output_without_lora_r_trains_every_weight(script, lora_sft, 
     """The adapter folder of a LoRA SFT as --model_name_or_path of a later stage without --lora_r: the adapter is merged
     into its base and the whole model trains (the optimiser holds every weight, not an empty list; the weights that
     LoRA never adapts move too) and is saved whole."""
-    start = common.from_pretrained(AutoModelForCausalLM, lora_sft, "--model_name_or_path")
+    start = harness.from_pretrained(AutoModelForCausalLM, lora_sft, "--model_name_or_path")
     base = AutoModelForCausalLM.from_pretrained(json.load(open(os.path.join(lora_sft, "adapter_config.json")))[
         "base_model_name_or_path"])
     assert changed(base.state_dict(), start.state_dict())  # the SFT adapter is in the starting weights
@@ -238,12 +239,12 @@ def test_a_lora_reward_model_is_accepted_as_reward_model_path(script, lora_rewar
     train = [json.loads(line) for line in open(tmp_path / script / "metrics.jsonl")]
     score = "objective/scores" if script == "ppo" else "rewards/reward_model/mean"
     assert [r for r in train if score in r] and all(math.isfinite(r[score]) for r in train if score in r)
-    assert math.isfinite(result["proxy_reward_mean"]) and math.isfinite(result["sft_proxy_reward_mean"])
+    assert math.isfinite(result["proxy_reward_mean"]) and math.isfinite(result["start_proxy_reward_mean"])
     # the reward model the script loads is the adapter on its base (peft's own, unmerged), with its normalisation
     import peft
 
     cfg = make(module.Config, model_name_or_path=toy_sft_checkpoint, reward_model_path=lora_reward_model)
-    models = module.load_models(cfg, torch.device("cpu"), *([False] if script == "grpo" else []))
+    models = module.load_models(cfg, torch.device("cpu"), *([False] if script == "grpo" else []), False)
     rm = models[3 if script == "ppo" else 2]
     unmerged = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
         toy_sft_checkpoint, num_labels=1), lora_reward_model).eval()
@@ -261,7 +262,7 @@ def test_lora_resume_is_exact(toy_sft_checkpoint, tmp_path):
                    dataset=head_jsonl("data/toy/preferences_train.jsonl", tmp_path / "p.jsonl", 32), **LORA)
     dpo.main(make(dpo.Config, **options, output_dir=str(tmp_path / "a")))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    saved = common.checkpoints(str(tmp_path / "b"))
+    saved = harness.checkpoints(str(tmp_path / "b"))
     assert sorted(saved) == [2, 4]  # every 2 steps before the last, the newest save_total_limit kept
     ckpt = saved[4]
     shards = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt) if f.endswith(".distcp"))
@@ -299,21 +300,21 @@ def test_precision_follows_the_dtype_options(monkeypatch):
     }
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # no GPU needed: no tensor is made
     for (dtype, frozen), (on_cpu, on_gpu) in expected.items():
-        args = common.ModelArgs(dtype=dtype, frozen_dtype=frozen)
-        assert common.precision(args, cpu) == on_cpu and common.precision(args, cuda) == on_gpu, (dtype, frozen)
+        args = harness.ModelArgs(dtype=dtype, frozen_dtype=frozen)
+        assert harness.precision(args, cpu) == on_cpu and harness.precision(args, cuda) == on_gpu, (dtype, frozen)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an old GPU: fp32, no autocast
-    assert common.precision(common.ModelArgs(), cuda) == (f32, f32, None)
+    assert harness.precision(harness.ModelArgs(), cuda) == (f32, f32, None)
 
 
 def test_lora_and_dtype_options_are_checked(tmp_path, tiny_checkpoints):
-    with pytest.raises(common.InputError, match="--merge_lora needs --lora_r > 0"):
+    with pytest.raises(harness.InputError, match="--merge_lora needs --lora_r > 0"):
         make(sft.Config, merge_lora=True)
-    with pytest.raises(common.InputError, match="--lora_dropout must be 0"):
+    with pytest.raises(harness.InputError, match="--lora_dropout must be 0"):
         make(dpo.Config, lora_r=4, lora_dropout=0.1)
-    with pytest.raises(common.InputError, match="--lora_r with --from_scratch would adapt random weights"):
+    with pytest.raises(harness.InputError, match="--lora_r with --from_scratch would adapt random weights"):
         sft.main(make(sft.Config, lora_r=4, output_dir=str(tmp_path / "x")))
     if importlib.util.find_spec("flash_attn") is None:  # refused before any model loads or output_dir is claimed
-        with pytest.raises(common.InputError, match="flash_attention_2 needs the `flash-attn` package"):
+        with pytest.raises(harness.InputError, match="flash_attention_2 needs the `flash-attn` package"):
             sft.main(make(sft.Config, model_name_or_path=tiny_checkpoints["llama"],
                           attn_implementation="flash_attention_2", output_dir=str(tmp_path / "fa")))
         assert not os.path.exists(tmp_path / "fa")
@@ -348,9 +349,9 @@ def test_grpo_with_lora_uses_the_policy_without_its_adapter_as_reference(toy_sft
                log_every=1, eval_prompts=head_jsonl("data/toy/prompts_eval.jsonl", tmp_path / "q.jsonl", 2),
                eval_samples_per_prompt=1, output_dir=str(tmp_path / "grpo"), **LORA)
     for with_ref in (False, True):  # with LoRA the reference is always there, and never a copy
-        policy, ref, _, _, _ = grpo.load_models(cfg, torch.device("cpu"), with_ref)
-        assert isinstance(ref, common.WithoutAdapter) and ref.model is policy
+        policy, ref, _, _, _ = grpo.load_models(cfg, torch.device("cpu"), with_ref, False)
+        assert isinstance(ref, harness.WithoutAdapter) and ref.model is policy
     result = grpo.main(cfg)
     rows = [json.loads(line) for line in open(os.path.join(tmp_path / "grpo", "metrics.jsonl"))]
-    assert [r["kl"] for r in rows if "kl" in r][0] == 0 and result["sft_kl_to_ref"] == 0  # the adapter starts at 0
+    assert [r["kl"] for r in rows if "kl" in r][0] == 0 and result["start_kl_to_ref"] == 0  # the adapter starts at 0
     assert os.path.exists(os.path.join(tmp_path / "grpo", "adapter_model.safetensors"))

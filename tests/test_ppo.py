@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import head_jsonl, make, ROOT, with_pad_token
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from conftest import head_jsonl, make, ROOT, with_pad
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import harness
 import ppo
 import toy_task
 
@@ -364,8 +365,8 @@ def test_end_to_end_reward_model(toy_sft_checkpoint, toy_reward_model, eval_prom
     assert train[0]["objective/kl"] == 0 and train[0]["objective/non_score_reward"] == 0  # actor == reference
     assert train[1]["objective/kl"] != 0  # the update moved the policy
     for key in EVAL_KEYS:
-        assert key in eval_json and "sft_" + key in eval_json, key
-    assert eval_json["sft_kl_to_ref"] == 0 and eval_json["num_samples"] == 4
+        assert key in eval_json and "start_" + key in eval_json, key
+    assert eval_json["start_kl_to_ref"] == 0 and eval_json["num_samples"] == 4
     assert eval_json["gold_reward_mean"] == result["gold_reward_mean"]
     assert math.isfinite(eval_json["proxy_reward_mean"]) and math.isfinite(eval_json["gold_reward_mean"])
     # the saved policy loads, with its pad token, and differs from the SFT weights
@@ -439,10 +440,10 @@ def test_end_to_end_k2_running_norm_and_more_options(toy_sft_checkpoint, toy_rew
 
 
 def test_clear_errors(toy_sft_checkpoint, toy_reward_model, tmp_path):
-    with pytest.raises(common.InputError,
+    with pytest.raises(harness.InputError,
                        match=r"--model_name_or_path runs/missing_sft_for_test: not found; run `python sft.py` first"):
         ppo.main(small_config(tmp_path / "a", model_name_or_path="runs/missing_sft_for_test"))
-    with pytest.raises(common.InputError, match=r"--reward_model_path runs/missing_rm_for_test: not found; "
+    with pytest.raises(harness.InputError, match=r"--reward_model_path runs/missing_rm_for_test: not found; "
                                                 r"run `python reward_model.py` first"):
         ppo.main(small_config(tmp_path / "b", model_name_or_path=toy_sft_checkpoint,
                               reward_model_path="runs/missing_rm_for_test"))
@@ -473,7 +474,7 @@ def test_score_responses_retokenises_for_a_different_reward_tokenizer(tiny_check
     policy_tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])  # toy words + chat tokens: other ids
     rm_tok = AutoTokenizer.from_pretrained(toy_reward_model)
     rm = AutoModelForSequenceClassification.from_pretrained(toy_reward_model).eval()
-    assert not common.same_tokenizer(rm_tok, policy_tok)
+    assert not harness.same_tokenizer(rm_tok, policy_tok)
     prompts = ["the phone was", "honestly the movie was", "my new laptop is"]
     completions = [" very good .", " not bad but the plot is dull", " excellent !"]
     ended = [True, False, True]
@@ -483,8 +484,8 @@ def test_score_responses_retokenises_for_a_different_reward_tokenizer(tiny_check
     responses = common.right_pad(resp, policy_tok.pad_token_id)
     response_mask = common.right_pad([[1] * len(r) for r in resp], 0)
     decoded = policy_tok.batch_decode(responses, skip_special_tokens=True)
-    scores = common.score_responses(rm, rm_tok, policy_tok, query, query_mask, responses, response_mask, prompts,
-                                    decoded)
+    scores = harness.score_responses(rm, rm_tok, policy_tok, query, query_mask, responses, response_mask, prompts,
+                                     decoded)
     for i, (p, c, e) in enumerate(zip(prompts, completions, ended)):
         ids = rm_tok(p + c)["input_ids"] + ([rm_tok.eos_token_id] if e else [])  # one unpadded sequence
         with torch.no_grad():
@@ -499,15 +500,10 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
                                for p in ["the phone was", "honestly the movie was", "this book is"]))
-    fits = dict(prompts=str(prompts), max_prompt_length=48, max_new_tokens=5)
-    if arch == "gpt2":
-        with pytest.raises(ValueError, match="pad token distinct from EOS"):
-            ppo.main(small_config(tmp_path / "x", model_name_or_path=policy, reward_model_path=toy_reward_model,
-                                  **fits))
-        policy = with_pad_token(policy, str(tmp_path / "gpt2_pad"))
+    fits = dict(prompts=str(prompts), max_prompt_length=48, max_new_tokens=5)  # gpt2's tokenizer: no pad, bos == eos
     tok = AutoTokenizer.from_pretrained(policy)
-    rows = common.load_rows(str(prompts), "--prompts")
-    ids, _ = common.tokenize_prompts([common.parse_prompt(row, where) for where, row in rows], tok, 48)
+    rows = harness.load_rows(str(prompts), "--prompts")
+    ids, _ = harness.tokenize_prompts([harness.parse_prompt(row, where) for where, row in rows], tok, 48)
     text = tok.apply_chat_template([{"role": "user", "content": "the phone was"}], add_generation_prompt=True,
                                    tokenize=False)
     assert ids[0] == tok(text, add_special_tokens=False)["input_ids"] and text.endswith("assistant :")
@@ -517,9 +513,10 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
     ppo.main(cfg)
     train, _, eval_json = read_outputs(out)
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in PPO_KEYS)
-    assert train[0]["objective/kl"] == 0 and eval_json["sft_kl_to_ref"] == 0
+    assert train[0]["objective/kl"] == 0 and eval_json["start_kl_to_ref"] == 0
     assert math.isfinite(eval_json["proxy_reward_mean"]) and eval_json["num_samples"] == 3
-    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == arch
+    trained = AutoModelForCausalLM.from_pretrained(out).config
+    assert trained.model_type == arch and trained.vocab_size == AutoConfig.from_pretrained(policy).vocab_size
     if arch == "llama":  # the critic needs the policy's tokenizer when it starts from the reward model
         with pytest.raises(ValueError, match="critic_init reward_model needs the reward model to share"):
             ppo.main(small_config(tmp_path / "y", model_name_or_path=policy, reward_model_path=toy_reward_model,
@@ -529,23 +526,47 @@ def test_end_to_end_tiny_architectures_chat_prompts(arch, tiny_checkpoints, toy_
 # ---------------------------------------------------------------------------------------------------------------------
 # two processes (gloo, FSDP2) against one process on the same global batch
 # ---------------------------------------------------------------------------------------------------------------------
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "episodes_per_s", "wall_time", "config"))}
+            for r in rows]
+
+
+@pytest.mark.parametrize("pad", ["missing", "eos"])
+def test_a_tokenizer_without_pad_or_with_pad_eos_changes_nothing(pad, toy_sft_checkpoint, toy_reward_model,
+                                                                  eval_prompts, tmp_path):
+    """As grpo.py's: with no pad token or pad == EOS, ppo.py (reward model, critic, missing-EOS penalty, some responses
+    cut off) logs exactly the run with the toy's own pad token; no token is added to the model."""
+    policy = with_pad(toy_sft_checkpoint, str(tmp_path / f"sft_{pad}"), pad)
+    settings = dict(reward_model_path=toy_reward_model, eval_prompts=eval_prompts, max_new_tokens=7)
+    for name, path in (("own", toy_sft_checkpoint), (pad, policy)):
+        ppo.main(small_config(tmp_path / name, model_name_or_path=path, **settings))
+    own, other = read_outputs(tmp_path / "own"), read_outputs(tmp_path / pad)
+    assert 0 < own[0][0]["eos_rate"] < 1  # responses that ended and responses cut off
+    for rows, rows_pad in zip(own, other):  # training rows, evaluation rows, eval.json
+        assert without_timing(rows_pad if isinstance(rows, list) else [rows_pad]) == \
+            without_timing(rows if isinstance(rows, list) else [rows])
+    assert AutoConfig.from_pretrained(tmp_path / pad).vocab_size == AutoConfig.from_pretrained(policy).vocab_size
+
+
 def test_two_processes_match_one_process(toy_sft_checkpoint, toy_reward_model, eval_prompts, tmp_path):
     # top_k=1 samples the argmax (log-probs stay those of the full distribution, so nothing is degenerate): both runs
-    # roll out the same responses although each rank has its own sampling seed
-    settings = dict(model_name_or_path=toy_sft_checkpoint, reward_model_path=toy_reward_model,
+    # roll out the same responses although each rank has its own sampling seed. The tokenizer has no pad token (as
+    # Llama's): it pads with EOS, masks by position on both ranks.
+    policy = with_pad(toy_sft_checkpoint, str(tmp_path / "sft_no_pad"), "missing")
+    settings = dict(model_name_or_path=policy, reward_model_path=toy_reward_model,
                     eval_prompts=eval_prompts, top_k=1, eval_samples_per_prompt=1, max_new_tokens=6)
     one = tmp_path / "one"
     ppo.main(small_config(one, **settings))
     two = tmp_path / "two"
     args = command_line(small_options(two, **settings))
-    assert common.parse(ppo.Config, args) == small_config(two, **settings)  # the command line says the same
+    assert harness.parse(ppo.Config, args) == small_config(two, **settings)  # the command line says the same
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "ppo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train1, _, eval1 = read_outputs(one)
     train2, _, eval2 = read_outputs(two)
-    assert train2[0]["objective/kl"] == 0 and eval2["sft_kl_to_ref"] == 0
+    assert train2[0]["objective/kl"] == 0 and eval2["start_kl_to_ref"] == 0
     # iteration 1: same rollouts; losses and statistics reduced over both ranks' tokens equal the 1-process ones
     for key in ["objective/scores", "objective/scores_std", "objective/entropy", "loss/policy", "loss/value",
                 "val/clipfrac", "val/explained_variance", "response_length", "eos_rate"]:
@@ -571,10 +592,10 @@ def test_no_reward_off_the_toy_is_refused_naming_both_options(tiny_checkpoints, 
     monkeypatch.chdir(tmp_path)
     cfg = small_config(tmp_path / "out", model_name_or_path=tiny_checkpoints["llama"], prompts=prompts,
                        max_prompt_length=48)
-    with pytest.raises(common.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
+    with pytest.raises(harness.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
         ppo.main(cfg)
     assert cfg.reward_model_path is None and set(os.listdir(tmp_path / "out")) <= {".lock"}  # not picked up
     # the toy model takes it (setup fills the defaults that follow the model)
     toy = small_config(tmp_path / "toy", model_name_or_path=toy_sft_checkpoint, prompts=prompts)
-    common.setup(toy, "ppo", ppo.PRETRAINED)
+    harness.setup(toy, "ppo", ppo.PRETRAINED)
     assert toy.reward_model_path == toy_task.DEFAULTS["ppo"]["reward_model_path"] == "runs/reward_model"

@@ -1,6 +1,7 @@
 """The README's commands for real chat models are run as written, with only the model, the data files and the sizes
-swapped for a tiny stand-in (a 2-layer random Qwen2 with a ChatML template) and local files; so every option they use
-exists and the stages chain as the README says."""
+swapped for a tiny stand-in (a 2-layer random Qwen2 with a ChatML template whose pad token is EOS, as Qwen2.5's) and
+local files; so every option they use exists and the stages chain as the README says (GRPO straight from the
+instruct model included)."""
 
 import importlib
 import os
@@ -9,7 +10,7 @@ import shlex
 
 from conftest import ROOT
 
-import common
+import harness
 
 SECTION = "## Your own model and data"
 SMALL = {"sft": ["--max_length", "96", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "1",
@@ -38,7 +39,7 @@ def test_readme_commands_run_as_written(chatml_checkpoints, tmp_path):
     data = datasets_for("jsonl", tmp_path)
     import datasets
 
-    datasets.Dataset.from_list([r for _, r in common.load_rows(data["dpo"], "--dataset")]).to_parquet(
+    datasets.Dataset.from_list([r for _, r in harness.load_rows(data["dpo"], "--dataset")]).to_parquet(
         str(tmp_path / "p.parquet"))
     swap = {"Qwen/Qwen2.5-1.5B-Instruct": chatml_checkpoints["qwen2"], "my_sft.jsonl": data["sft"],
             "my_prefs.parquet": str(tmp_path / "p.parquet"), "my_prompts.jsonl": data["prompts"],
@@ -47,7 +48,7 @@ def test_readme_commands_run_as_written(chatml_checkpoints, tmp_path):
                                          "    return [float(c[0]['content'].strip() == a) for c, a in "
                                          "zip(completions, answer)]\n")
     commands = readme_commands()
-    assert [c[1] for c in commands] == ["sft.py", "reward_model.py", "dpo.py", "ppo.py", "grpo.py"]
+    assert [c[1] for c in commands] == ["sft.py", "reward_model.py", "dpo.py", "ppo.py", "grpo.py", "grpo.py"]
     for command in commands:
         script = command[1][:-3]
         args = [swap.get(a, re.sub(r"^runs/", f"{tmp_path}/runs/", a)) for a in command[2:]] + SMALL[script]

@@ -19,13 +19,14 @@ import time
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
 import transformers.modeling_utils
 from conftest import ROOT, head_jsonl, make
 from safetensors.torch import load_file
 
-import common
 import dpo
 import grpo
+import harness
 import ppo
 import reward_model
 import sft
@@ -94,7 +95,7 @@ def kill_after_first_checkpoint(cmd: list[str], out: str, delay: float, timeout:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + timeout
-    while not common.checkpoints(out):
+    while not harness.checkpoints(out):
         if proc.poll() is not None:
             raise AssertionError(f"{cmd} ended before its first checkpoint: {proc.stderr.read().decode()[-2000:]}")
         assert time.time() < deadline, "no checkpoint in time"
@@ -205,9 +206,9 @@ def test_torchrun_two_processes_kill_9_then_resume_is_exact(tmp_path, toy_sft_ch
     proc = subprocess.Popen(torchrun + ["--output_dir", killed], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while not common.checkpoints(killed) and proc.poll() is None and time.time() < deadline:
+    while not harness.checkpoints(killed) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert common.checkpoints(killed), "no checkpoint written"
+    assert harness.checkpoints(killed), "no checkpoint written"
     time.sleep(delay)
     for pid in descendants(proc.pid) + [proc.pid]:
         try:
@@ -220,7 +221,7 @@ def test_torchrun_two_processes_kill_9_then_resume_is_exact(tmp_path, toy_sft_ch
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert_same_run(reference, killed, f"2-process ppo killed {delay:.2f}s after its first checkpoint")
-    found = common.checkpoints(killed)
+    found = harness.checkpoints(killed)
     shards = os.listdir(found[max(found)])
     assert {"rank0.json", "rank1.json"} <= set(shards) and sum(n.endswith(".distcp") for n in shards) == 2
     assert_clean(killed)
@@ -286,7 +287,7 @@ def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one_to_resume(
     for k in range(200):
         out = str(tmp_path / f"run{k}")
         cfg = make(sft.Config, output_dir=out, save_every=2, save_total_limit=1)
-        common.prepare_output_dir(cfg.run, 0)
+        harness.prepare_output_dir(cfg.run, 0)
         model = tiny_model(0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         saved = {}
@@ -295,28 +296,28 @@ def test_checkpoint_save_killed_at_every_step_leaves_the_previous_one_to_resume(
             saved[step] = snapshot(model, optimizer)
             state = {"x": step, "generator": torch.Generator().manual_seed(step)}
             if step == 2:
-                common.save_checkpoint(cfg, step, 10, {"model": model}, [optimizer], state)
+                harness.save_checkpoint(cfg, step, 10, {"model": model}, [optimizer], state)
                 continue
             with monkeypatch.context() as m:
                 done = crash_at(m, k)
                 try:
-                    common.save_checkpoint(cfg, step, 10, {"model": model}, [optimizer], state)
+                    harness.save_checkpoint(cfg, step, 10, {"model": model}, [optimizer], state)
                     finished = True
                 except (Killed, dcp.CheckpointException):  # DCP wraps what its writer raised
                     finished = False
         resumed = make(sft.Config, output_dir=out, save_every=2, save_total_limit=1, resume=True)
-        common.prepare_output_dir(resumed.run, 0)  # the next run
+        harness.prepare_output_dir(resumed.run, 0)  # the next run
         assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")], (k, done)
         fresh = tiny_model(1)
         fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
         state = {"x": 0, "generator": torch.Generator()}
-        step = common.resume(resumed, {"model": fresh}, [fresh_optimizer], state)
+        step = harness.resume(resumed, {"model": fresh}, [fresh_optimizer], state)
         assert step in (2, 4) and state["x"] == step, (k, done)
         assert same(snapshot(fresh, fresh_optimizer), saved[step]), (k, done)
         assert torch.equal(state["generator"].get_state(), torch.Generator().manual_seed(step).get_state())
-        common.release_lock()
+        harness.release_lock()
         if finished:
-            assert sorted(common.checkpoints(out)) == [4]  # save_total_limit=1
+            assert sorted(harness.checkpoints(out)) == [4]  # save_total_limit=1
             break
     assert finished and k > 5
 
@@ -349,8 +350,8 @@ def test_final_save_killed_at_every_step_leaves_the_checkpoints_and_no_wrong_eva
     for k in range(300):
         out = str(tmp_path / f"run{k}")
         cfg = make(sft.Config, output_dir=out, save_every=2)
-        common.prepare_output_dir(cfg.run, 0)
-        common.save_checkpoint(cfg, 2, 4, {"model": model}, [torch.optim.AdamW(model.parameters())], {"x": 2})
+        harness.prepare_output_dir(cfg.run, 0)
+        harness.save_checkpoint(cfg, 2, 4, {"model": model}, [torch.optim.AdamW(model.parameters())], {"x": 2})
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.write('{"step": 2}\n')
         kept = lambda: {p: h for p, h in files_of(out).items() if p.startswith("checkpoints") or  # noqa: E731
@@ -359,7 +360,7 @@ def test_final_save_killed_at_every_step_leaves_the_checkpoints_and_no_wrong_eva
         with monkeypatch.context() as m:
             done = crash_at(m, k)
             try:
-                common.save_model(cfg, model, tok, {"model": "final"})
+                harness.save_model(cfg, model, tok, {"model": "final"})
                 finished = True
             except Killed:
                 finished = False
@@ -367,13 +368,13 @@ def test_final_save_killed_at_every_step_leaves_the_checkpoints_and_no_wrong_eva
         if os.path.exists(os.path.join(out, "eval.json")):
             check_model_dir(out, model)
         resumed = make(sft.Config, output_dir=out, save_every=2, resume=True)
-        common.prepare_output_dir(resumed.run, 0)  # the next run
+        harness.prepare_output_dir(resumed.run, 0)  # the next run
         assert ".saving" not in os.listdir(out), (k, done)
         state = {"x": 0}
         fresh = tiny_model(2)
-        assert common.resume(resumed, {"model": fresh}, [torch.optim.AdamW(fresh.parameters())], state) == 2, (k, done)
+        assert harness.resume(resumed, {"model": fresh}, [torch.optim.AdamW(fresh.parameters())], state) == 2, (k, done)
         assert state["x"] == 2
-        common.release_lock()
+        harness.release_lock()
         if finished:
             check_model_dir(out, model)
             break
@@ -388,7 +389,7 @@ def test_run_killed_in_its_final_save_resumes_to_the_complete_model(tmp_path, mo
     options = dict(max_steps=4, save_every=2, log_every=1, eval_every=3)
     reference = str(tmp_path / "reference")
     sft.main(sft_config(tmp_path, output_dir=reference, **options))
-    save_model, replace, replaced = common.save_model, os.replace, []
+    save_model, replace, replaced = harness.save_model, os.replace, []
 
     def kill_in_save(*args, **kwargs):
         def counted(src, dst):
@@ -402,37 +403,50 @@ def test_run_killed_in_its_final_save_resumes_to_the_complete_model(tmp_path, mo
             save_model(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(common, "save_model", kill_in_save)
+        m.setattr(harness, "save_model", kill_in_save)
         with pytest.raises(Killed):
             sft.main(sft_config(tmp_path, **options))
     out = str(tmp_path / "out")
     assert len(replaced) == moved and not os.path.exists(os.path.join(out, "eval.json"))
-    assert sorted(common.checkpoints(out)) == [2] and os.path.isdir(os.path.join(out, ".saving"))
+    assert sorted(harness.checkpoints(out)) == [2] and os.path.isdir(os.path.join(out, ".saving"))
     sft.main(sft_config(tmp_path, **options, resume=True))
     assert_same_run(reference, out, f"killed in the final save after {moved} files")
     assert_clean(out)
 
 
-def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_the_previous_checkpoint_resumes(tmp_path,
-                                                                                              monkeypatch):
-    """The disk fills up while the checkpoint of step 4 is written: one InputError naming output_dir and the space
-    the checkpoint needs; the half-written checkpoint is gone, that of step 2 is kept, and --resume from it ends like
-    a run that was never interrupted."""
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_the_previous_checkpoint_resumes(tmp_path, monkeypatch,
+                                                                                              where):
+    """The disk fills up while the checkpoint of step 4 is written, when a file is opened or in the middle of a write
+    (torch's zip writer then raises RuntimeError "unexpected pos", from the OSError; seen on a 20 MiB tmpfs): one
+    InputError naming output_dir and the space the checkpoint needs; the half-written checkpoint is gone, that of step
+    2 is kept, and --resume from it ends like a run that was never interrupted."""
     options = dict(max_steps=6, save_every=2, log_every=1, eval_every=3)
     reference = str(tmp_path / "reference")
     sft.main(sft_config(tmp_path, output_dir=reference, **options))
-    real_open = io.open
+    real_open, real_write_item = io.open, dcp_filesystem._write_item
 
     def full_disk(file, mode="r", *args, **kwargs):
         if ".tmp_step_4" in str(file) and any(c in mode for c in "wax+"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return real_open(file, mode, *args, **kwargs)
 
+    def full_disk_in_write(transforms, stream, *args, **kwargs):
+        if ".tmp_step_4" in str(stream.name):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_write_item(transforms, stream, *args, **kwargs)
+
     out = str(tmp_path / "out")
     with monkeypatch.context() as m:
-        m.setattr(builtins, "open", full_disk)
-        m.setattr(io, "open", full_disk)
-        with pytest.raises(common.InputError) as error:
+        if where == "open":
+            m.setattr(builtins, "open", full_disk)
+            m.setattr(io, "open", full_disk)
+        else:
+            m.setattr(dcp_filesystem, "_write_item", full_disk_in_write)
+        with pytest.raises(harness.InputError) as error:
             sft.main(sft_config(tmp_path, **options))
     assert re.fullmatch(rf"--output_dir {re.escape(out)}: saving the checkpoint of step 4 failed \(No space left on "
                         r"device\); it needs about \d+\.\d\d GiB, \d+\.\d\d GiB are free; the earlier checkpoints are "
@@ -469,7 +483,7 @@ def test_output_dir_that_cannot_be_renamed_a_mount_point(tmp_path, monkeypatch):
     weights, rows = load_file(os.path.join(out, "model.safetensors")), read_rows(out)
     with open(os.path.join(out, "eval.json")) as f:
         assert json.load(f)["train_steps"] == final["train_steps"] == 4
-    assert sorted(common.checkpoints(out)) == [2] and len(rows) > 4
+    assert sorted(harness.checkpoints(out)) == [2] and len(rows) > 4
     sft.main(sft_config(tmp_path, **options, resume=True))  # from step 2: the same run again
     again = load_file(os.path.join(out, "model.safetensors"))
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
@@ -487,7 +501,7 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_and_the_lock_freed_by_
                                str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(common.InputError, match=rf"^--output_dir {out}: in use by another run; wait for it to end "
+        with pytest.raises(harness.InputError, match=rf"^--output_dir {out}: in use by another run; wait for it to end "
                                                     "or choose another directory$"):
             sft.main(sft_config(tmp_path))
         assert os.listdir(out) == [".lock"]  # untouched
@@ -505,8 +519,9 @@ def test_non_empty_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
     sft.main(sft_config(tmp_path, max_steps=4, save_every=2, log_every=1, eval_every=100))
     out = str(tmp_path / "out")
     before = files_of(out)
-    with pytest.raises(common.InputError, match=rf"^--output_dir {out}: holds an earlier run \(checkpoints, config.json"
-                                                r", eval.json, generation_config.json\); --resume continues it, "
+    with pytest.raises(harness.InputError, match=rf"^--output_dir {out}: holds an earlier run \(checkpoints, "
+                                                r"config.json, eval.json, generation_config.json\); "
+                                                r"--resume continues it, "
                                                 "--overwrite_output_dir starts over, or choose another directory$"):
         sft.main(sft_config(tmp_path, max_steps=3, seed=2))
     assert files_of(out) == before and ".lock" not in before  # untouched, and not locked by the refused run
@@ -547,8 +562,8 @@ def test_resume_with_another_lora_setup_is_refused(tmp_path, toy_sft_checkpoint)
     for trained, resumed in ((0, 4), (4, 0)):
         out = str(tmp_path / f"lora{trained}")
         sft.main(sft_config(tmp_path, output_dir=out, lora_r=trained, **options))
-        step_2 = common.checkpoints(out)[2]
-        with pytest.raises(common.InputError, match=rf"^--resume: {step_2} was trained with --lora_r {trained}; "
+        step_2 = harness.checkpoints(out)[2]
+        with pytest.raises(harness.InputError, match=rf"^--resume: {step_2} was trained with --lora_r {trained}; "
                                                     r"resume with the same \(the checkpoint holds other weights\)$"):
             sft.main(sft_config(tmp_path, output_dir=out, lora_r=resumed, resume=True, **options))
 
@@ -566,10 +581,10 @@ def test_truncated_checkpoint_shard_is_one_error_naming_the_checkpoint(tmp_path)
         with open(shard, "r+b") as f:
             f.truncate(os.path.getsize(shard) // 2)
 
-    found = common.checkpoints(out)
+    found = harness.checkpoints(out)
     assert sorted(found) == [2, 4]
     truncate(found[4])
-    with pytest.raises(common.InputError) as error:
+    with pytest.raises(harness.InputError) as error:
         sft.main(sft_config(tmp_path, **options, resume=True))
     assert re.fullmatch(rf"--resume: {re.escape(found[4])} cannot be read \(.+\); delete it to resume from "
                         rf"{re.escape(found[2])}", str(error.value)), str(error.value)
@@ -577,10 +592,10 @@ def test_truncated_checkpoint_shard_is_one_error_naming_the_checkpoint(tmp_path)
     sft.main(sft_config(tmp_path, **options, resume=True))
     again = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(weights[k], again[k]) for k in weights) and read_rows(out) == rows
-    found = common.checkpoints(out)
+    found = harness.checkpoints(out)
     shutil.rmtree(found[2])
     truncate(found[4])
-    with pytest.raises(common.InputError, match=rf"^--resume: {found[4]} cannot be read \(.+\); run without --resume "
+    with pytest.raises(harness.InputError, match=rf"^--resume: {found[4]} cannot be read \(.+\); run without --resume "
                                                 "to start over$"):
         sft.main(sft_config(tmp_path, **options, resume=True))
 
@@ -589,11 +604,11 @@ def test_threads_option_sets_torchs_thread_count(tmp_path):
     try:
         for threads, before in ((1, 2), (2, 1)):
             torch.set_num_threads(before)
-            cfg = common.parse(sft.Config, ["--threads", str(threads), "--output_dir", str(tmp_path / str(threads))])
+            cfg = harness.parse(sft.Config, ["--threads", str(threads), "--output_dir", str(tmp_path / str(threads))])
             assert cfg.run.threads == threads
-            common.setup(cfg, "sft", sft.PRETRAINED)
+            harness.setup(cfg, "sft", sft.PRETRAINED)
             assert torch.get_num_threads() == threads
-            common.release_lock()
+            harness.release_lock()
     finally:
         torch.set_num_threads(1)  # conftest's
 
@@ -641,7 +656,7 @@ def test_threads_option_sets_torchs_thread_count(tmp_path):
     ("grpo", dict(lora_dropout=0.1), "--lora_dropout must be 0"),
 ])
 def test_bad_options_are_refused_with_their_name(script, options, message):
-    with pytest.raises(common.InputError, match=message) as error:
+    with pytest.raises(harness.InputError, match=message) as error:
         make(SCRIPTS[script].Config, **options)
     assert "\n" not in str(error.value)  # one line
 
@@ -667,7 +682,7 @@ def test_bad_option_on_the_command_line_is_one_clear_message(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 def refused(match: str, run, config) -> None:
     """run(config) ends with one InputError of one line that matches."""
-    with pytest.raises(common.InputError, match=match) as error:
+    with pytest.raises(harness.InputError, match=match) as error:
         run(config)
     assert "\n" not in str(error.value), str(error.value)
 
@@ -719,7 +734,7 @@ def test_misspelt_field_is_refused_not_read_as_another_format(tmp_path, toy_sft_
             make(dpo.Config, model_name_or_path=toy_sft_checkpoint, dataset=bad, output_dir=str(tmp_path / "o")))
     fine = write(tmp_path / "extra.jsonl", json.dumps({"prompt": "a", "chosen": " b", "rejected": " c",
                                                        "source": "x", "id": 7}) + "\n")
-    assert len(common.load_rows(fine, "--dataset")) == 1  # extra fields: fine
+    assert len(harness.load_rows(fine, "--dataset")) == 1  # extra fields: fine
 
 
 def test_missing_model_directory_names_the_option(tmp_path):
@@ -773,19 +788,19 @@ def test_reward_function_spec_errors(tmp_path):
                           ("toy_task:nope", "--reward_fn toy_task:nope: toy_task has no function nope"),
                           ("/nowhere/rewards.py:f", "--reward_fn /nowhere/rewards.py:f: no such file "
                                                     "/nowhere/rewards.py")]:
-        refused(message, lambda s: common.load_function(s, "--reward_fn"), spec)
+        refused(message, lambda s: harness.load_function(s, "--reward_fn"), spec)
     path = write(tmp_path / "rewards.py",
                  "def length(completions, **kwargs):\n    return [len(c) for c in completions]\n")
-    fn = common.load_function(f"{path}:length", "--reward_fn")
-    assert common.call_reward_fn("length", fn, ["a", "b"], [" xy", " z"]) == [3.0, 2.0]
+    fn = harness.load_function(f"{path}:length", "--reward_fn")
+    assert harness.call_reward_fn("length", fn, ["a", "b"], [" xy", " z"]) == [3.0, 2.0]
 
 
 def test_output_dir_that_cannot_be_written_or_disk_too_full_is_found_before_training(tmp_path, monkeypatch):
     blocker = write(tmp_path / "a_file", "not a directory")
     refused(rf"--output_dir {blocker}/out: cannot write there", sft.main,
             sft_config(tmp_path, output_dir=f"{blocker}/out"))
-    usage = common.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    usage = harness.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(harness.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     refused(rf"--output_dir {tmp_path}/out: 0.00 GiB free, but the final model and a checkpoint need about", sft.main,
             sft_config(tmp_path, save_every=1))
     assert nothing_written(tmp_path / "out")  # nothing trained, nothing logged

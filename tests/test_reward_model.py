@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import harness
 import reward_model as rm
 import toy_task
 from conftest import ARCHS, ROOT, make
@@ -114,12 +115,12 @@ def test_scores_at_last_real_token_any_padding(tiny_checkpoints, arch):
 # ---------------------------------------------------------------------------------------------------------------------
 def build(path, tokenizer, cfg):
     """reward_model.main's way from a file to examples: load_rows, parse_row (None: identical), build_dataset."""
-    rows = common.load_rows(path, "--dataset")
+    rows = harness.load_rows(path, "--dataset")
     return rm.build_dataset([(where, rm.parse_row(row, where, cfg.loss)) for where, row in rows], tokenizer, cfg)
 
 
 def toy_rows(path):
-    return [row for _, row in common.load_rows(path, "--dataset")]
+    return [row for _, row in harness.load_rows(path, "--dataset")]
 
 
 def write_rows(tmp_path, rows, name="data.jsonl"):
@@ -129,8 +130,8 @@ def write_rows(tmp_path, rows, name="data.jsonl"):
 
 
 def test_implicit_prompt_split():
-    def split(chosen, rejected, where):  # common.parse_preference_row: shared with dpo.py, both split a pair alike
-        return common.parse_preference_row({"chosen": chosen, "rejected": rejected}, where)
+    def split(chosen, rejected, where):  # harness.parse_preference_row: shared with dpo.py, both split a pair alike
+        return harness.parse_preference_row({"chosen": chosen, "rejected": rejected}, where)
 
     assert split("the movie was good .", "the movie was great !", "f:1") == ("the movie was", " good .", " great !")
     assert split("the movie was good", "the movie was good indeed", "f:1") == ("the movie was", " good", " good indeed")
@@ -182,12 +183,12 @@ def test_bad_rows_name_file_line_field(tmp_path, row, message):
     # after a good row of the same format (line 2); a row of another format alone (line 1)
     rows = [good, row] if {"prompt", "chosen", "rejected"} <= set(row) else [row]
     path = write_rows(tmp_path, rows)
-    with pytest.raises(common.InputError) as err:
+    with pytest.raises(harness.InputError) as err:
         build(path, toy_task.build_tokenizer(), make(rm.Config, max_length=64))
     assert f"{path}:{len(rows)}: " in str(err.value) and message in str(err.value)
     if len(rows) == 1:  # after the good row: refused as a second format, naming both lines
         path = write_rows(tmp_path, [good, row], "mixed.jsonl")
-        with pytest.raises(common.InputError, match=rf"{path}:2: a text \{{.*\}} row, but {path}:1 is a text "
+        with pytest.raises(harness.InputError, match=rf"{path}:2: a text \{{.*\}} row, but {path}:1 is a text "
                                                     r"\{prompt, chosen, rejected\} row; one dataset must hold one"):
             build(path, toy_task.build_tokenizer(), make(rm.Config, max_length=64))
 
@@ -201,7 +202,7 @@ def test_identical_completions_skipped_and_counted(tmp_path):
         examples, counts = build(write_rows(tmp_path, rows, name), toy_task.build_tokenizer(),
                                  make(rm.Config, max_length=64))
         assert len(examples) == 1 and counts["skipped_identical"] == 1, name
-    with pytest.raises(common.InputError, match=r"i\.jsonl: no usable example \(counts: \{'skipped_identical': 1"):
+    with pytest.raises(harness.InputError, match=r"i\.jsonl: no usable example \(counts: \{'skipped_identical': 1"):
         cfg = make(rm.Config, max_length=64, dataset=write_rows(tmp_path, implicit[:1], "i.jsonl"))
         build(cfg.dataset, toy_task.build_tokenizer(), cfg)
     ranking = [{"prompt": "the movie was", "completions": [" good .", " fine .", " good ."]},
@@ -255,7 +256,7 @@ def test_toy_end_to_end_normalisation_and_plain_reload(toy_sft_checkpoint, tmp_p
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     assert (model.config.reward_mean, model.config.reward_std) == (final["reward_mean"], final["reward_std"])
     policy = rm.load_policy(toy_sft_checkpoint, tok, cfg, torch.device("cpu"), torch.float32)
-    prompts = sorted({tuple(tok(r["prompt"])["input_ids"]) for _, r in common.load_rows(
+    prompts = sorted({tuple(tok(r["prompt"])["input_ids"]) for _, r in harness.load_rows(
         "data/toy/preferences_train.jsonl", "--dataset")})
     raw = rm.policy_sample_scores(policy, model, tok, [list(p) for p in prompts], 48, cfg, torch.device("cpu"), None)
     assert np.mean(raw) == pytest.approx(model.config.reward_mean, abs=1e-5)

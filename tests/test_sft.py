@@ -13,7 +13,7 @@ from conftest import make, ARCHS, ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
+import harness
 import sft
 import toy_task
 
@@ -44,7 +44,7 @@ def small_config(tmp_path, name: str, **kw) -> sft.Config:
 
 def parsed_rows(path: str) -> list:
     """(where, sft.parse_row(row)) of every row of a data file, as sft.main passes them to build_dataset."""
-    return [(where, sft.parse_row(row, where)) for where, row in common.load_rows(path, "--dataset")]
+    return [(where, sft.parse_row(row, where)) for where, row in harness.load_rows(path, "--dataset")]
 
 
 def logged(out_dir: str, key: str) -> list[float]:
@@ -228,10 +228,10 @@ def test_chat_row_must_end_with_assistant(tmp_path, tiny_checkpoints):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_from_scratch_guard(tmp_path, tiny_checkpoints):
     # a directory with weights + --from_scratch would silently throw the weights away
-    with pytest.raises(common.InputError, match="would discard the weights.*--from_scratch False"):
+    with pytest.raises(harness.InputError, match="would discard the weights.*--from_scratch False"):
         sft.main(small_config(tmp_path, "x", model_name_or_path=tiny_checkpoints["llama"], from_scratch=True))
     # and the toy base model holds no weights: fine-tuning it is an error, not a silent random start
-    with pytest.raises(common.InputError, match=r"--model_name_or_path data/toy/base_model: holds \[.*\] but no "
+    with pytest.raises(harness.InputError, match=r"--model_name_or_path data/toy/base_model: holds \[.*\] but no "
                                                 "weights"):
         sft.main(small_config(tmp_path, "y", from_scratch=False))
     # output_dir is claimed (locked) before anything loads; nothing else is written

@@ -12,6 +12,7 @@ import torch
 from conftest import ARCHS, ROOT, chatml_tokenizer, head_jsonl, make, tiny_config
 
 import common
+import harness
 import grpo
 
 TOOLS_TEMPLATE = (
@@ -93,7 +94,7 @@ def grpo_config(tmp_path, policy, **kw):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sampled_ids_are_the_trained_ids_across_turns_and_only_they_train(arch, tool_models, tmp_path, monkeypatch):
-    tok = common.from_pretrained(__import__("transformers").AutoTokenizer, tool_models[arch], "x")
+    tok = harness.from_pretrained(__import__("transformers").AutoTokenizer, tool_models[arch], "x")
     call, answer = char_ids(tok, CALL) + [tok.eos_token_id], char_ids(tok, "It is sunny.") + [tok.eos_token_id]
     script = ScriptedGenerate(tok, [call, answer])
     monkeypatch.setattr(common, "generate", script)
@@ -133,14 +134,14 @@ def test_sampled_ids_are_the_trained_ids_across_turns_and_only_they_train(arch, 
 
 
 def test_tool_errors_and_the_turn_limit(tool_models, tmp_path, monkeypatch):
-    tok = common.from_pretrained(__import__("transformers").AutoTokenizer, tool_models["qwen2"], "x")
+    tok = harness.from_pretrained(__import__("transformers").AutoTokenizer, tool_models["qwen2"], "x")
     nowhere = char_ids(tok, CALL.replace("Paris", "Nowhere")) + [tok.eos_token_id]
     script = ScriptedGenerate(tok, [nowhere])  # calls on every turn
     monkeypatch.setattr(common, "generate", script)
     cfg = grpo_config(tmp_path, tool_models["qwen2"], max_tool_calls=2, tool_format="chat", max_new_tokens=440)
     tools, schemas = grpo.load_tools(cfg.tools, set())
     prompt = [{"role": "user", "content": "Weather in Nowhere?"}]
-    ids = [common.render_prompt(prompt, tok, tools=schemas)]
+    ids = [harness.render_prompt(prompt, tok, tools=schemas)]
     responses, response_mask, sampled_mask, calls = grpo.tool_rollout(
         None, tok, [prompt], ids, [{}], tools, schemas, cfg, None, torch.device("cpu"), None)
     text = tok.decode(responses[0][response_mask[0].bool()])
@@ -164,10 +165,10 @@ def test_run_tool_call_formats_and_bad_calls():
 
 
 def test_tools_are_checked_at_start(tool_models, tmp_path):
-    with pytest.raises(common.InputError, match="--tools nope.py:f: no such file nope.py"):
+    with pytest.raises(harness.InputError, match="--tools nope.py:f: no such file nope.py"):
         grpo.main(grpo_config(tmp_path, tool_models["qwen2"], tools=("nope.py:f",)))
     (tmp_path / "bare.py").write_text("def f(x):\n    return x\n")
-    with pytest.raises(common.InputError, match="--tools f: "):  # no type hints, no docstring: no schema
+    with pytest.raises(harness.InputError, match="--tools f: "):  # no type hints, no docstring: no schema
         grpo.main(grpo_config(tmp_path, tool_models["qwen2"], tools=(f"{tmp_path}/bare.py:f",),
                               output_dir=str(tmp_path / "o2")))
 

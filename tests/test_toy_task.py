@@ -71,7 +71,7 @@ def test_committed_tokenizer_and_config_behave_like_fresh_ones(regenerated):
         for key in ["model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id",
                     "eos_token_id", "pad_token_id", "resid_pdrop", "embd_pdrop", "attn_pdrop", "tie_word_embeddings"]:
             assert getattr(config, key) == getattr(expected, key), key
-        assert config.toy_task is True  # the marker by which common.setup gives a toy model the toy's defaults
+        assert config.toy_task is True  # the marker by which harness.setup gives a toy model the toy's defaults
         assert config.vocab_size == len(tok)
         assert not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))  # config + tokenizer only
         # same seed -> same random model from either config

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import harness
 import toy_task
 
 DATA, TOOLS = "data/toy", "data/toy/tools"
@@ -166,10 +167,8 @@ def test_a_review_agreeing_with_the_rating_scores_higher():
 
 
 def test_gold_tool_reward_signature_and_checks():
-    import common
-
     # TRL's signature: prompts, completions, the column "rating" (which the tool prompt rows hold), other columns
-    fns = common.load_reward_fns(toy_task.TOOLS_DEFAULTS["grpo"]["reward_fn"], columns={"rating"})
+    fns = harness.load_reward_fns(toy_task.TOOLS_DEFAULTS["grpo"]["reward_fn"], columns={"rating"})
     assert list(fns) == ["gold_tool_reward"]
     assert toy_task.gold_tool_reward([PHONE], [" good ."], rating=["good"], other=[1]) == [pytest.approx(squash(1.0))]
     conversation = [{"role": "user", "content": PHONE}]
@@ -312,7 +311,7 @@ def regenerated(tmp_path_factory):
 
 
 def test_generate_reproduces_the_tools_files_byte_for_byte(regenerated):
-    for name in [f"{f}.jsonl" for f in TOOL_FILES] + ["stats.json"]:
+    for name in [f"{f}.jsonl" for f in TOOL_FILES] + ["stats.json", "defaults.json"]:
         with open(os.path.join(regenerated, "tools", name), "rb") as a, open(os.path.join(TOOLS, name), "rb") as b:
             assert a.read() == b.read(), f"tools/{name} differs from a regeneration with seed {toy_task.SEED}"
     # the main toy's files do not move (the tools toy draws from a stream of its own)
@@ -339,15 +338,15 @@ def test_regenerated_tool_tokenizer_and_config_behave_like_the_committed_ones(re
 # defaults by marker
 # ---------------------------------------------------------------------------------------------------------------------
 def test_defaults_for_the_tools_marker():
-    sft = toy_task.defaults("sft", "tools")
+    sft = harness.toy_defaults("sft", "tools")
     assert sft == dict(dataset="data/toy/tools/sft_train.jsonl", eval_dataset="data/toy/tools/sft_eval.jsonl",
-                       eval_reward_fn=("none",), from_scratch=True, learning_rate=2e-3, max_length=64,
+                       eval_reward_fn=["none"], from_scratch=True, learning_rate=2e-3, max_length=64,
                        per_device_batch_size=64, max_new_tokens=24, num_epochs=16.0)
-    grpo = toy_task.defaults("grpo", "tools")
+    grpo = harness.toy_defaults("grpo", "tools")  # JSON: tuples read as lists (setup makes them tuples)
     assert grpo == dict(prompts="data/toy/tools/prompts_train.jsonl", eval_prompts="data/toy/tools/prompts_eval.jsonl",
-                        reward_fn=("toy_task:gold_tool_reward",), eval_reward_fn=("toy_task:gold_tool_reward",),
-                        tools=("toy_task:lookup",), reward_model_path="none", learning_rate=1e-4, max_new_tokens=24,
-                        max_prompt_length=40)
+                        reward_fn=["toy_task:gold_tool_reward"], eval_reward_fn=["toy_task:gold_tool_reward"],
+                        tools=["toy_task:lookup"], reward_model_path="none", learning_rate=1e-4, max_new_tokens=24,
+                        max_prompt_length=40, missing_eos_penalty=1.0)
     for path in (sft["dataset"], sft["eval_dataset"], grpo["prompts"], grpo["eval_prompts"]):
         assert os.path.isfile(path)
     # grpo.py checks prompt + response against the model's positions
@@ -355,16 +354,16 @@ def test_defaults_for_the_tools_marker():
         os.path.join(TOOLS, "base_model")).n_positions
 
 
-def test_defaults_of_the_review_toy_are_unchanged_and_other_markers_fail_by_name():
-    import common
-
-    for script in toy_task.DEFAULTS:
-        assert toy_task.defaults(script, True) is toy_task.DEFAULTS[script]
+def test_the_defaults_files_are_toy_tasks_and_other_markers_fail_by_name():
+    # the harness reads what toy_task.py writes (data/toy/defaults.json, data/toy/tools/defaults.json), never imports it
+    for marker, defaults in ((True, toy_task.DEFAULTS), ("tools", toy_task.TOOLS_DEFAULTS)):
+        for script in defaults:
+            assert harness.toy_defaults(script, marker) == json.loads(json.dumps(defaults[script]))
     for script in ("reward_model", "ppo", "dpo"):
-        with pytest.raises(common.InputError, match=f'{script}.py has no defaults on the tools toy.*"tools"'):
-            toy_task.defaults(script, "tools")
-    with pytest.raises(common.InputError, match='"toy_task": "chess"'):
-        toy_task.defaults("sft", "chess")
+        with pytest.raises(harness.InputError, match=f'{script}.py has no defaults on the tools toy.*"tools"'):
+            harness.toy_defaults(script, "tools")
+    with pytest.raises(harness.InputError, match='"toy_task": "chess"'):
+        harness.toy_defaults("sft", "chess")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
