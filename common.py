@@ -214,6 +214,27 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return stats if return_entropy else stats[0]
 
 
+def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights for a rollout sampled by another engine (vLLM), whose log-probs differ a little from the
+    trainer's (kernels, precision): the policy gradient is reweighted by w = pi_old / pi_rollout, truncated at the cap
+    (TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; TRL's
+    vllm_importance_sampling_correction, verl's rollout correction, OpenRLHF's TIS / ICEPOP):
+
+        token_*     w_t = exp(log pi_old(y_t) - log pi_rollout(y_t))
+        sequence_*  w_t = exp(sum_t' log pi_old(y_t') - log pi_rollout(y_t')), the same for every token of a response
+        *_truncate  w_t = min(w_t, cap)            *_mask  w_t = w_t if w_t <= cap else 0 (the token / response dropped)
+
+    Inputs (B, R); returns (w, capped), both (B, R): the detached weights (0 off the mask) and the real tokens whose
+    ratio exceeded the cap."""
+    log_w = torch.where(mask.bool(), old_logprobs - rollout_logprobs, 0.0).detach()
+    if mode.startswith("sequence"):
+        log_w = log_w.sum(1, keepdim=True).expand_as(log_w)
+    w, capped = log_w.exp(), (log_w > math.log(cap)) & mask.bool()
+    w = w.clamp(max=cap) if mode.endswith("truncate") else torch.where(capped, 0.0, w)
+    return w * mask, capped
+
+
 # --- reward and value heads ------------------------------------------------------------------------------------------
 def head_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of an AutoModelForSequenceClassification (num_labels=1) at every position: (B, T), the critic's

