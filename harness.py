@@ -842,7 +842,7 @@ def vllm_engine(cfg, device: torch.device, max_model_len: int):
             os.environ.setdefault(k, str(v))
     kw = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or 0.3,  # TRL's colocate default
               enable_sleep_mode=cfg.vllm_enable_sleep_mode) if device.type == "cuda" else dict(
-        enforce_eager=True, kv_cache_memory_bytes=int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30))
+        enforce_eager=True, kv_cache_memory_bytes=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30)
     return vllm.LLM(model=cfg.model_name_or_path, dtype="bfloat16" if precision(cfg.model, device)[2] else "float32",
                     seed=cfg.run.seed, max_model_len=max_model_len, distributed_executor_backend="external_launcher",
                     tensor_parallel_size=1, logprobs_mode="processed_logprobs",
