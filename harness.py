@@ -6,6 +6,7 @@ the order a run meets it. The math they share is in common.py; this file imports
     precision, FSDP2      dtypes, sharding, the LR schedule, batch order and rank shares, metric sums
     data                  TRL's formats, with errors naming the file and line; prompts and completions rendered
     models                loading (adapters, GGUF hints), LoRA, checks of the model's kind and length
+    fast rollouts         --use_vllm: a vLLM engine in each process, its samples, the weights pushed into it
     rewards               reward functions as TRL calls them; reward-model scores; evaluating a policy
     checkpoints and log   exact resume (torch.distributed.checkpoint), metrics.jsonl / TensorBoard / W&B, the final save
 """
