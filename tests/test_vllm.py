@@ -69,6 +69,15 @@ def engine_checks(path: str, out: str) -> None:
             p.add_(torch.randn_like(p) * 0.05)
     harness.push_weights(llm, model)
     sample("updated", 1.0, 3)
+    unknown = os.path.join(os.path.dirname(out), "unknown")  # an architecture vLLM lacks: refused before loading
+    os.makedirs(unknown)
+    with open(os.path.join(unknown, "config.json"), "w") as f:
+        json.dump({"architectures": ["GPTNeoForCausalLM"]}, f)
+    try:
+        harness.vllm_engine(types.SimpleNamespace(**{**vars(cfg), "model_name_or_path": unknown}), torch.device("cpu"),
+                            64)
+    except harness.InputError as e:
+        results["unknown_architecture"] = str(e)
     with open(out, "w") as f:
         json.dump(results, f)
 
@@ -118,6 +127,8 @@ def test_the_engine_samples_as_generate_does_and_agrees_with_the_trainer(model, 
     assert results["t1"] == results["t1_again"]
     assert ended > 0 if model == "toy" else True  # the toy SFT model ends its reviews
     assert results["updated"]["engine"] != results["t1"]["engine"]
+    assert results["unknown_architecture"] == f"--use_vllm: vLLM has no implementation of ['GPTNeoForCausalLM'] " \
+        f"({tmp_path / 'unknown'}); run without --use_vllm"
 
 
 def vllm_options(tmp_path, toy_sft_checkpoint, toy_reward_model, **extra) -> list[str]:
