@@ -40,6 +40,11 @@ reinforce_pp(_baseline) -> token_mean. Only token_mean weights every token equal
 responses when A > 0 and long ones when A < 0 (Dr. GRPO's length bias). All three use global-minibatch counts, so N
 processes and any number of micro-batches give one process's update (tested).
 
+On-policy distillation (--teacher_model_path; Agarwal et al. 2024, GKD, 2306.13649; Thinking Machines 2025,
+"On-Policy Distillation"): the student samples, a frozen teacher scores every sampled token, r_t = -(log pi(y_t) -
+log pi_teacher(y_t)) (the sampled per-token reverse KL), with discount 0: A_t = r_t, added to the estimator's
+advantages (--teacher_coef); without a reward the teacher alone trains the student.
+
 --use_vllm samples with a vLLM engine in each process (the weights go in after every update). Its log-probs differ
 slightly from the trainer's (old_logprobs), so the surrogate l_t is reweighted by w_t = min(pi_old / pi_vllm, C)
 (TIS, Yao et al. 2025; common.rollout_correction, its modes and cap as TRL's vllm_importance_sampling_*).
@@ -130,6 +135,12 @@ class Config:
     float per completion, or None where it cannot score (left out of the loss and of its group's statistics)"""
     reward_weights: tuple[float, ...] = ()
     """weight of each --reward_fn (default 1 each)"""
+    teacher_model_path: str | None = None
+    """on-policy distillation: a teacher (a causal LM with the policy's tokenizer) whose per-token log-probs of the
+    student's samples are a dense reward, r_t = -(log pi - log pi_teacher); alone, or added to --reward_fn / the reward
+    model's advantages"""
+    teacher_coef: float = 1.0
+    """weight of the distillation advantage"""
     missing_eos_penalty: float | None = None
     """subtracted from the reward of responses that never emit EOS (cut off at max_new_tokens); default: 0 (TRL's),
     the toy's 1"""
@@ -204,9 +215,10 @@ class Config:
         harness.check_options(self, positive=(
             "num_iterations", "rollout_batch_size", "num_samples_per_prompt", "max_new_tokens", "temperature",
             "max_sampling_rounds", "max_tool_calls", "update_epochs", "num_minibatches", "gradient_accumulation_steps",
-            "max_prompt_length", "eval_every", "eval_samples_per_prompt", "sample_every"), nonnegative=(
+            "max_prompt_length", "eval_every", "eval_samples_per_prompt", "sample_every",
+            "vllm_importance_sampling_cap"), nonnegative=(
             "top_k", "missing_eos_penalty", "overlong_buffer", "overlong_penalty_factor", "kl_coef", "clip_range",
-            "clip_range_high", "entropy_coef", "vllm_importance_sampling_cap"), fractions=("gamma", "eval_split"),
+            "clip_range_high", "entropy_coef", "teacher_coef"), fractions=("gamma", "eval_split"),
             probabilities=("top_p", "vllm_gpu_memory_utilization"))
         harness.check_deterministic(self.model)
         if self.clip_range >= 1:
@@ -317,6 +329,15 @@ def compute_advantages(estimator: str, scores: torch.Tensor, scored: torch.Tenso
     returns = reinforce_pp_returns(sequence_rewards_with_kl(scores, kl, response_mask, kl_coef_in_reward),
                                    response_mask, gamma)
     return common.masked_whiten(returns, response_mask, distributed=distributed)
+
+
+def distillation_advantages(old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                            response_mask: torch.Tensor) -> torch.Tensor:
+    """On-policy distillation's per-token advantage, (B, R): A_t = r_t = -(log pi_old(y_t) - log pi_teacher(y_t)) on
+    the student's own samples y_t ~ pi_old, discount 0 (Thinking Machines 2025). In expectation over y_t, -r_t is the
+    reverse KL(pi || pi_teacher) of the next-token distributions (GKD's on-policy reverse-KL objective, Agarwal et al.
+    2024): the student is pushed towards the teacher on exactly the tokens it produces, mode-seeking."""
+    return -kl_penalty(old_logprobs, teacher_logprobs, "k1") * response_mask
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
@@ -579,6 +600,23 @@ def load_models(cfg: Config, device, with_ref: bool, conversational: bool):
     return policy, ref, reward_model, tokenizer, reward_tokenizer
 
 
+def load_teacher(cfg: Config, tokenizer, device):
+    """The teacher of on-policy distillation: frozen, in the frozen models' dtype, sharded like the reference. Its
+    tokenizer must be the policy's: it scores the student's token ids."""
+    _, frozen, compute = harness.precision(cfg.model, device)
+    opt, path = "--teacher_model_path", cfg.teacher_model_path
+    teacher_tokenizer = harness.from_pretrained(AutoTokenizer, path, opt, trust_remote_code=cfg.model.trust_remote_code)
+    if not harness.same_tokenizer(teacher_tokenizer, tokenizer):
+        raise harness.InputError(f"{opt} {path}: its tokenizer is not the policy's ({cfg.model_name_or_path}); the "
+                                 "teacher scores the student's token ids, so both need the same vocabulary and EOS")
+    teacher = harness.from_pretrained(AutoModelForCausalLM, path, opt, dtype=frozen,
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      attn_implementation=cfg.model.attn_implementation)
+    harness.check_model_kind(teacher, path, opt, "policy")
+    harness.disable_dropout(teacher)
+    return harness.shard_model(teacher.eval().requires_grad_(False).to(device), compute)
+
+
 def rollout_sums(r: dict, kl, response_mask, ended, scored, raw_scores, G: int) -> dict:
     """This rank's sums of one rollout for grpo_metrics (harness.Sums reduces them over ranks with the update's)."""
     group_std = torch.where(scored, raw_scores, 0.0).view(-1, G).std(1) if G > 1 else torch.zeros(1)
@@ -603,6 +641,8 @@ def grpo_metrics(t: dict, n_seq: int, n_groups: int, reward_names, has_ref: bool
         # KL_t of the rollout to the reference (the estimator in use): per token (TRL's kl) and per response
         "kl": t["kl"] / max(1.0, t["response_tokens"]) if has_ref else None,
         "kl_seq": t["kl"] / n_seq if has_ref else None,
+        # --teacher_model_path: the sampled reverse KL(pi || pi_teacher) per token of the rollout
+        **({"distill/reverse_kl": t["reverse_kl"] / max(1.0, t["response_tokens"])} if "reverse_kl" in t else {}),
         # --use_vllm: |log pi_old - log pi_vllm| per token, the mean correction weight, the share of tokens capped
         **({"vllm/logprob_diff": t["vllm_logprob_diff"] / max(1.0, t["response_tokens"]),
             "vllm/is_weight_mean": t["vllm_is_weight"] / max(1.0, t["response_tokens"]),
@@ -637,9 +677,10 @@ def main(cfg: Config) -> dict:
     tools, schemas = load_tools(cfg.tools, harness.common_columns(columns)) if cfg.tools != ("none",) else ({}, [])
     cfg.tool_format = cfg.tool_format if cfg.tool_format != "auto" else "chat" if prompts and isinstance(
         prompts[0], list) else "simple"
-    if not reward_fns and cfg.reward_model_path in (None, "none"):
-        raise harness.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py) or "
-                                 "--reward_fn module:function (a rule-based or verifiable reward)")
+    if not reward_fns and cfg.reward_model_path in (None, "none") and not cfg.teacher_model_path:
+        raise harness.InputError("no reward: give --reward_model_path (a reward model, e.g. from reward_model.py), "
+                                 "--reward_fn module:function (a rule-based or verifiable reward) or "
+                                 "--teacher_model_path (on-policy distillation)")
     cfg.reward_model_path = cfg.reward_model_path or "none"
     if cfg.use_vllm and tools:
         raise harness.InputError("--use_vllm with --tools: not yet; the multi-turn rollout samples with the training "
@@ -647,6 +688,7 @@ def main(cfg: Config) -> dict:
     engine = harness.vllm_engine(cfg, device, cfg.max_prompt_length + cfg.max_new_tokens) if cfg.use_vllm else None
     policy, ref, reward_model, tokenizer, reward_tokenizer = load_models(
         cfg, device, cfg.kl_coef > 0 or cfg.eval_kl, any(isinstance(p, list) for p in prompts + eval_prompts))
+    teacher = load_teacher(cfg, tokenizer, device) if cfg.teacher_model_path else None
     harness.check_length(policy.config, cfg.max_prompt_length + cfg.max_new_tokens,
                          "--max_prompt_length + --max_new_tokens", cfg.model_name_or_path)
     tools_kw = {"tools": schemas} if tools and cfg.tool_format == "chat" else {}  # the tools described in the prompt
@@ -712,7 +754,8 @@ def main(cfg: Config) -> dict:
             scores, r["parts"] = harness.compute_scores(reward_fns, reward_model, reward_tokenizer, tokenizer,
                                                         r["query"], r["query_mask"], r["responses"], r["response_mask"],
                                                         r["prompts"], r["completions"],
-                                                        harness.batch_columns(columns, batch_idx))
+                                                        harness.batch_columns(columns, batch_idx)) \
+                if reward_fns or reward_model is not None else (torch.zeros(len(batch_idx), device=device), {})
         r["ended"] = r["responses"].gather(1, common.last_token_index(r["response_mask"])[:, None])[:, 0] == \
             tokenizer.eos_token_id  # the last token (with tools an EOS may end a turn that a tool message follows)
         r["scores"] = scores - cfg.missing_eos_penalty * ~r["ended"] + overlong_penalty(  # (B,)
@@ -749,7 +792,8 @@ def main(cfg: Config) -> dict:
         shown = iteration % cfg.run.log_every == 0
         logger.log(iteration, metrics, ("reward", *[f"rewards/{n}/mean" for n in r["parts"]], "reward_std",
                                         "frac_reward_zero_std", "kl_seq", "entropy", "clip_ratio/high_mean",
-                                        *[f"time/{k}" for k in times], *[k for k in metrics if k.startswith("vllm/")])
+                                        *[f"time/{k}" for k in times],
+                                        *[k for k in metrics if k.startswith(("vllm/", "distill/"))])
                    if shown else ())
         if shown and rank == 0 and metrics.get("vllm/is_capped_frac", 0) > 0.05:
             print(f"warning: {metrics['vllm/is_capped_frac']:.0%} of the tokens' pi_old / pi_vllm exceed the cap "
@@ -784,6 +828,8 @@ def main(cfg: Config) -> dict:
             old_logprobs = common.sequence_logprobs(policy, seq, seq_mask, P, cfg.temperature)  # (B, R)
             ref_logprobs = None if kl_ref is None else common.sequence_logprobs(kl_ref, seq, seq_mask, P,
                                                                                 cfg.temperature)  # (B, R)
+            teacher_logprobs = None if teacher is None else common.sequence_logprobs(teacher, seq, seq_mask, P,
+                                                                                     cfg.temperature)  # (B, R)
         is_weights = torch.ones_like(response_mask)  # (B, R) pi_old / pi_vllm, truncated; 1 when the policy sampled
         if r["rollout_logprobs"] is not None:
             w, capped = common.rollout_correction(old_logprobs, r["rollout_logprobs"], response_mask,
@@ -797,6 +843,10 @@ def main(cfg: Config) -> dict:
             kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * response_mask  # (B, R)
         advantages = compute_advantages(estimator, raw_scores, scored, kl, response_mask, G,
                                         0.0 if cfg.kl_in_loss else cfg.kl_coef, cfg.gamma, distributed=True)  # (B, R)
+        if teacher is not None:  # + the teacher's dense per-token reward
+            distill = distillation_advantages(old_logprobs, teacher_logprobs, response_mask)  # (B, R)
+            advantages = advantages + cfg.teacher_coef * distill
+            sums.add(reverse_kl=-distill.sum())
         times["score"] += time.time() - t0
 
         # ---- 4. policy-gradient epochs over shuffled minibatches ----------------------------------------------------

@@ -574,8 +574,8 @@ def read_json(path: str):
         return json.load(f)
 
 
-def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), samples_per_prompt: int = 8,
-           num_prompts: int = 0, seed: int = 0, out_dir: str | None = None) -> dict:
+def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128),
+           samples_per_prompt: int = 8, num_prompts: int = 0, seed: int = 0, out_dir: str | None = None) -> dict:
     """Evaluates SFT, best-of-N from SFT ranked by the reward model, PPO, DPO, GRPO and every other grpo.py run in
     runs_dir (a directory whose eval.json says "script": "grpo.py", e.g. runs/rloo) on the held-out prompts, prints a
     table and writes runs/report.md (+ runs/report.png when matplotlib is installed). Every trained method is placed
@@ -643,7 +643,9 @@ def report(runs_dir: str = "runs", best_of: tuple[int, ...] = (1, 2, 4, 8, 16), 
         if name not in paths and os.path.exists(marker) and read_json(marker).get("script") == "grpo.py" and \
                 toy_marker(os.path.join(runs_dir, name)) != "tools":  # the tools toy has its own table and prompts
             estimator = read_json(marker).get("advantage_estimator", "?")
-            methods.append((name if name == estimator else f"{name} ({estimator})", name))
+            teacher = (read_json(marker).get("config") or {}).get("teacher_model_path")  # on-policy distillation
+            methods.append((f"{name} (distilled from {teacher})" if teacher else name if name == estimator
+                            else f"{name} ({estimator})", name))
             paths[name] = os.path.join(runs_dir, name)
     for method, name in methods:
         policy = load(AutoModelForCausalLM, paths[name])
@@ -924,7 +926,7 @@ if __name__ == "__main__":
     g.add_argument("--seed", type=int, default=SEED)
     r = sub.add_parser("report", help="compare the pipeline's stages on held-out prompts")
     r.add_argument("--runs_dir", default="runs")
-    r.add_argument("--best_of_n", default="1,2,4,8,16", help="comma-separated N for best-of-N sampling from SFT")
+    r.add_argument("--best_of_n", default="1,2,4,8,16,32,64,128", help="comma-separated N for best-of-N sampling from SFT")
     r.add_argument("--num_prompts", type=int, default=0, help="held-out prompts to use (0 = all)")
     r.add_argument("--samples_per_prompt", type=int, default=8, help="samples per prompt for PPO and DPO")
     args = parser.parse_args()
