@@ -926,7 +926,8 @@ if __name__ == "__main__":
     g.add_argument("--seed", type=int, default=SEED)
     r = sub.add_parser("report", help="compare the pipeline's stages on held-out prompts")
     r.add_argument("--runs_dir", default="runs")
-    r.add_argument("--best_of_n", default="1,2,4,8,16,32,64,128", help="comma-separated N for best-of-N sampling from SFT")
+    r.add_argument("--best_of_n", default="1,2,4,8,16,32,64,128",
+                   help="comma-separated N for best-of-N sampling from SFT")
     r.add_argument("--num_prompts", type=int, default=0, help="held-out prompts to use (0 = all)")
     r.add_argument("--samples_per_prompt", type=int, default=8, help="samples per prompt for PPO and DPO")
     args = parser.parse_args()

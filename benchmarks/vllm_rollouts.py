@@ -1,6 +1,7 @@
 """Rollouts with and without a vLLM engine: sampling throughput, and where one grpo.py iteration spends its time.
 
-    LD_PRELOAD=.venv-vllm/lib/libiomp5.so .venv-vllm/bin/python benchmarks/vllm_rollouts.py --model smollm2 --toy runs/sft
+    LD_PRELOAD=.venv-vllm/lib/libiomp5.so .venv-vllm/bin/python benchmarks/vllm_rollouts.py --model smollm2 \
+        --toy runs/sft
 
 Run with the interpreter of the vLLM environment (README, "Fast rollouts"). Prints two tables:
   1. sampling: G samples of one chat prompt, max_new_tokens new tokens, temperature 1; tokens per second (the tokens

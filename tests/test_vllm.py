@@ -2,7 +2,8 @@
 log-probs agree with the trainer's, it follows the weights pushed into it, and ppo.py / grpo.py run with it (resume
 after kill -9 exact, 2 processes = 1 process). vLLM wants transformers < 5.20 and its own torch build, so it has an
 environment of its own, .venv-vllm (built by .ci/run; the README's "Fast rollouts" says how): every check runs in a
-subprocess of its interpreter, libiomp5 preloaded. Where that environment is missing the tests are skipped, saying so."""
+subprocess of its interpreter, libiomp5 preloaded. Where that environment is missing the tests are skipped, saying
+so."""
 
 import json
 import os
