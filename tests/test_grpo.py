@@ -818,15 +818,16 @@ def test_report_lists_grpo_runs_against_best_of_n(toy_sft_checkpoint, toy_reward
 # ---------------------------------------------------------------------------------------------------------------------
 # the reward and the defaults follow the model: the toy's on the toy model, grpo.PRETRAINED on any other
 # ---------------------------------------------------------------------------------------------------------------------
-def test_no_reward_off_the_toy_is_refused_naming_both_options(tiny_checkpoints, toy_sft_checkpoint, toy_reward_model,
-                                                             tmp_path, monkeypatch):
+def test_no_reward_off_the_toy_is_refused_naming_the_options(tiny_checkpoints, toy_sft_checkpoint, toy_reward_model,
+                                                            tmp_path, monkeypatch):
     # a reward model at runs/reward_model in the current directory: the toy's default, never another model's
     shutil.copytree(toy_reward_model, tmp_path / "runs" / "reward_model")
     prompts = head_jsonl("data/toy/prompts_train.jsonl", tmp_path / "prompts.jsonl", 4)
     monkeypatch.chdir(tmp_path)
     cfg = small_config(tmp_path / "out", model_name_or_path=tiny_checkpoints["llama"], prompts=prompts,
                        max_prompt_length=48)
-    with pytest.raises(harness.InputError, match=r"no reward: give --reward_model_path \(.*\) or --reward_fn "):
+    with pytest.raises(harness.InputError, match=r"no reward: give --reward_model_path \(.*\), --reward_fn .* or "
+                                                 r"--teacher_model_path \(on-policy distillation\)$"):
         grpo.main(cfg)
     assert cfg.reward_model_path is None and set(os.listdir(tmp_path / "out")) <= {".lock"}  # not picked up
     # the toy model takes it (setup fills the defaults that follow the model)
